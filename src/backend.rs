@@ -1,0 +1,268 @@
+//! The reference local agent backend: a small agent host that honours the partyserver
+//! contract the way the Agents SDK's Durable Objects do, for the default config, the README's
+//! run command and the tests.
+//!
+//! - Without `x-partykit-namespace`/`x-partykit-room` it answers 500 with the message field
+//!   agents gave, so a direct connection fails as it does in the field.
+//! - Without `OPENROUTER_API_KEY` in its environment it answers every request with 500
+//!   `OPENROUTER_API_KEY is not set`, as the field's Worker did.
+//! - With them, WebSocket connections join one in-memory instance per (namespace, room): the
+//!   agent greets with `cf_agent_identity`, echoes every message to its sender, broadcasts it
+//!   to the instance's other connections, and closes with a chosen code when a text message
+//!   says `{"type":"close","code":4001,"reason":"..."}`.
+//! - Plain HTTP requests get a JSON description of what arrived (method, path, headers).
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub const SECRET_ENV: &str = "OPENROUTER_API_KEY";
+
+type Outbox = mpsc::UnboundedSender<Message>;
+
+#[derive(Default)]
+struct Instances {
+    /// (namespace, room) -> connection id -> its outbox.
+    rooms: Mutex<HashMap<(String, String), HashMap<u64, Outbox>>>,
+    next_id: AtomicU64,
+}
+
+/// Serves on `listen` until the process ends. Prints the bound address on stdout once
+/// listening: that line is the readiness signal scripts and tests wait for.
+pub async fn serve(listen: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    println!("reference backend listening on http://{address}");
+    let instances = Arc::new(Instances::default());
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let instances = instances.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, instances).await {
+                log::debug!("backend connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    }
+}
+
+async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Result<()> {
+    let (request, leftover) = match read_request(&mut stream).await? {
+        Some(r) => r,
+        None => return Ok(()),
+    };
+    let key_present = std::env::var(SECRET_ENV).is_ok_and(|v| !v.trim().is_empty());
+    if !key_present {
+        return respond(&mut stream, 500, "text/plain", "OPENROUTER_API_KEY is not set").await;
+    }
+    let (Some(namespace), Some(room)) = (request.header("x-partykit-namespace"), request.header("x-partykit-room")) else {
+        let class = class_name(&request.path);
+        let message = format!(
+            "Missing namespace or room headers when connecting to {class}.\nDid you try connecting directly to this Durable Object? Try using getServerByName(namespace, id) instead."
+        );
+        return respond(&mut stream, 500, "text/plain", &message).await;
+    };
+    let (namespace, room) = (namespace.to_owned(), room.to_owned());
+    let websocket = request.has_token("upgrade", "websocket") && request.has_token("connection", "upgrade");
+    if !websocket {
+        let headers: serde_json::Map<String, serde_json::Value> = request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), json!(v)))
+            .collect();
+        let body = json!({
+            "agent": namespace, "room": room, "method": request.method,
+            "path": request.path, "headers": headers,
+        });
+        return respond(&mut stream, 200, "application/json", &body.to_string()).await;
+    }
+    let Some(key) = request.header("sec-websocket-key") else {
+        return respond(&mut stream, 400, "text/plain", "missing Sec-WebSocket-Key").await;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let socket = WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, None).await;
+    run_connection(socket, namespace, room, &instances).await;
+    Ok(())
+}
+
+async fn run_connection(socket: WebSocketStream<TcpStream>, namespace: String, room: String, instances: &Instances) {
+    let id = instances.next_id.fetch_add(1, Ordering::Relaxed);
+    let (outbox, mut inbox) = mpsc::unbounded_channel();
+    let key = (namespace.clone(), room.clone());
+    if let Ok(mut rooms) = instances.rooms.lock() {
+        rooms.entry(key.clone()).or_default().insert(id, outbox.clone());
+    }
+    let identity = json!({"type": "cf_agent_identity", "name": room, "agent": namespace});
+    let _ = outbox.send(Message::text(identity.to_string()));
+    let (mut sink, mut source) = socket.split();
+    let writer = tokio::spawn(async move {
+        while let Some(message) = inbox.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        // Wait for the peer's Close answer to arrive on the read side before dropping.
+        let _ = sink.flush().await;
+    });
+    while let Some(Ok(message)) = source.next().await {
+        match message {
+            Message::Text(ref text) => {
+                if let Some(close) = close_request(text) {
+                    let _ = outbox.send(Message::Close(Some(close)));
+                    continue;
+                }
+                broadcast(instances, &key, id, &message);
+            }
+            Message::Binary(_) => broadcast(instances, &key, id, &message),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    if let Ok(mut rooms) = instances.rooms.lock() {
+        if let Some(connections) = rooms.get_mut(&key) {
+            connections.remove(&id);
+            if connections.is_empty() {
+                rooms.remove(&key);
+            }
+        }
+    }
+    drop(outbox);
+    let _ = writer.await;
+}
+
+/// Sends `message` to every connection of the instance: the sender gets its echo.
+fn broadcast(instances: &Instances, key: &(String, String), _from: u64, message: &Message) {
+    if let Ok(rooms) = instances.rooms.lock() {
+        for outbox in rooms.get(key).into_iter().flat_map(HashMap::values) {
+            let _ = outbox.send(message.clone());
+        }
+    }
+}
+
+fn close_request(text: &str) -> Option<CloseFrame> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value.get("type")?.as_str()? != "close" {
+        return None;
+    }
+    let code = u16::try_from(value.get("code")?.as_u64()?).ok()?;
+    let reason = value.get("reason").and_then(|r| r.as_str()).unwrap_or("").to_owned();
+    Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    })
+}
+
+/// The Durable Object class a path would reach, as partyserver names it in its error.
+fn class_name(path: &str) -> String {
+    let segment = path.split('/').nth(2).unwrap_or("Agent");
+    segment
+        .split(['-', '_'])
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut chars = p.chars();
+            chars
+                .next()
+                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Request, BytesMut)>> {
+    let mut buffer = BytesMut::with_capacity(2048);
+    loop {
+        if stream.read_buf(&mut buffer).await? == 0 {
+            return Ok(None);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buffer) {
+            Ok(httparse::Status::Complete(len)) => {
+                let request = Request {
+                    method: parsed.method.unwrap_or("GET").to_owned(),
+                    path: parsed.path.unwrap_or("/").to_owned(),
+                    headers: parsed
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect(),
+                };
+                let leftover = buffer.split_off(len);
+                return Ok(Some((request, leftover)));
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < 64 * 1024 => continue,
+            _ => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad request head")),
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_as_partyserver_reports_them() {
+        assert_eq!(class_name("/agents/coder-agent/default"), "CoderAgent");
+        assert_eq!(class_name("/agents/CoderAgent/default"), "CoderAgent");
+        assert_eq!(class_name("/agents/coderagent"), "Coderagent");
+    }
+
+    #[test]
+    fn close_requests() {
+        let close = close_request(r#"{"type":"close","code":4001,"reason":"bye"}"#).expect("close");
+        assert_eq!(u16::from(close.code), 4001);
+        assert!(close_request("hello").is_none());
+        assert!(close_request(r#"{"type":"chat"}"#).is_none());
+    }
+}

@@ -1,0 +1,65 @@
+//! The serde-facing shape of `gateway.toml`: exactly what the file may say, nothing resolved.
+//!
+//! Fields that later checks may need to point at are [`Spanned`], so that an error names the
+//! line and column of the value at fault. Defaults are applied by the validation in
+//! [`super`], not here, so that every default is stated in one place.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+pub type SpannedString = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Upstream for requests outside every route prefix; without it they answer 404.
+    pub fallback_upstream: Option<SpannedString>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<SpannedString>,
+    pub threads: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: Option<SpannedString>,
+    pub prefix: Option<SpannedString>,
+    pub upstream_prefix: Option<SpannedString>,
+    pub default_instance: Option<SpannedString>,
+    #[serde(default)]
+    pub agents: Vec<AgentSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub name: SpannedString,
+    pub upstream: SpannedString,
+    pub slug: Option<SpannedString>,
+}
+
+/// One table for both kinds, so that a field given to the wrong kind gets a sentence of its
+/// own ("`nodes` is for local upstreams") instead of serde's generic complaint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub kind: SpannedString,
+    pub nodes: Option<Spanned<Vec<SpannedString>>>,
+    pub address: Option<SpannedString>,
+    pub host: Option<SpannedString>,
+    pub tls: Option<Spanned<bool>>,
+    pub ca_file: Option<SpannedString>,
+    pub connect_timeout: Option<SpannedString>,
+    pub read_timeout: Option<SpannedString>,
+}

@@ -1,0 +1,593 @@
+//! Configuration: loading `gateway.toml` into the validated runtime form.
+//!
+//! [`file`] is what serde reads; [`GatewayConfig`] is what the gateway runs on. Everything that
+//! can be checked is checked here, once, so the request path never meets an unresolved name.
+
+mod file;
+
+use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
+use crate::agent_path::parse_agent_path;
+use crate::upstream::{Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT};
+use file::{ConfigFile, SpannedString, UpstreamSection};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_PREFIX: &str = "/agents";
+pub const DEFAULT_INSTANCE: &str = "default";
+pub const DEFAULT_THREADS: usize = 2;
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug)]
+pub struct GatewayConfig {
+    pub listen: String,
+    pub threads: usize,
+    /// Longest prefix first, so nested prefixes resolve to the most specific route.
+    pub routes: Vec<Route>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub fallback_upstream: Option<Arc<Upstream>>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Stable name, used in logs and metric labels.
+    pub name: String,
+    pub prefix: String,
+    /// The prefix of the path sent upstream (the Agents SDK's default is `/agents`).
+    pub upstream_prefix: String,
+    pub default_instance: String,
+    /// Agents by [`fold_key`].
+    pub agents: HashMap<String, Arc<Agent>>,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    /// The binding name as configured (`CoderAgent`).
+    pub name: String,
+    /// The URL segment the upstream expects (`coder-agent`).
+    pub slug: String,
+    pub upstream: Arc<Upstream>,
+}
+
+impl Route {
+    /// Configured agent names, sorted, for "known agents" answers.
+    pub fn agent_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.agents.values().map(|a| a.name.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// A configuration problem, located in its file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the problem has a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => {
+                write!(f, "{}:{line}:{column}: {}", self.file.display(), self.message)
+            }
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl GatewayConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            position: None,
+            message: format!("cannot read the configuration file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (used for error positions and relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let ctx = Ctx { text, path };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end().to_owned();
+            ctx.error_at(e.span(), message)
+        })?;
+        ctx.validate(file)
+    }
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn error_at(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            position: span.map(|s| line_column(self.text, s.start)),
+            message: message.into(),
+        }
+    }
+
+    fn error<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error_at(Some(value.span()), message)
+    }
+
+    fn validate(&self, file: ConfigFile) -> Result<GatewayConfig, ConfigError> {
+        let listen = match &file.server.listen {
+            Some(l) => {
+                l.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                    self.error(l, "`listen` must be an IP address and port, such as \"127.0.0.1:8080\"")
+                })?;
+                l.get_ref().clone()
+            }
+            None => DEFAULT_LISTEN.to_owned(),
+        };
+        let threads = match &file.server.threads {
+            Some(t) => usize::try_from(*t.get_ref())
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| self.error(t, "`threads` must be a whole number from 1 to 256"))?,
+            None => DEFAULT_THREADS,
+        };
+
+        let mut upstreams = BTreeMap::new();
+        for (name, section) in file.upstreams {
+            let upstream = self.upstream(&name, section)?;
+            upstreams.insert(name, Arc::new(upstream));
+        }
+        let lookup = |reference: &SpannedString| {
+            upstreams.get(reference.get_ref()).cloned().ok_or_else(|| {
+                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                self.error(
+                    reference,
+                    format!(
+                        "no upstream is named {:?}; the [upstreams] table defines: {}",
+                        reference.get_ref(),
+                        list_or_none(&known)
+                    ),
+                )
+            })
+        };
+
+        let fallback_upstream = file.fallback_upstream.as_ref().map(lookup).transpose()?;
+
+        if file.routes.is_empty() {
+            return Err(self.error_at(
+                None,
+                "the file defines no [[routes]]; at least one route with agents is expected",
+            ));
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        let mut route_spans: HashMap<String, (usize, usize)> = HashMap::new();
+        for section in file.routes {
+            let prefix = match &section.prefix {
+                Some(p) => self.prefix(p, "prefix")?,
+                None => DEFAULT_PREFIX.to_owned(),
+            };
+            let upstream_prefix = match &section.upstream_prefix {
+                Some(p) => self.prefix(p, "upstream_prefix")?,
+                None => prefix.clone(),
+            };
+            let name = match &section.name {
+                Some(n) => {
+                    if !is_label_safe(n.get_ref()) {
+                        return Err(self.error(n, "a route `name` may hold only ASCII letters, digits, '-' and '_'"));
+                    }
+                    n.get_ref().clone()
+                }
+                None => prefix.trim_start_matches('/').replace('/', "_"),
+            };
+            let position = section
+                .prefix
+                .as_ref()
+                .or(section.name.as_ref())
+                .map(|s| line_column(self.text, s.span().start));
+            if let Some(existing) = routes.iter().find(|r| r.prefix == prefix || r.name == name) {
+                let (line, _) = route_spans.get(&existing.name).copied().unwrap_or((0, 0));
+                return Err(ConfigError {
+                    file: self.path.to_owned(),
+                    position,
+                    message: format!(
+                        "route {name:?} with prefix {prefix:?} repeats the name or prefix of the route on line {line}; each route needs its own"
+                    ),
+                });
+            }
+            let default_instance = match &section.default_instance {
+                Some(d) => {
+                    let probe = format!("/a/{}", d.get_ref());
+                    match parse_agent_path(&probe) {
+                        Ok(p) if p.instance == Some(d.get_ref().as_str()) => d.get_ref().clone(),
+                        _ => {
+                            return Err(self.error(
+                                d,
+                                "`default_instance` must be a valid instance segment: no '/', dot segment, encoded slash or control byte",
+                            ))
+                        }
+                    }
+                }
+                None => DEFAULT_INSTANCE.to_owned(),
+            };
+            if section.agents.is_empty() {
+                return Err(ConfigError {
+                    file: self.path.to_owned(),
+                    position,
+                    message: format!("route {name:?} lists no [[routes.agents]]; it would answer 404 to everything"),
+                });
+            }
+            let mut agents: HashMap<String, Arc<Agent>> = HashMap::new();
+            let mut agent_lines: HashMap<String, usize> = HashMap::new();
+            for agent in section.agents {
+                let agent_name = agent.name.get_ref();
+                if !is_valid_agent_name(agent_name) {
+                    return Err(self.error(
+                        &agent.name,
+                        "an agent `name` is a binding name: ASCII letters, digits, '-' and '_', starting with a letter, at most 128",
+                    ));
+                }
+                let key = fold_key(agent_name);
+                if let Some(first) = agents.get(&key) {
+                    let line = agent_lines.get(&key).copied().unwrap_or(0);
+                    return Err(self.error(
+                        &agent.name,
+                        format!(
+                            "agent {agent_name:?} folds to the same name as {:?} on line {line} (case, '-' and '_' are ignored when matching); rename one of them",
+                            first.name
+                        ),
+                    ));
+                }
+                let slug = match &agent.slug {
+                    Some(s) => {
+                        let ok = !s.get_ref().is_empty()
+                            && s.get_ref().len() <= crate::agent_name::MAX_AGENT_NAME_LEN
+                            && s.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                        if !ok {
+                            return Err(self.error(s, "a `slug` is a URL segment: ASCII letters, digits, '-' and '_'"));
+                        }
+                        s.get_ref().clone()
+                    }
+                    None => sdk_slug(agent_name),
+                };
+                let upstream = lookup(&agent.upstream)?;
+                agent_lines.insert(key.clone(), line_column(self.text, agent.name.span().start).0);
+                agents.insert(
+                    key,
+                    Arc::new(Agent {
+                        name: agent_name.clone(),
+                        slug,
+                        upstream,
+                    }),
+                );
+            }
+            if let Some(p) = position {
+                route_spans.insert(name.clone(), p);
+            }
+            routes.push(Route {
+                name,
+                prefix,
+                upstream_prefix,
+                default_instance,
+                agents,
+            });
+        }
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+
+        Ok(GatewayConfig {
+            listen,
+            threads,
+            routes,
+            upstreams,
+            fallback_upstream,
+        })
+    }
+
+    fn prefix(&self, p: &SpannedString, field: &str) -> Result<String, ConfigError> {
+        let value = p.get_ref();
+        let ok = value.starts_with('/')
+            && !value.ends_with('/')
+            && value
+                .split('/')
+                .skip(1)
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'?' && b != b'#'));
+        if !ok {
+            return Err(self.error(
+                p,
+                format!("`{field}` must be a path such as \"/agents\": starting with '/', no trailing '/', no empty, dot or percent-encoded segments"),
+            ));
+        }
+        Ok(value.clone())
+    }
+
+    fn upstream(&self, name: &str, section: UpstreamSection) -> Result<Upstream, ConfigError> {
+        let kind_span = section.kind.span();
+        if !is_label_safe(name) {
+            return Err(self.error_at(
+                Some(kind_span),
+                format!("upstream name {name:?} may hold only ASCII letters, digits, '-' and '_'"),
+            ));
+        }
+        let connect_timeout = self.duration(section.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT)?;
+        let read_timeout = self.duration(section.read_timeout.as_ref(), DEFAULT_READ_TIMEOUT)?;
+        let kind = match section.kind.get_ref().as_str() {
+            "local" => {
+                for (field, present) in [
+                    ("address", section.address.as_ref().map(Spanned::span)),
+                    ("host", section.host.as_ref().map(Spanned::span)),
+                    ("tls", section.tls.as_ref().map(Spanned::span)),
+                    ("ca_file", section.ca_file.as_ref().map(Spanned::span)),
+                ] {
+                    if let Some(span) = present {
+                        return Err(self.error_at(
+                            Some(span),
+                            format!("`{field}` is for worker upstreams; a local upstream lists its `nodes`"),
+                        ));
+                    }
+                }
+                let nodes = section.nodes.ok_or_else(|| {
+                    self.error_at(
+                        Some(kind_span.clone()),
+                        format!("local upstream {name:?} needs `nodes`, a list such as [\"127.0.0.1:8787\"]"),
+                    )
+                })?;
+                if nodes.get_ref().is_empty() {
+                    return Err(self.error(&nodes, "`nodes` must list at least one \"host:port\""));
+                }
+                let mut resolved: Vec<Node> = Vec::new();
+                for node in nodes.get_ref() {
+                    let address = self.host_port(node, None)?;
+                    if resolved.iter().any(|n| n.address == address) {
+                        return Err(self.error(node, format!("node {address:?} is listed twice")));
+                    }
+                    resolved.push(Node { address });
+                }
+                UpstreamKind::Local { nodes: resolved }
+            }
+            "worker" => {
+                if let Some(nodes) = &section.nodes {
+                    return Err(self.error(nodes, "`nodes` is for local upstreams; a worker upstream has one `address`"));
+                }
+                let tls = section.tls.as_ref().map_or(true, |t| *t.get_ref());
+                let address_field = section.address.as_ref().ok_or_else(|| {
+                    self.error_at(
+                        Some(kind_span.clone()),
+                        format!("worker upstream {name:?} needs an `address`, such as \"agents.example.com:443\""),
+                    )
+                })?;
+                let address = self.host_port(address_field, Some(if tls { 443 } else { 80 }))?;
+                let host = match &section.host {
+                    Some(h) => {
+                        if h.get_ref().is_empty() || !h.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+                            return Err(self.error(h, "`host` must be a host name such as \"agents.example.com\""));
+                        }
+                        h.get_ref().clone()
+                    }
+                    None => host_of(&address).to_owned(),
+                };
+                let ca = match &section.ca_file {
+                    Some(f) if !tls => {
+                        return Err(self.error(f, "`ca_file` needs `tls = true`"));
+                    }
+                    Some(f) => Some(self.ca_file(f)?),
+                    None => None,
+                };
+                UpstreamKind::Worker { address, host, tls, ca }
+            }
+            other => {
+                return Err(self.error(
+                    &section.kind,
+                    format!("unknown upstream kind {other:?}; expected \"worker\" (a Cloudflare Worker running routeAgentRequest) or \"local\" (a self-hosted agent backend)"),
+                ))
+            }
+        };
+        Ok(Upstream {
+            name: name.to_owned(),
+            kind,
+            connect_timeout,
+            read_timeout,
+        })
+    }
+
+    /// `host:port`, or `host` alone when a default port applies. Resolution happens per
+    /// connection, so a name that moves is followed without a reload.
+    fn host_port(&self, value: &SpannedString, default_port: Option<u16>) -> Result<String, ConfigError> {
+        let v = value.get_ref();
+        let bad = || {
+            self.error(
+                value,
+                format!("{v:?} is not a \"host:port\" address, such as \"127.0.0.1:8787\" or \"agents.example.com:443\""),
+            )
+        };
+        if v.parse::<std::net::SocketAddr>().is_ok() {
+            return Ok(v.clone());
+        }
+        let (host, port) = match v.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+            Some(_) => return Err(bad()),
+            None => (v.as_str(), None),
+        };
+        let host_ok = !host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        match (host_ok, port.or(default_port)) {
+            (true, Some(port)) => Ok(format!("{host}:{port}")),
+            _ => Err(bad()),
+        }
+    }
+
+    fn duration(&self, value: Option<&SpannedString>, default: Duration) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v.get_ref()).ok_or_else(|| {
+                self.error(v, "a duration is a number with a unit: \"500ms\", \"5s\", \"2m\" or \"1h\"")
+            }),
+        }
+    }
+
+    fn ca_file(&self, value: &SpannedString) -> Result<Arc<pingora::protocols::tls::CaType>, ConfigError> {
+        let path = self.relative(value.get_ref());
+        crate::upstream::load_ca_file(&path).map_err(|why| {
+            self.error(value, format!("cannot use {} as a CA file: {why}", path.display()))
+        })
+    }
+
+    /// Paths in the file are relative to the file's folder.
+    fn relative(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            return p.to_owned();
+        }
+        self.path.parent().map_or_else(|| p.to_owned(), |dir| dir.join(p))
+    }
+}
+
+fn host_of(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(h, _)| h).trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Names that go into metric labels and logs as they are.
+fn is_label_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[upstreams.local]
+kind = "local"
+nodes = ["127.0.0.1:8787", "127.0.0.1:8788"]
+
+[upstreams.cloud]
+kind = "worker"
+address = "agents.example.com"
+
+[[routes]]
+prefix = "/agents"
+
+[[routes.agents]]
+name = "CoderAgent"
+upstream = "local"
+
+[[routes.agents]]
+name = "Chat"
+upstream = "cloud"
+slug = "chat-v2"
+"#;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(text, Path::new("gateway.toml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn resolves_agents_slugs_and_upstreams() {
+        let config = parse(GOOD).expect("valid");
+        let route = &config.routes[0];
+        assert_eq!(route.name, "agents");
+        assert_eq!(route.default_instance, "default");
+        let coder = &route.agents["coderagent"];
+        assert_eq!(coder.slug, "coder-agent");
+        assert_eq!(coder.upstream.name, "local");
+        assert_eq!(route.agents["chat"].slug, "chat-v2");
+        match &route.agents["chat"].upstream.kind {
+            UpstreamKind::Worker { address, host, tls, .. } => {
+                assert_eq!(address, "agents.example.com:443");
+                assert_eq!(host, "agents.example.com");
+                assert!(*tls);
+            }
+            other => panic!("expected a worker, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn folding_collisions_are_refused_with_both_places() {
+        let text = GOOD.replace("name = \"Chat\"", "name = \"CODER_AGENT\"");
+        let err = error_of(&text);
+        assert!(err.starts_with("gateway.toml:21:8: "), "{err}");
+        assert!(err.contains("\"CoderAgent\" on line 17"), "{err}");
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_name_line_and_column() {
+        let err = error_of(&GOOD.replace("kind = \"local\"", "kind = \"local\"\nweight = 3"));
+        assert!(err.starts_with("gateway.toml:7:1: "), "{err}");
+        assert!(err.contains("unknown field `weight`"), "{err}");
+        let err = error_of("[server\nlisten = 1");
+        assert!(err.starts_with("gateway.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn references_and_kinds_are_checked() {
+        let err = error_of(&GOOD.replace("upstream = \"cloud\"", "upstream = \"clod\""));
+        assert!(err.contains("no upstream is named \"clod\""), "{err}");
+        assert!(err.contains("cloud, local"), "{err}");
+        let err = error_of(&GOOD.replace("kind = \"worker\"", "kind = \"lambda\""));
+        assert!(err.contains("unknown upstream kind \"lambda\""), "{err}");
+        let err = error_of(&GOOD.replace("address = \"agents.example.com\"", "nodes = [\"a:1\"]"));
+        assert!(err.contains("`nodes` is for local upstreams"), "{err}");
+        let err = error_of(&GOOD.replace("\"127.0.0.1:8788\"", "\"127.0.0.1:8787\""));
+        assert!(err.contains("listed twice"), "{err}");
+        let err = error_of(&GOOD.replace("prefix = \"/agents\"", "prefix = \"agents/\""));
+        assert!(err.contains("`prefix` must be a path"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! What the upstream receives: the request header rewritten for the target.
+
+use crate::routing::Target;
+use crate::upstream::UpstreamKind;
+use crate::websocket::header_has_token;
+use pingora::http::RequestHeader;
+use pingora::Result;
+use std::net::IpAddr;
+
+/// Routing headers of the partyserver contract; the gateway alone may set them.
+pub const NAMESPACE_HEADER: &str = "x-partykit-namespace";
+pub const ROOM_HEADER: &str = "x-partykit-room";
+/// Header name prefixes a client may never choose for itself.
+const RESERVED_PREFIXES: [&str; 2] = ["x-partykit-", "x-agents-"];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), besides those named by `Connection`.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "upgrade",
+];
+
+/// Facts about the downstream connection that the upstream is told.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub ip: Option<IpAddr>,
+    pub tls: bool,
+}
+
+/// Rewrites `req` for `target`: path, Host, routing headers, forwarding headers, and no
+/// hop-by-hop or client-chosen routing headers. `websocket` keeps the upgrade headers.
+pub fn prepare_upstream_request(
+    req: &mut RequestHeader,
+    target: &Target,
+    client: ClientInfo,
+    websocket: bool,
+) -> Result<()> {
+    remove_hop_by_hop(req);
+    remove_reserved(req);
+    if websocket {
+        req.insert_header(http::header::CONNECTION, "Upgrade")?;
+        req.insert_header(http::header::UPGRADE, "websocket")?;
+    }
+    let uri: http::Uri = target
+        .upstream_path
+        .parse()
+        .map_err(|e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream path", e))?;
+    req.set_uri(uri);
+    if let UpstreamKind::Worker { host, .. } = &target.upstream.kind {
+        req.insert_header(http::header::HOST, host.as_str())?;
+    }
+    if let (true, Some(agent)) = (target.upstream.is_local(), &target.agent) {
+        req.insert_header(NAMESPACE_HEADER, agent.agent.slug.as_str())?;
+        req.insert_header(ROOM_HEADER, agent.instance.as_str())?;
+    }
+    if let Some(ip) = client.ip {
+        let forwarded_for = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        req.insert_header("x-forwarded-for", forwarded_for)?;
+    }
+    req.insert_header("x-forwarded-proto", if client.tls { "https" } else { "http" })?;
+    Ok(())
+}
+
+fn remove_hop_by_hop(req: &mut RequestHeader) {
+    let named: Vec<String> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        req.remove_header(name);
+    }
+}
+
+fn remove_reserved(req: &mut RequestHeader) {
+    let reserved: Vec<http::header::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| RESERVED_PREFIXES.iter().any(|p| name.as_str().starts_with(p)))
+        .cloned()
+        .collect();
+    for name in reserved {
+        req.remove_header(&name);
+    }
+}
+
+/// Whether a request asks for an upgrade the gateway does not proxy (anything but websocket).
+pub fn is_other_upgrade(req: &RequestHeader) -> bool {
+    req.headers.contains_key(http::header::UPGRADE)
+        && !header_has_token(&req.headers, http::header::UPGRADE, "websocket")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewayConfig;
+    use crate::routing::resolve;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[upstreams.local]
+kind = "local"
+nodes = ["127.0.0.1:1"]
+[upstreams.cloud]
+kind = "worker"
+address = "agents.example.com:443"
+[[routes]]
+[[routes.agents]]
+name = "CoderAgent"
+upstream = "local"
+[[routes.agents]]
+name = "Chat"
+upstream = "cloud"
+"#;
+
+    fn prepared(path: &str, headers: &[(&str, &str)], websocket: bool) -> RequestHeader {
+        let config = GatewayConfig::parse(CONFIG, Path::new("t.toml")).expect("config");
+        let target = resolve(&config, path, Some("_pk=1")).expect("target");
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("req");
+        for (k, v) in headers {
+            req.append_header(k.to_string(), *v).expect("header");
+        }
+        let client = ClientInfo { ip: Some("10.1.2.3".parse().expect("ip")), tls: false };
+        prepare_upstream_request(&mut req, &target, client, websocket).expect("prepared");
+        req
+    }
+
+    fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+        req.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn local_upstreams_get_routing_headers_and_spoofs_are_dropped() {
+        let req = prepared(
+            "/agents/coderagent/Room1",
+            &[
+                ("x-partykit-room", "someone-else"),
+                ("X-PartyKit-Namespace", "admin"),
+                ("x-agents-secret", "1"),
+                ("connection", "keep-alive, x-drop-me"),
+                ("x-drop-me", "1"),
+                ("x-forwarded-for", "192.0.2.1"),
+            ],
+            false,
+        );
+        assert_eq!(header(&req, NAMESPACE_HEADER), Some("coder-agent"));
+        assert_eq!(header(&req, ROOM_HEADER), Some("Room1"));
+        assert_eq!(header(&req, "x-agents-secret"), None);
+        assert_eq!(header(&req, "x-drop-me"), None);
+        assert_eq!(header(&req, "connection"), None);
+        assert_eq!(header(&req, "x-forwarded-for"), Some("192.0.2.1, 10.1.2.3"));
+        assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
+        assert_eq!(req.uri.to_string(), "/agents/coder-agent/Room1?_pk=1");
+    }
+
+    #[test]
+    fn workers_get_their_host_and_no_routing_headers() {
+        let req = prepared(
+            "/agents/CHAT/default",
+            &[("host", "gateway.local"), ("x-partykit-room", "x"), ("upgrade", "websocket"), ("connection", "upgrade")],
+            true,
+        );
+        assert_eq!(header(&req, "host"), Some("agents.example.com"));
+        assert_eq!(header(&req, ROOM_HEADER), None);
+        assert_eq!(header(&req, "upgrade"), Some("websocket"));
+        assert_eq!(header(&req, "connection"), Some("Upgrade"));
+        assert_eq!(req.uri.to_string(), "/agents/chat/default?_pk=1");
+    }
+}

@@ -1,0 +1,90 @@
+//! The gateway's own error answers: an HTTP status and a short JSON body naming the problem.
+
+use crate::routing::Refusal;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{ErrorType, Result};
+use serde_json::{json, Value};
+
+/// An error answer, before it is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Problem {
+    pub fn new(status: u16, body: Value) -> Self {
+        Problem { status, body }
+    }
+
+    /// The `error` field, used as the handshake result label.
+    pub fn kind(&self) -> &str {
+        self.body.get("error").and_then(Value::as_str).unwrap_or("error")
+    }
+
+    pub fn upstream_unavailable(upstream: &str, why: &str) -> Self {
+        Problem::new(
+            502,
+            json!({"error": "upstream_unavailable", "upstream": upstream, "detail": why}),
+        )
+    }
+
+    pub fn upstream_timeout(upstream: &str) -> Self {
+        Problem::new(
+            504,
+            json!({"error": "upstream_timeout", "upstream": upstream, "detail": "the upstream did not answer in time"}),
+        )
+    }
+
+    /// The answer for an upstream failure of Pingora's error type `etype`.
+    pub fn for_upstream_error(upstream: &str, etype: &ErrorType) -> Self {
+        match etype {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Problem::upstream_timeout(upstream)
+            }
+            ErrorType::ConnectRefused => Problem::upstream_unavailable(upstream, "connection refused"),
+            ErrorType::ConnectNoRoute => Problem::upstream_unavailable(upstream, "no route to the upstream"),
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+                Problem::upstream_unavailable(upstream, "TLS handshake with the upstream failed")
+            }
+            _ => Problem::upstream_unavailable(upstream, "the upstream connection failed"),
+        }
+    }
+
+    pub fn response(&self) -> Result<(ResponseHeader, Bytes)> {
+        let body = Bytes::from(self.body.to_string());
+        let mut header = ResponseHeader::build(self.status, Some(3))?;
+        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        Ok((header, body))
+    }
+
+    /// Writes the answer on `session` and ends the response.
+    pub async fn send(&self, session: &mut Session) -> Result<()> {
+        let (header, body) = self.response()?;
+        session.write_response_header(Box::new(header), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+impl From<&Refusal> for Problem {
+    fn from(refusal: &Refusal) -> Self {
+        match refusal {
+            Refusal::BadPath { error } => Problem::new(
+                400,
+                json!({"error": error.kind(), "detail": error.describe()}),
+            ),
+            Refusal::UnknownAgent { asked, known } => Problem::new(
+                404,
+                json!({"error": "unknown_agent", "agent": asked, "known_agents": known}),
+            ),
+            Refusal::NoRoute => Problem::new(
+                404,
+                json!({"error": "no_route", "detail": "the path is outside every configured route prefix"}),
+            ),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The Pingora hooks. They stay thin: decisions are made by [`crate::routing`],
+//! [`crate::forwarding`] and [`crate::websocket`], which are plain code with their own tests.
+
+use crate::config::GatewayConfig;
+use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
+use crate::problem::Problem;
+use crate::routing::{resolve, Target};
+use crate::websocket::pump::{pump, ConnectionOutcome, DrainSignal, PumpSettings};
+use crate::websocket::{
+    handshake, is_websocket_upgrade, negotiated_deflate, response_head_bytes, take_client_stream,
+    Handshake,
+};
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora::connectors::TransportConnector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+use serde_json::json;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+pub struct Gateway {
+    config: Arc<GatewayConfig>,
+    /// Connects WebSocket upstreams; pooled reuse is off because upgraded streams never return.
+    connector: TransportConnector,
+    drain: DrainSignal,
+    pump_settings: PumpSettings,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<GatewayConfig>, drain: DrainSignal, pump_settings: PumpSettings) -> Self {
+        let mut options = pingora::connectors::ConnectorOptions::new(0);
+        options.keepalive_pool_size = 0;
+        Gateway {
+            config,
+            connector: TransportConnector::new(Some(options)),
+            drain,
+            pump_settings,
+        }
+    }
+}
+
+/// Per-request state shared by the hooks.
+#[derive(Default)]
+pub struct RequestCtx {
+    target: Option<Target>,
+}
+
+fn client_info(session: &Session) -> ClientInfo {
+    let ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let tls = session
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some());
+    ClientInfo { ip, tls }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Routes every request; refusals and WebSocket upgrades are answered here, in full.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let target = match resolve(&self.config, req.uri.path(), req.uri.query()) {
+            Ok(target) => target,
+            Err(refusal) => {
+                Problem::from(&refusal).send(session).await?;
+                return Ok(true);
+            }
+        };
+        if is_websocket_upgrade(req) {
+            self.serve_websocket(session, &target).await?;
+            return Ok(true);
+        }
+        ctx.target = Some(target);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let target = ctx
+            .target
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target resolved"))?;
+        Ok(Box::new(peer_for(target).await?))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let target = ctx
+            .target
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target resolved"))?;
+        if is_other_upgrade(upstream_request) {
+            // Only WebSocket upgrades are proxied; anything else goes as a plain request.
+            upstream_request.remove_header(&http::header::UPGRADE);
+        }
+        prepare_upstream_request(upstream_request, target, client_info(session), false)
+    }
+
+    /// Upstream failures answer with JSON naming the upstream, never a bare status.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let problem = match (&ctx.target, e.esource()) {
+            (Some(target), pingora::ErrorSource::Upstream) => {
+                Some(Problem::for_upstream_error(&target.upstream.name, e.etype()))
+            }
+            (_, pingora::ErrorSource::Downstream) => None,
+            _ => Some(Problem::new(
+                500,
+                json!({"error": "internal", "detail": "the gateway failed to proxy the request"}),
+            )),
+        };
+        let status = match problem {
+            Some(problem) if session.response_written().is_none() => {
+                warn!("{} {}: {e}", problem.kind(), problem.status);
+                if let Err(write_error) = problem.send(session).await {
+                    warn!("could not send the error answer: {write_error}");
+                }
+                problem.status
+            }
+            _ => 0,
+        };
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+async fn peer_for(target: &Target) -> Result<HttpPeer> {
+    let address = target.address().ok_or_else(|| {
+        Error::explain(ErrorType::ConnectNoRoute, format!("upstream {} has no node", target.upstream.name))
+    })?;
+    let mut peer = target.upstream.peer(address).await?;
+    peer.options.read_timeout = Some(target.upstream.read_timeout);
+    Ok(peer)
+}
+
+impl Gateway {
+    /// Performs the upgrade with the upstream; on 101, takes both streams over and pumps them
+    /// until the connection ends.
+    async fn serve_websocket(&self, session: &mut Session, target: &Target) -> Result<()> {
+        let upstream_name = target.upstream.name.as_str();
+        if session.as_downstream().is_http2() {
+            return Problem::new(
+                400,
+                json!({"error": "websocket_over_http2", "detail": "agent WebSockets need HTTP/1.1"}),
+            )
+            .send(session)
+            .await;
+        }
+        let mut request = session.req_header().clone();
+        prepare_upstream_request(&mut request, target, client_info(session), true)?;
+        let answer = match peer_for(target).await {
+            Ok(peer) => {
+                handshake(&self.connector, &peer, &request, target.upstream.read_timeout).await
+            }
+            Err(e) => Err(e),
+        };
+        let (response, stream, preread) = match answer {
+            Ok(Handshake::Upgraded { response, stream, preread }) => (response, stream, preread),
+            Ok(Handshake::Refused { response, body }) => {
+                info!(
+                    "upstream {upstream_name} refused a WebSocket upgrade with {}",
+                    response.status.as_u16()
+                );
+                return relay_refusal(session, response, body).await;
+            }
+            Err(e) => {
+                let problem = Problem::for_upstream_error(upstream_name, e.etype());
+                warn!("WebSocket upgrade via upstream {upstream_name} failed: {e}");
+                return problem.send(session).await;
+            }
+        };
+        let deflate = negotiated_deflate(&response);
+        let Some(mut client) = take_client_stream(session.as_downstream_mut()) else {
+            return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
+        };
+        let head = response_head_bytes(&response);
+        if client.write_all(&head).await.is_err() || client.flush().await.is_err() {
+            return Ok(());
+        }
+        let outcome = pump(client, stream, &preread, deflate, self.drain.clone(), &self.pump_settings).await;
+        log_outcome(target, &outcome);
+        Ok(())
+    }
+}
+
+/// Relays an upstream's refusal of an upgrade as the plain HTTP answer it was, so the client
+/// sees the status and reason instead of a socket that died with 1006.
+async fn relay_refusal(session: &mut Session, mut response: Box<ResponseHeader>, body: bytes::Bytes) -> Result<()> {
+    for name in ["connection", "transfer-encoding", "keep-alive", "upgrade"] {
+        response.remove_header(name);
+    }
+    response.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    session.write_response_header(response, false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+fn log_outcome(target: &Target, outcome: &ConnectionOutcome) {
+    let agent = target.agent.as_ref().map_or("-", |a| a.agent.name.as_str());
+    info!(
+        "websocket closed agent={agent} upstream={} initiator={} code={} reason_len={} answered={} drop={} protocol_error={} duration_ms={} frames_in={} frames_out={} bytes_in={} bytes_out={}",
+        target.upstream.name,
+        outcome.initiator.label(),
+        outcome.code,
+        outcome.reason_len,
+        outcome.answered,
+        outcome.drop_kind.map_or("-", |k| k.label()),
+        outcome.protocol_error.map_or("-", |e| e.kind()),
+        outcome.duration.as_millis(),
+        outcome.client_to_upstream.frames,
+        outcome.upstream_to_client.frames,
+        outcome.client_to_upstream.bytes,
+        outcome.upstream_to_client.bytes,
+    );
+}

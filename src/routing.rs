@@ -1,0 +1,160 @@
+//! Agent-name routing: from a request path to the agent, instance and upstream it names.
+
+use crate::agent_name::fold_key;
+use crate::agent_path::{parse_agent_path, strip_route_prefix, PathError};
+use crate::config::{Agent, GatewayConfig, Route};
+use crate::upstream::Upstream;
+use std::sync::Arc;
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    /// Path and query to send upstream.
+    pub upstream_path: String,
+    /// Set for agent routes; `None` for the fallback upstream.
+    pub agent: Option<AgentTarget>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentTarget {
+    pub route: String,
+    pub agent: Arc<Agent>,
+    /// As the client sent it (percent-encoding included).
+    pub instance: String,
+}
+
+impl Target {
+    /// The node address for this request: an agent instance always lands on its home node.
+    pub fn address(&self) -> Option<&str> {
+        match &self.agent {
+            Some(a) => self.upstream.address_for(&[&a.agent.slug, &a.instance]),
+            None => self.upstream.address_for(&[&self.upstream_path]),
+        }
+    }
+}
+
+/// Why a request cannot be routed; each maps to one status and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BadPath { error: PathError },
+    UnknownAgent { asked: String, known: Vec<String> },
+    NoRoute,
+}
+
+/// Resolves `path` (without query) and `query` against the routing table.
+pub fn resolve(config: &GatewayConfig, path: &str, query: Option<&str>) -> Result<Target, Refusal> {
+    let Some((route, tail)) = config
+        .routes
+        .iter()
+        .find_map(|r| strip_route_prefix(path, &r.prefix).map(|tail| (r, tail)))
+    else {
+        return match &config.fallback_upstream {
+            Some(upstream) => Ok(Target {
+                upstream: upstream.clone(),
+                upstream_path: with_query(path.to_owned(), query),
+                agent: None,
+            }),
+            None => Err(Refusal::NoRoute),
+        };
+    };
+    resolve_in_route(route, tail, query)
+}
+
+fn resolve_in_route(route: &Route, tail: &str, query: Option<&str>) -> Result<Target, Refusal> {
+    let parsed = parse_agent_path(tail).map_err(|error| Refusal::BadPath { error })?;
+    let Some(agent) = route.agents.get(&fold_key(parsed.agent)) else {
+        return Err(Refusal::UnknownAgent {
+            asked: parsed.agent.to_owned(),
+            known: route.agent_names().into_iter().map(str::to_owned).collect(),
+        });
+    };
+    let instance = parsed.instance.unwrap_or(&route.default_instance);
+    let upstream_path = format!(
+        "{}/{}/{}{}",
+        route.upstream_prefix, agent.slug, instance, parsed.rest
+    );
+    Ok(Target {
+        upstream: agent.upstream.clone(),
+        upstream_path: with_query(upstream_path, query),
+        agent: Some(AgentTarget {
+            route: route.name.clone(),
+            agent: agent.clone(),
+            instance: instance.to_owned(),
+        }),
+    })
+}
+
+fn with_query(mut path: String, query: Option<&str>) -> String {
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> GatewayConfig {
+        let text = format!(
+            r#"{extra}
+[upstreams.local]
+kind = "local"
+nodes = ["127.0.0.1:1"]
+
+[[routes]]
+default_instance = "main"
+
+[[routes.agents]]
+name = "CoderAgent"
+upstream = "local"
+
+[[routes.agents]]
+name = "MyMCPAgent"
+upstream = "local"
+"#
+        );
+        GatewayConfig::parse(&text, Path::new("t.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn every_spelling_reaches_the_canonical_path() {
+        let c = config("");
+        for spelling in ["CoderAgent", "coderagent", "coder-agent", "coder_agent", "CODER_AGENT"] {
+            let t = resolve(&c, &format!("/agents/{spelling}/Default/x"), Some("_pk=abc"))
+                .expect("routed");
+            assert_eq!(t.upstream_path, "/agents/coder-agent/Default/x?_pk=abc");
+            assert_eq!(t.agent.as_ref().map(|a| a.instance.as_str()), Some("Default"));
+        }
+        let t = resolve(&c, "/agents/mymcpagent", None).expect("routed");
+        assert_eq!(t.upstream_path, "/agents/my-m-c-p-agent/main");
+    }
+
+    #[test]
+    fn refusals() {
+        let c = config("");
+        assert_eq!(
+            resolve(&c, "/agents/Nope/x", None).map(|_| ()),
+            Err(Refusal::UnknownAgent {
+                asked: "Nope".into(),
+                known: vec!["CoderAgent".into(), "MyMCPAgent".into()]
+            })
+        );
+        assert_eq!(resolve(&c, "/other", None).map(|_| ()), Err(Refusal::NoRoute));
+        assert!(matches!(
+            resolve(&c, "/agents/CoderAgent/..", None),
+            Err(Refusal::BadPath { error: PathError::DotSegment })
+        ));
+    }
+
+    #[test]
+    fn fallback_takes_paths_outside_every_prefix() {
+        let c = config("fallback_upstream = \"local\"");
+        let t = resolve(&c, "/health", Some("a=1")).expect("fallback");
+        assert_eq!(t.upstream_path, "/health?a=1");
+        assert!(t.agent.is_none());
+    }
+}

@@ -1,0 +1,521 @@
+//! The gateway's own bidirectional pump for upgraded connections.
+//!
+//! Why not Pingora's upgrade path: Pingora forwards upgraded bytes through its body filters,
+//! but offers no way to write into an idle upgraded connection from outside (pingora issue
+//! 571), and its downstream read timeout (60 s by default) would end idle agent sockets. The
+//! gateway therefore takes both streams over once the upstream has answered 101, and runs
+//! this pump: one task that polls both directions itself (no split halves, no locks, and a
+//! slow writer on one side never stops the other direction), feeds each direction through a
+//! [`FrameParser`], and writes Close frames of its own only between frames.
+
+use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
+use pingora::protocols::Stream;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+
+/// Bytes read per direction at once.
+const BUFFER_SIZE: usize = 16 * 1024;
+
+/// Who ended a connection, or sent the first Close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl Initiator {
+    pub fn label(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Upstream => "upstream",
+            Initiator::Gateway => "gateway",
+        }
+    }
+}
+
+/// How a TCP (or TLS) stream ended without a Close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    Eof,
+    Reset,
+    Timeout,
+    Tls,
+    Other,
+}
+
+impl DropKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            DropKind::Eof => "eof",
+            DropKind::Reset => "reset",
+            DropKind::Timeout => "timeout",
+            DropKind::Tls => "tls",
+            DropKind::Other => "other",
+        }
+    }
+
+    fn of(error: &io::Error) -> DropKind {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => DropKind::Reset,
+            io::ErrorKind::TimedOut => DropKind::Timeout,
+            io::ErrorKind::UnexpectedEof => DropKind::Eof,
+            io::ErrorKind::InvalidData => DropKind::Tls,
+            _ => DropKind::Other,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectionStats {
+    pub bytes: u64,
+    pub frames: u64,
+    pub messages: u64,
+}
+
+/// How one upgraded connection ended: what the close metrics and the connection log report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionOutcome {
+    pub initiator: Initiator,
+    /// The Close code sent first; 1005 for an empty Close, 1006 when a side dropped first.
+    pub code: u16,
+    pub reason_len: usize,
+    /// Whether the other party answered the first Close with its own.
+    pub answered: bool,
+    /// Set when the initiator dropped its stream without a Close.
+    pub drop_kind: Option<DropKind>,
+    pub protocol_error: Option<ProtocolError>,
+    pub duration: Duration,
+    pub client_to_upstream: DirectionStats,
+    pub upstream_to_client: DirectionStats,
+}
+
+#[derive(Debug, Clone)]
+pub struct PumpSettings {
+    /// Close both sides with 1001 after this long without a byte either way.
+    pub idle_timeout: Option<Duration>,
+    /// How long a closing connection may take to finish its Close handshake.
+    pub close_timeout: Duration,
+}
+
+/// One direction: bytes read from `source`, parsed, written to the other side.
+struct Direction {
+    parser: FrameParser,
+    buf: Box<[u8]>,
+    /// `buf[pos..cap]` is read but not yet written.
+    pos: usize,
+    cap: usize,
+    needs_flush: bool,
+    /// A frame of the gateway's own, waiting for a frame boundary.
+    inject: Option<Vec<u8>>,
+    inject_pos: usize,
+    /// A Close has gone toward the destination: later bytes are read but not forwarded.
+    closed_toward_destination: bool,
+    /// The source sent a Close (and when).
+    close_seen: Option<(CloseFrame, Instant)>,
+    stats: DirectionStats,
+    last_read: Instant,
+}
+
+/// Why a direction stopped.
+enum Stop {
+    SourceEnded(Option<io::Error>),
+    DestinationFailed(io::Error),
+    Protocol(ProtocolError),
+}
+
+impl Direction {
+    fn new(sender: Sender, deflate: bool, now: Instant) -> Self {
+        Direction {
+            parser: FrameParser::new(sender, deflate),
+            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            pos: 0,
+            cap: 0,
+            needs_flush: false,
+            inject: None,
+            inject_pos: 0,
+            closed_toward_destination: false,
+            close_seen: None,
+            stats: DirectionStats::default(),
+            last_read: now,
+        }
+    }
+
+    /// Queues a Close of the gateway's own toward the destination, unless one went already.
+    fn queue_close(&mut self, frame: Vec<u8>) {
+        if !self.closed_toward_destination && self.inject.is_none() {
+            self.inject = Some(frame);
+            self.inject_pos = 0;
+        }
+    }
+
+    /// Handles freshly read bytes at `buf[..n]`: parse, and decide how much to forward.
+    fn accept(&mut self, n: usize) -> Result<(), ProtocolError> {
+        self.stats.bytes += n as u64;
+        self.pos = 0;
+        self.cap = 0;
+        if self.close_seen.is_some() {
+            // Nothing may follow a Close frame: read, counted, dropped.
+            return Ok(());
+        }
+        let stop_at_boundary = self.inject.is_some() && !self.closed_toward_destination;
+        let (consumed, result) = {
+            let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
+            self.parser.feed_to_boundary(&self.buf[..n], stop_at_boundary, |event| {
+                record(stats, close_seen, event)
+            })
+        };
+        let forwarded = match result {
+            Feed::Error { offset, .. } => offset,
+            Feed::Ok => consumed,
+        };
+        if !self.closed_toward_destination {
+            self.cap = forwarded;
+        }
+        if let Feed::Error { error, .. } = result {
+            return Err(error);
+        }
+        if self.close_seen.is_some() {
+            // The source's own Close goes out with this buffer; nothing of ours follows it.
+            self.closed_toward_destination = true;
+            self.inject = None;
+        } else if consumed < n {
+            // Stopped at a boundary for a queued Close of ours: the rest is not forwarded, but
+            // is still parsed, to learn whether the source answers with a Close of its own.
+            let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
+            let rest = &self.buf[consumed..n];
+            if let Feed::Error { error, .. } =
+                self.parser.feed(rest, |event| record(stats, close_seen, event))
+            {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drives this direction until it needs to wait, or stops.
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut Stream,
+        destination: &mut Stream,
+    ) -> Poll<Stop> {
+        loop {
+            if self.pos < self.cap {
+                match Pin::new(&mut *destination).poll_write(cx, &self.buf[self.pos..self.cap]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Stop::DestinationFailed(io::ErrorKind::WriteZero.into()))
+                    }
+                    Poll::Ready(Ok(written)) => {
+                        self.pos += written;
+                        self.needs_flush = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.parser.at_frame_boundary() && !self.closed_toward_destination {
+                if let Some(frame) = &self.inject {
+                    match Pin::new(&mut *destination).poll_write(cx, &frame[self.inject_pos..]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Stop::DestinationFailed(
+                                io::ErrorKind::WriteZero.into(),
+                            ))
+                        }
+                        Poll::Ready(Ok(written)) => {
+                            self.inject_pos += written;
+                            self.needs_flush = true;
+                            if self.inject_pos == frame.len() {
+                                self.inject = None;
+                                self.closed_toward_destination = true;
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+            let mut read_buf = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = read_buf.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Stop::SourceEnded(None));
+                    }
+                    self.last_read = Instant::now();
+                    if let Err(error) = self.accept(n) {
+                        // What preceded the bad frame is forwarded if it can be without waiting.
+                        let _ = self.flush_prefix(cx, destination);
+                        return Poll::Ready(Stop::Protocol(error));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Stop::SourceEnded(Some(e))),
+                Poll::Pending => {
+                    if self.needs_flush {
+                        match Pin::new(&mut *destination).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(e)) => {
+                                return Poll::Ready(Stop::DestinationFailed(e))
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Best effort: write the bytes before a malformed frame without waiting.
+    fn flush_prefix(&mut self, cx: &mut Context<'_>, destination: &mut Stream) -> Poll<()> {
+        while self.pos < self.cap {
+            match Pin::new(&mut *destination).poll_write(cx, &self.buf[self.pos..self.cap]) {
+                Poll::Ready(Ok(n)) if n > 0 => self.pos += n,
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+fn record(stats: &mut DirectionStats, close_seen: &mut Option<(CloseFrame, Instant)>, event: FrameEvent) {
+    match event {
+        FrameEvent::Frame { .. } => stats.frames += 1,
+        FrameEvent::MessageEnd => stats.messages += 1,
+        FrameEvent::Close(close) => {
+            close_seen.get_or_insert((close, Instant::now()));
+        }
+    }
+}
+
+/// Requests from outside the pump: the drain of the whole gateway.
+pub type DrainSignal = watch::Receiver<bool>;
+
+/// Pumps `client` and `upstream` until the connection ends, and says how it ended.
+///
+/// `upstream_preread` holds bytes the upstream sent right behind its 101, read with the
+/// handshake; they go to the client first.
+pub async fn pump(
+    mut client: Stream,
+    mut upstream: Stream,
+    upstream_preread: &[u8],
+    deflate: bool,
+    mut drain: DrainSignal,
+    settings: &PumpSettings,
+) -> ConnectionOutcome {
+    let started = Instant::now();
+    let mut c2u = Direction::new(Sender::Client, deflate, started);
+    let mut u2c = Direction::new(Sender::Server, deflate, started);
+    let mut gateway_close: Option<(u16, usize, Instant)> = None;
+    let mut ended: Option<(Initiator, Option<DropKind>)> = None;
+    let mut protocol_error = None;
+
+    if !upstream_preread.is_empty() {
+        let n = upstream_preread.len().min(u2c.buf.len());
+        u2c.buf[..n].copy_from_slice(&upstream_preread[..n]);
+        if let Err(error) = u2c.accept(n) {
+            protocol_error = Some(error);
+        }
+    }
+
+    let mut closing_deadline: Option<tokio::time::Instant> = None;
+    if let Some(error) = protocol_error {
+        close_both(&mut c2u, &mut u2c, &mut gateway_close, 1002, error.kind());
+    }
+
+    loop {
+        let idle_deadline = settings
+            .idle_timeout
+            .map(|idle| tokio::time::Instant::from_std(c2u.last_read.max(u2c.last_read) + idle));
+        // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
+        let closing = gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
+        if closing && closing_deadline.is_none() {
+            closing_deadline = Some(tokio::time::Instant::now() + settings.close_timeout);
+        }
+        let stop = tokio::select! {
+            biased;
+            changed = drain.changed(), if gateway_close.is_none() => {
+                if changed.is_err() || *drain.borrow() {
+                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down");
+                }
+                continue;
+            }
+            _ = sleep_until_opt(idle_deadline), if !closing => {
+                // The deadline is recomputed from the last read on every turn of the loop.
+                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "idle timeout");
+                continue;
+            }
+            _ = sleep_until_opt(closing_deadline) => None,
+            stop = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => Some(stop),
+        };
+        let Some((side, stop)) = stop else { break };
+        match stop {
+            Stop::SourceEnded(error) => {
+                let source_closed = match side {
+                    Initiator::Client => c2u.close_seen.is_some(),
+                    _ => u2c.close_seen.is_some(),
+                };
+                if !source_closed && ended.is_none() {
+                    ended = Some((side, Some(error.as_ref().map_or(DropKind::Eof, DropKind::of))));
+                }
+            }
+            Stop::DestinationFailed(error) => {
+                let dest = if side == Initiator::Client { Initiator::Upstream } else { Initiator::Client };
+                let dest_closed = match dest {
+                    Initiator::Client => c2u.close_seen.is_some(),
+                    _ => u2c.close_seen.is_some(),
+                };
+                if !dest_closed && ended.is_none() {
+                    ended = Some((dest, Some(DropKind::of(&error))));
+                }
+            }
+            Stop::Protocol(error) => {
+                protocol_error = Some(error);
+                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1002, error.kind());
+            }
+        }
+        break;
+    }
+
+    // Tell the side still there why the other went, then give the queued frames a moment.
+    if let Some((side, Some(_))) = ended {
+        match side {
+            Initiator::Upstream => u2c.queue_close(close_frame(1014, "upstream connection lost", None)),
+            _ => c2u.queue_close(close_frame(1001, "client connection lost", Some(mask_key()))),
+        }
+    }
+    let flush_deadline = tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
+    let _ = tokio::time::timeout_at(flush_deadline, async {
+        if ended.map(|(s, _)| s) != Some(Initiator::Client) {
+            let _ = flush_injection(&mut u2c, &mut client).await;
+        }
+        if ended.map(|(s, _)| s) != Some(Initiator::Upstream) {
+            let _ = flush_injection(&mut c2u, &mut upstream).await;
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout_at(flush_deadline, client.shutdown()).await;
+    let _ = tokio::time::timeout_at(flush_deadline, upstream.shutdown()).await;
+
+    outcome(started, &c2u, &u2c, gateway_close, ended, protocol_error)
+}
+
+/// Queues a Close of the gateway's own toward both sides and records it.
+fn close_both(
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    gateway_close: &mut Option<(u16, usize, Instant)>,
+    code: u16,
+    reason: &str,
+) {
+    u2c.queue_close(close_frame(code, reason, None));
+    c2u.queue_close(close_frame(code, reason, Some(mask_key())));
+    gateway_close.get_or_insert((code, reason.len().min(123), Instant::now()));
+}
+
+/// Polls both directions; the first to stop says which side's stream it was reading.
+fn poll_both(
+    cx: &mut Context<'_>,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    client: &mut Stream,
+    upstream: &mut Stream,
+) -> Poll<(Initiator, Stop)> {
+    if let Poll::Ready(stop) = c2u.poll_step(cx, client, upstream) {
+        return Poll::Ready((Initiator::Client, stop));
+    }
+    if let Poll::Ready(stop) = u2c.poll_step(cx, upstream, client) {
+        return Poll::Ready((Initiator::Upstream, stop));
+    }
+    Poll::Pending
+}
+
+/// Writes whatever is still buffered for the destination, then the queued frame of ours,
+/// if it can go out between frames.
+async fn flush_injection(direction: &mut Direction, destination: &mut Stream) -> io::Result<()> {
+    if direction.pos < direction.cap {
+        destination.write_all(&direction.buf[direction.pos..direction.cap]).await?;
+        direction.pos = direction.cap;
+    }
+    if direction.parser.at_frame_boundary() && !direction.closed_toward_destination {
+        if let Some(frame) = direction.inject.take() {
+            destination.write_all(&frame[direction.inject_pos..]).await?;
+            direction.closed_toward_destination = true;
+        }
+    }
+    destination.flush().await
+}
+
+fn outcome(
+    started: Instant,
+    c2u: &Direction,
+    u2c: &Direction,
+    gateway_close: Option<(u16, usize, Instant)>,
+    ended: Option<(Initiator, Option<DropKind>)>,
+    protocol_error: Option<ProtocolError>,
+) -> ConnectionOutcome {
+    let close_code = |c: &CloseFrame| c.code.unwrap_or(1005);
+    let mut closes: Vec<(Initiator, u16, usize, Instant)> = Vec::with_capacity(3);
+    if let Some((c, at)) = c2u.close_seen {
+        closes.push((Initiator::Client, close_code(&c), c.reason_len, at));
+    }
+    if let Some((c, at)) = u2c.close_seen {
+        closes.push((Initiator::Upstream, close_code(&c), c.reason_len, at));
+    }
+    if let Some((code, reason_len, at)) = gateway_close {
+        closes.push((Initiator::Gateway, code, reason_len, at));
+    }
+    closes.sort_by_key(|c| c.3);
+    let (initiator, code, reason_len, drop_kind) = match (closes.first(), ended) {
+        (Some(&(who, code, len, _)), _) => (who, code, len, None),
+        (None, Some((side, kind))) => (side, 1006, 0, kind),
+        (None, None) => (Initiator::Gateway, 1006, 0, None),
+    };
+    ConnectionOutcome {
+        initiator,
+        code,
+        reason_len,
+        answered: closes.len() > 1,
+        drop_kind,
+        protocol_error,
+        duration: started.elapsed(),
+        client_to_upstream: c2u.stats,
+        upstream_to_client: u2c.stats,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A masking key for frames toward the upstream. RFC 6455 asks for unpredictable keys so
+/// that a client cannot steer the bytes on the wire; a per-process random seed stepped by
+/// a counter through splitmix64 gives that without a crypto dependency on the hot path.
+fn mask_key() -> [u8; 4] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let state = std::collections::hash_map::RandomState::new();
+        std::hash::BuildHasher::hash_one(&state, std::process::id())
+    });
+    let mut z = seed.wrapping_add(COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let bytes = (z ^ (z >> 31)).to_le_bytes();
+    [bytes[0], bytes[1], bytes[2], bytes[3]]
+}
