@@ -118,7 +118,14 @@ mod tests {
     fn agent_names_are_identifiers() {
         assert!(is_valid_agent_name("CoderAgent"));
         assert!(is_valid_agent_name("coder_agent-2"));
-        for bad in ["", "2agent", "-agent", "coder.agent", "coder agent", "coder/agent"] {
+        for bad in [
+            "",
+            "2agent",
+            "-agent",
+            "coder.agent",
+            "coder agent",
+            "coder/agent",
+        ] {
             assert!(!is_valid_agent_name(bad), "{bad:?} accepted");
         }
         assert!(!is_valid_agent_name(&"a".repeat(MAX_AGENT_NAME_LEN + 1)));

@@ -36,7 +36,9 @@ impl PathError {
     /// A short sentence for the JSON error body.
     pub fn describe(self) -> &'static str {
         match self {
-            PathError::MissingAgent => "the path names no agent: expected {prefix}/{agent}/{instance}",
+            PathError::MissingAgent => {
+                "the path names no agent: expected {prefix}/{agent}/{instance}"
+            }
             PathError::InvalidAgentSegment => {
                 "the agent segment may hold only ASCII letters, digits, '-' and '_' (at most 128)"
             }
@@ -120,7 +122,10 @@ pub fn parse_agent_path(tail: &str) -> Result<AgentPath<'_>, PathError> {
 
 fn is_dot_segment(segment: &str) -> bool {
     let lower = segment.to_ascii_lowercase();
-    matches!(lower.as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e.")
+    matches!(
+        lower.as_str(),
+        "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
+    )
 }
 
 /// Raw control bytes, or a percent-encoded one (`%00`-`%1F`, `%7F`).
@@ -172,8 +177,14 @@ mod tests {
                 "/messages/1".into()
             )
         );
-        assert_eq!(parsed("/CoderAgent"), ("CoderAgent".into(), None, "".into()));
-        assert_eq!(parsed("/CoderAgent/"), ("CoderAgent".into(), None, "".into()));
+        assert_eq!(
+            parsed("/CoderAgent"),
+            ("CoderAgent".into(), None, "".into())
+        );
+        assert_eq!(
+            parsed("/CoderAgent/"),
+            ("CoderAgent".into(), None, "".into())
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ type Outbox = mpsc::UnboundedSender<Message>;
 
 #[derive(Default)]
 struct Instances {
+    /// This backend's address, reported in HTTP answers so tests can see which node served.
+    node: String,
     /// (namespace, room) -> connection id -> its outbox.
     rooms: Mutex<HashMap<(String, String), HashMap<u64, Outbox>>>,
     next_id: AtomicU64,
@@ -44,7 +46,10 @@ pub async fn serve(listen: &str) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     println!("reference backend listening on http://{address}");
-    let instances = Arc::new(Instances::default());
+    let instances = Arc::new(Instances {
+        node: address.to_string(),
+        ..Instances::default()
+    });
     loop {
         let (stream, peer) = listener.accept().await?;
         let instances = instances.clone();
@@ -85,9 +90,18 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
     };
     let key_present = std::env::var(SECRET_ENV).is_ok_and(|v| !v.trim().is_empty());
     if !key_present {
-        return respond(&mut stream, 500, "text/plain", "OPENROUTER_API_KEY is not set").await;
+        return respond(
+            &mut stream,
+            500,
+            "text/plain",
+            "OPENROUTER_API_KEY is not set",
+        )
+        .await;
     }
-    let (Some(namespace), Some(room)) = (request.header("x-partykit-namespace"), request.header("x-partykit-room")) else {
+    let (Some(namespace), Some(room)) = (
+        request.header("x-partykit-namespace"),
+        request.header("x-partykit-room"),
+    ) else {
         let class = class_name(&request.path);
         let message = format!(
             "Missing namespace or room headers when connecting to {class}.\nDid you try connecting directly to this Durable Object? Try using getServerByName(namespace, id) instead."
@@ -95,7 +109,8 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
         return respond(&mut stream, 500, "text/plain", &message).await;
     };
     let (namespace, room) = (namespace.to_owned(), room.to_owned());
-    let websocket = request.has_token("upgrade", "websocket") && request.has_token("connection", "upgrade");
+    let websocket =
+        request.has_token("upgrade", "websocket") && request.has_token("connection", "upgrade");
     if !websocket {
         let headers: serde_json::Map<String, serde_json::Value> = request
             .headers
@@ -104,7 +119,7 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
             .collect();
         let body = json!({
             "agent": namespace, "room": room, "method": request.method,
-            "path": request.path, "headers": headers,
+            "path": request.path, "headers": headers, "node": instances.node,
         });
         return respond(&mut stream, 200, "application/json", &body.to_string()).await;
     }
@@ -116,17 +131,26 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await?;
-    let socket = WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, None).await;
+    let socket =
+        WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, None).await;
     run_connection(socket, namespace, room, &instances).await;
     Ok(())
 }
 
-async fn run_connection(socket: WebSocketStream<TcpStream>, namespace: String, room: String, instances: &Instances) {
+async fn run_connection(
+    socket: WebSocketStream<TcpStream>,
+    namespace: String,
+    room: String,
+    instances: &Instances,
+) {
     let id = instances.next_id.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut inbox) = mpsc::unbounded_channel();
     let key = (namespace.clone(), room.clone());
     if let Ok(mut rooms) = instances.rooms.lock() {
-        rooms.entry(key.clone()).or_default().insert(id, outbox.clone());
+        rooms
+            .entry(key.clone())
+            .or_default()
+            .insert(id, outbox.clone());
     }
     let identity = json!({"type": "cf_agent_identity", "name": room, "agent": namespace});
     let _ = outbox.send(Message::text(identity.to_string()));
@@ -182,7 +206,11 @@ fn close_request(text: &str) -> Option<CloseFrame> {
         return None;
     }
     let code = u16::try_from(value.get("code")?.as_u64()?).ok()?;
-    let reason = value.get("reason").and_then(|r| r.as_str()).unwrap_or("").to_owned();
+    let reason = value
+        .get("reason")
+        .and_then(|r| r.as_str())
+        .unwrap_or("")
+        .to_owned();
     Some(CloseFrame {
         code: CloseCode::from(code),
         reason: reason.into(),
@@ -221,19 +249,34 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Request
                     headers: parsed
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
                         .collect(),
                 };
                 let leftover = buffer.split_off(len);
                 return Ok(Some((request, leftover)));
             }
             Ok(httparse::Status::Partial) if buffer.len() < 64 * 1024 => continue,
-            _ => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad request head")),
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "bad request head",
+                ))
+            }
         }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())

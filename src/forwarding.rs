@@ -45,10 +45,9 @@ pub fn prepare_upstream_request(
         req.insert_header(http::header::CONNECTION, "Upgrade")?;
         req.insert_header(http::header::UPGRADE, "websocket")?;
     }
-    let uri: http::Uri = target
-        .upstream_path
-        .parse()
-        .map_err(|e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream path", e))?;
+    let uri: http::Uri = target.upstream_path.parse().map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream path", e)
+    })?;
     req.set_uri(uri);
     if let UpstreamKind::Worker { host, .. } = &target.upstream.kind {
         req.insert_header(http::header::HOST, host.as_str())?;
@@ -58,13 +57,20 @@ pub fn prepare_upstream_request(
         req.insert_header(ROOM_HEADER, agent.instance.as_str())?;
     }
     if let Some(ip) = client.ip {
-        let forwarded_for = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let forwarded_for = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(earlier) => format!("{earlier}, {ip}"),
             None => ip.to_string(),
         };
         req.insert_header("x-forwarded-for", forwarded_for)?;
     }
-    req.insert_header("x-forwarded-proto", if client.tls { "https" } else { "http" })?;
+    req.insert_header(
+        "x-forwarded-proto",
+        if client.tls { "https" } else { "http" },
+    )?;
     Ok(())
 }
 
@@ -87,7 +93,11 @@ fn remove_reserved(req: &mut RequestHeader) {
     let reserved: Vec<http::header::HeaderName> = req
         .headers
         .keys()
-        .filter(|name| RESERVED_PREFIXES.iter().any(|p| name.as_str().starts_with(p)))
+        .filter(|name| {
+            RESERVED_PREFIXES
+                .iter()
+                .any(|p| name.as_str().starts_with(p))
+        })
         .cloned()
         .collect();
     for name in reserved {
@@ -131,7 +141,10 @@ upstream = "cloud"
         for (k, v) in headers {
             req.append_header(k.to_string(), *v).expect("header");
         }
-        let client = ClientInfo { ip: Some("10.1.2.3".parse().expect("ip")), tls: false };
+        let client = ClientInfo {
+            ip: Some("10.1.2.3".parse().expect("ip")),
+            tls: false,
+        };
         prepare_upstream_request(&mut req, &target, client, websocket).expect("prepared");
         req
     }
@@ -168,7 +181,12 @@ upstream = "cloud"
     fn workers_get_their_host_and_no_routing_headers() {
         let req = prepared(
             "/agents/CHAT/default",
-            &[("host", "gateway.local"), ("x-partykit-room", "x"), ("upgrade", "websocket"), ("connection", "upgrade")],
+            &[
+                ("host", "gateway.local"),
+                ("x-partykit-room", "x"),
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+            ],
             true,
         );
         assert_eq!(header(&req, "host"), Some("agents.example.com"));

@@ -79,12 +79,21 @@ fn check(path: &Path) -> ExitCode {
     };
     println!("{}: ok; listening on {}", path.display(), config.listen);
     println!();
-    println!("{:<16} {:<48} {:<44} UPSTREAM", "AGENT", "ACCEPTED SPELLINGS", "UPSTREAM PATH");
+    println!(
+        "{:<16} {:<48} {:<44} UPSTREAM",
+        "AGENT", "ACCEPTED SPELLINGS", "UPSTREAM PATH"
+    );
     for route in &config.routes {
         print_route(route);
     }
     if let Some(fallback) = &config.fallback_upstream {
-        println!("{:<16} {:<48} {:<44} {}", "(fallback)", "paths outside every prefix", "(unchanged)", describe(fallback));
+        println!(
+            "{:<16} {:<48} {:<44} {}",
+            "(fallback)",
+            "paths outside every prefix",
+            "(unchanged)",
+            describe(fallback)
+        );
     }
     ExitCode::SUCCESS
 }
@@ -98,7 +107,10 @@ fn print_route(route: &Route) {
         println!(
             "{:<16} {:<48} {:<44} {}",
             agent.name,
-            format!("{}/{{{spellings}}} (any case, '-' and '_' ignored)", route.prefix),
+            format!(
+                "{}/{{{spellings}}} (any case, '-' and '_' ignored)",
+                route.prefix
+            ),
             path,
             describe(&agent.upstream)
         );
@@ -107,7 +119,9 @@ fn print_route(route: &Route) {
 
 fn describe(upstream: &agent_gateway::upstream::Upstream) -> String {
     match &upstream.kind {
-        UpstreamKind::Worker { address, host, tls, .. } => format!(
+        UpstreamKind::Worker {
+            address, host, tls, ..
+        } => format!(
             "{} (worker {}://{address}, Host {host})",
             upstream.name,
             if *tls { "https" } else { "http" }
@@ -115,7 +129,11 @@ fn describe(upstream: &agent_gateway::upstream::Upstream) -> String {
         UpstreamKind::Local { nodes } => format!(
             "{} (local, nodes {})",
             upstream.name,
-            nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>().join(" ")
+            nodes
+                .iter()
+                .map(|n| n.address.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
         ),
     }
 }

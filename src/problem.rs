@@ -21,7 +21,10 @@ impl Problem {
 
     /// The `error` field, used as the handshake result label.
     pub fn kind(&self) -> &str {
-        self.body.get("error").and_then(Value::as_str).unwrap_or("error")
+        self.body
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("error")
     }
 
     pub fn upstream_unavailable(upstream: &str, why: &str) -> Self {
@@ -44,8 +47,12 @@ impl Problem {
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 Problem::upstream_timeout(upstream)
             }
-            ErrorType::ConnectRefused => Problem::upstream_unavailable(upstream, "connection refused"),
-            ErrorType::ConnectNoRoute => Problem::upstream_unavailable(upstream, "no route to the upstream"),
+            ErrorType::ConnectRefused => {
+                Problem::upstream_unavailable(upstream, "connection refused")
+            }
+            ErrorType::ConnectNoRoute => {
+                Problem::upstream_unavailable(upstream, "no route to the upstream")
+            }
             ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
                 Problem::upstream_unavailable(upstream, "TLS handshake with the upstream failed")
             }
@@ -65,7 +72,9 @@ impl Problem {
     /// Writes the answer on `session` and ends the response.
     pub async fn send(&self, session: &mut Session) -> Result<()> {
         let (header, body) = self.response()?;
-        session.write_response_header(Box::new(header), false).await?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
         session.write_response_body(Some(body), true).await
     }
 }

@@ -30,7 +30,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<GatewayConfig>, drain: DrainSignal, pump_settings: PumpSettings) -> Self {
+    pub fn new(
+        config: Arc<GatewayConfig>,
+        drain: DrainSignal,
+        pump_settings: PumpSettings,
+    ) -> Self {
         let mut options = pingora::connectors::ConnectorOptions::new(0);
         options.keepalive_pool_size = 0;
         Gateway {
@@ -53,9 +57,7 @@ fn client_info(session: &Session) -> ClientInfo {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
-    let tls = session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some());
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     ClientInfo { ip, tls }
 }
 
@@ -85,7 +87,11 @@ impl ProxyHttp for Gateway {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let target = ctx
             .target
             .as_ref()
@@ -111,11 +117,17 @@ impl ProxyHttp for Gateway {
     }
 
     /// Upstream failures answer with JSON naming the upstream, never a bare status.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let problem = match (&ctx.target, e.esource()) {
-            (Some(target), pingora::ErrorSource::Upstream) => {
-                Some(Problem::for_upstream_error(&target.upstream.name, e.etype()))
-            }
+            (Some(target), pingora::ErrorSource::Upstream) => Some(Problem::for_upstream_error(
+                &target.upstream.name,
+                e.etype(),
+            )),
             (_, pingora::ErrorSource::Downstream) => None,
             _ => Some(Problem::new(
                 500,
@@ -141,7 +153,10 @@ impl ProxyHttp for Gateway {
 
 async fn peer_for(target: &Target) -> Result<HttpPeer> {
     let address = target.address().ok_or_else(|| {
-        Error::explain(ErrorType::ConnectNoRoute, format!("upstream {} has no node", target.upstream.name))
+        Error::explain(
+            ErrorType::ConnectNoRoute,
+            format!("upstream {} has no node", target.upstream.name),
+        )
     })?;
     let mut peer = target.upstream.peer(address).await?;
     peer.options.read_timeout = Some(target.upstream.read_timeout);
@@ -165,12 +180,22 @@ impl Gateway {
         prepare_upstream_request(&mut request, target, client_info(session), true)?;
         let answer = match peer_for(target).await {
             Ok(peer) => {
-                handshake(&self.connector, &peer, &request, target.upstream.read_timeout).await
+                handshake(
+                    &self.connector,
+                    &peer,
+                    &request,
+                    target.upstream.read_timeout,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
         let (response, stream, preread) = match answer {
-            Ok(Handshake::Upgraded { response, stream, preread }) => (response, stream, preread),
+            Ok(Handshake::Upgraded {
+                response,
+                stream,
+                preread,
+            }) => (response, stream, preread),
             Ok(Handshake::Refused { response, body }) => {
                 info!(
                     "upstream {upstream_name} refused a WebSocket upgrade with {}",
@@ -192,7 +217,15 @@ impl Gateway {
         if client.write_all(&head).await.is_err() || client.flush().await.is_err() {
             return Ok(());
         }
-        let outcome = pump(client, stream, &preread, deflate, self.drain.clone(), &self.pump_settings).await;
+        let outcome = pump(
+            client,
+            stream,
+            &preread,
+            deflate,
+            self.drain.clone(),
+            &self.pump_settings,
+        )
+        .await;
         log_outcome(target, &outcome);
         Ok(())
     }
@@ -200,7 +233,11 @@ impl Gateway {
 
 /// Relays an upstream's refusal of an upgrade as the plain HTTP answer it was, so the client
 /// sees the status and reason instead of a socket that died with 1006.
-async fn relay_refusal(session: &mut Session, mut response: Box<ResponseHeader>, body: bytes::Bytes) -> Result<()> {
+async fn relay_refusal(
+    session: &mut Session,
+    mut response: Box<ResponseHeader>,
+    body: bytes::Bytes,
+) -> Result<()> {
     for name in ["connection", "transfer-encoding", "keep-alive", "upgrade"] {
         response.remove_header(name);
     }

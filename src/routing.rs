@@ -123,11 +123,24 @@ upstream = "local"
     #[test]
     fn every_spelling_reaches_the_canonical_path() {
         let c = config("");
-        for spelling in ["CoderAgent", "coderagent", "coder-agent", "coder_agent", "CODER_AGENT"] {
-            let t = resolve(&c, &format!("/agents/{spelling}/Default/x"), Some("_pk=abc"))
-                .expect("routed");
+        for spelling in [
+            "CoderAgent",
+            "coderagent",
+            "coder-agent",
+            "coder_agent",
+            "CODER_AGENT",
+        ] {
+            let t = resolve(
+                &c,
+                &format!("/agents/{spelling}/Default/x"),
+                Some("_pk=abc"),
+            )
+            .expect("routed");
             assert_eq!(t.upstream_path, "/agents/coder-agent/Default/x?_pk=abc");
-            assert_eq!(t.agent.as_ref().map(|a| a.instance.as_str()), Some("Default"));
+            assert_eq!(
+                t.agent.as_ref().map(|a| a.instance.as_str()),
+                Some("Default")
+            );
         }
         let t = resolve(&c, "/agents/mymcpagent", None).expect("routed");
         assert_eq!(t.upstream_path, "/agents/my-m-c-p-agent/main");
@@ -143,10 +156,15 @@ upstream = "local"
                 known: vec!["CoderAgent".into(), "MyMCPAgent".into()]
             })
         );
-        assert_eq!(resolve(&c, "/other", None).map(|_| ()), Err(Refusal::NoRoute));
+        assert_eq!(
+            resolve(&c, "/other", None).map(|_| ()),
+            Err(Refusal::NoRoute)
+        );
         assert!(matches!(
             resolve(&c, "/agents/CoderAgent/..", None),
-            Err(Refusal::BadPath { error: PathError::DotSegment })
+            Err(Refusal::BadPath {
+                error: PathError::DotSegment
+            })
         ));
     }
 

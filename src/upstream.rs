@@ -97,9 +97,9 @@ impl Upstream {
 /// the keys it now wins. The hash is FNV-1a plus a finaliser, fixed here rather than
 /// `std`'s unspecified one, so that replicas built by different compilers agree.
 pub fn home_node<'a>(nodes: &'a [Node], key: &[&str]) -> Option<&'a Node> {
-    let key_hash = key
-        .iter()
-        .fold(FNV_OFFSET, |h, part| fnv1a(fnv1a(h, part.as_bytes()), &[0xff]));
+    let key_hash = key.iter().fold(FNV_OFFSET, |h, part| {
+        fnv1a(fnv1a(h, part.as_bytes()), &[0xff])
+    });
     nodes
         .iter()
         .max_by_key(|node| mix(fnv1a(key_hash, node.address.as_bytes())))
@@ -166,7 +166,10 @@ mod tests {
             let first = home_node(&three, &["coder-agent", &instance]).expect("a node");
             let again = home_node(&three, &["coder-agent", &instance]).expect("a node");
             assert_eq!(first, again);
-            let index = three.iter().position(|n| n == first).expect("one of the nodes");
+            let index = three
+                .iter()
+                .position(|n| n == first)
+                .expect("one of the nodes");
             counts[index] += 1;
         }
         for count in counts {
@@ -198,7 +201,12 @@ mod tests {
         let three = nodes(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
         let homes: Vec<&str> = ["default", "alice", "bob", "Default"]
             .iter()
-            .map(|i| home_node(&three, &["coder-agent", i]).expect("a node").address.as_str())
+            .map(|i| {
+                home_node(&three, &["coder-agent", i])
+                    .expect("a node")
+                    .address
+                    .as_str()
+            })
             .collect();
         assert_eq!(homes, PINNED_HOMES);
     }

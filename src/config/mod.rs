@@ -7,7 +7,9 @@ mod file;
 
 use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
 use crate::agent_path::parse_agent_path;
-use crate::upstream::{Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT};
+use crate::upstream::{
+    Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+};
 use file::{ConfigFile, SpannedString, UpstreamSection};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -76,7 +78,12 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.position {
             Some((line, column)) => {
-                write!(f, "{}:{line}:{column}: {}", self.file.display(), self.message)
+                write!(
+                    f,
+                    "{}:{line}:{column}: {}",
+                    self.file.display(),
+                    self.message
+                )
             }
             None => write!(f, "{}: {}", self.file.display(), self.message),
         }
@@ -129,7 +136,10 @@ impl Ctx<'_> {
         let listen = match &file.server.listen {
             Some(l) => {
                 l.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
-                    self.error(l, "`listen` must be an IP address and port, such as \"127.0.0.1:8080\"")
+                    self.error(
+                        l,
+                        "`listen` must be an IP address and port, such as \"127.0.0.1:8080\"",
+                    )
                 })?;
                 l.get_ref().clone()
             }
@@ -184,7 +194,10 @@ impl Ctx<'_> {
             let name = match &section.name {
                 Some(n) => {
                     if !is_label_safe(n.get_ref()) {
-                        return Err(self.error(n, "a route `name` may hold only ASCII letters, digits, '-' and '_'"));
+                        return Err(self.error(
+                            n,
+                            "a route `name` may hold only ASCII letters, digits, '-' and '_'",
+                        ));
                     }
                     n.get_ref().clone()
                 }
@@ -252,16 +265,24 @@ impl Ctx<'_> {
                     Some(s) => {
                         let ok = !s.get_ref().is_empty()
                             && s.get_ref().len() <= crate::agent_name::MAX_AGENT_NAME_LEN
-                            && s.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                            && s.get_ref()
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                         if !ok {
-                            return Err(self.error(s, "a `slug` is a URL segment: ASCII letters, digits, '-' and '_'"));
+                            return Err(self.error(
+                                s,
+                                "a `slug` is a URL segment: ASCII letters, digits, '-' and '_'",
+                            ));
                         }
                         s.get_ref().clone()
                     }
                     None => sdk_slug(agent_name),
                 };
                 let upstream = lookup(&agent.upstream)?;
-                agent_lines.insert(key.clone(), line_column(self.text, agent.name.span().start).0);
+                agent_lines.insert(
+                    key.clone(),
+                    line_column(self.text, agent.name.span().start).0,
+                );
                 agents.insert(
                     key,
                     Arc::new(Agent {
@@ -297,10 +318,14 @@ impl Ctx<'_> {
         let value = p.get_ref();
         let ok = value.starts_with('/')
             && !value.ends_with('/')
-            && value
-                .split('/')
-                .skip(1)
-                .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'?' && b != b'#'));
+            && value.split('/').skip(1).all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'?' && b != b'#')
+            });
         if !ok {
             return Err(self.error(
                 p,
@@ -318,7 +343,8 @@ impl Ctx<'_> {
                 format!("upstream name {name:?} may hold only ASCII letters, digits, '-' and '_'"),
             ));
         }
-        let connect_timeout = self.duration(section.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT)?;
+        let connect_timeout =
+            self.duration(section.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT)?;
         let read_timeout = self.duration(section.read_timeout.as_ref(), DEFAULT_READ_TIMEOUT)?;
         let kind = match section.kind.get_ref().as_str() {
             "local" => {
@@ -401,7 +427,11 @@ impl Ctx<'_> {
 
     /// `host:port`, or `host` alone when a default port applies. Resolution happens per
     /// connection, so a name that moves is followed without a reload.
-    fn host_port(&self, value: &SpannedString, default_port: Option<u16>) -> Result<String, ConfigError> {
+    fn host_port(
+        &self,
+        value: &SpannedString,
+        default_port: Option<u16>,
+    ) -> Result<String, ConfigError> {
         let v = value.get_ref();
         let bad = || {
             self.error(
@@ -418,26 +448,41 @@ impl Ctx<'_> {
             None => (v.as_str(), None),
         };
         let host_ok = !host.is_empty()
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         match (host_ok, port.or(default_port)) {
             (true, Some(port)) => Ok(format!("{host}:{port}")),
             _ => Err(bad()),
         }
     }
 
-    fn duration(&self, value: Option<&SpannedString>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        value: Option<&SpannedString>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
             Some(v) => parse_duration(v.get_ref()).ok_or_else(|| {
-                self.error(v, "a duration is a number with a unit: \"500ms\", \"5s\", \"2m\" or \"1h\"")
+                self.error(
+                    v,
+                    "a duration is a number with a unit: \"500ms\", \"5s\", \"2m\" or \"1h\"",
+                )
             }),
         }
     }
 
-    fn ca_file(&self, value: &SpannedString) -> Result<Arc<pingora::protocols::tls::CaType>, ConfigError> {
+    fn ca_file(
+        &self,
+        value: &SpannedString,
+    ) -> Result<Arc<pingora::protocols::tls::CaType>, ConfigError> {
         let path = self.relative(value.get_ref());
         crate::upstream::load_ca_file(&path).map_err(|why| {
-            self.error(value, format!("cannot use {} as a CA file: {why}", path.display()))
+            self.error(
+                value,
+                format!("cannot use {} as a CA file: {why}", path.display()),
+            )
         })
     }
 
@@ -447,19 +492,27 @@ impl Ctx<'_> {
         if p.is_absolute() {
             return p.to_owned();
         }
-        self.path.parent().map_or_else(|| p.to_owned(), |dir| dir.join(p))
+        self.path
+            .parent()
+            .map_or_else(|| p.to_owned(), |dir| dir.join(p))
     }
 }
 
 fn host_of(address: &str) -> &str {
-    address.rsplit_once(':').map_or(address, |(h, _)| h).trim_start_matches('[').trim_end_matches(']')
+    address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
 }
 
 /// Names that go into metric labels and logs as they are.
 fn is_label_safe(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn list_or_none(names: &[&str]) -> String {
@@ -527,7 +580,9 @@ slug = "chat-v2"
     }
 
     fn error_of(text: &str) -> String {
-        parse(text).expect_err("config should be refused").to_string()
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
     }
 
     #[test]
@@ -541,7 +596,9 @@ slug = "chat-v2"
         assert_eq!(coder.upstream.name, "local");
         assert_eq!(route.agents["chat"].slug, "chat-v2");
         match &route.agents["chat"].upstream.kind {
-            UpstreamKind::Worker { address, host, tls, .. } => {
+            UpstreamKind::Worker {
+                address, host, tls, ..
+            } => {
                 assert_eq!(address, "agents.example.com:443");
                 assert_eq!(host, "agents.example.com");
                 assert!(*tls);

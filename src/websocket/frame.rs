@@ -72,7 +72,11 @@ pub struct CloseFrame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameEvent {
     /// A whole frame went by (its header and all of its payload).
-    Frame { opcode: u8, fin: bool, len: u64 },
+    Frame {
+        opcode: u8,
+        fin: bool,
+        len: u64,
+    },
     /// The last frame of a data message went by.
     MessageEnd,
     Close(CloseFrame),
@@ -177,12 +181,24 @@ impl FrameParser {
                     }
                     if let Err(error) = self.start_frame() {
                         self.failed = true;
-                        return (pos, Feed::Error { offset: frame_start, error });
+                        return (
+                            pos,
+                            Feed::Error {
+                                offset: frame_start,
+                                error,
+                            },
+                        );
                     }
                     if self.current.len == 0 {
                         if let Err(error) = self.end_frame(&mut on_event) {
                             self.failed = true;
-                            return (pos, Feed::Error { offset: frame_start, error });
+                            return (
+                                pos,
+                                Feed::Error {
+                                    offset: frame_start,
+                                    error,
+                                },
+                            );
                         }
                         if stop_at_boundary || self.current.opcode == OP_CLOSE {
                             return (pos, Feed::Ok);
@@ -203,7 +219,9 @@ impl FrameParser {
                             self.failed = true;
                             // The Close frame is the bad one; it started before this chunk
                             // or within it, and either way nothing after it is forwarded.
-                            let offset = pos.saturating_sub(self.current.len as usize + self.frame_header_size());
+                            let offset = pos.saturating_sub(
+                                self.current.len as usize + self.frame_header_size(),
+                            );
                             return (pos, Feed::Error { offset, error });
                         }
                         if stop_at_boundary || self.current.opcode == OP_CLOSE {
@@ -242,7 +260,10 @@ impl FrameParser {
         let opcode = b0 & 0x0f;
         let masked = b1 & 0x80 != 0;
         let (len, mask_at) = match b1 & 0x7f {
-            126 => (u64::from(u16::from_be_bytes([self.header[2], self.header[3]])), 4),
+            126 => (
+                u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+                4,
+            ),
             127 => {
                 let mut bytes = [0u8; 8];
                 bytes.copy_from_slice(&self.header[2..10]);
@@ -485,7 +506,12 @@ pub(crate) mod tests {
             })
             .collect();
         assert_eq!(lens, [0, 125, 126, 65535, 65536, 70000]);
-        assert_eq!(seen.iter().filter(|e| **e == FrameEvent::MessageEnd).count(), 6);
+        assert_eq!(
+            seen.iter()
+                .filter(|e| **e == FrameEvent::MessageEnd)
+                .count(),
+            6
+        );
     }
 
     #[test]
@@ -496,8 +522,18 @@ pub(crate) mod tests {
         let mut p = FrameParser::new(Sender::Client, false);
         let (seen, result) = events(&mut p, &[&stream]);
         assert_eq!(result, Feed::Ok);
-        assert_eq!(seen.iter().filter(|e| matches!(e, FrameEvent::Frame { .. })).count(), 3);
-        assert_eq!(seen.iter().filter(|e| **e == FrameEvent::MessageEnd).count(), 1);
+        assert_eq!(
+            seen.iter()
+                .filter(|e| matches!(e, FrameEvent::Frame { .. }))
+                .count(),
+            3
+        );
+        assert_eq!(
+            seen.iter()
+                .filter(|e| **e == FrameEvent::MessageEnd)
+                .count(),
+            1
+        );
         assert_eq!(seen.last(), Some(&FrameEvent::MessageEnd));
     }
 
@@ -509,13 +545,19 @@ pub(crate) mod tests {
         let mut p = FrameParser::new(Sender::Server, false);
         assert!(matches!(
             events(&mut p, &[&compressed]).1,
-            Feed::Error { error: ProtocolError::ReservedBits, .. }
+            Feed::Error {
+                error: ProtocolError::ReservedBits,
+                ..
+            }
         ));
         let compressed_close = frame(true, 0b100, OP_CLOSE, &close_payload(1000, ""), None);
         let mut p = FrameParser::new(Sender::Server, true);
         assert!(matches!(
             events(&mut p, &[&compressed_close]).1,
-            Feed::Error { error: ProtocolError::ReservedBits, .. }
+            Feed::Error {
+                error: ProtocolError::ReservedBits,
+                ..
+            }
         ));
     }
 
@@ -524,14 +566,38 @@ pub(crate) mod tests {
         let good = frame(true, 0, OP_TEXT, b"ok", KEY);
         let cases: Vec<(Vec<u8>, ProtocolError)> = vec![
             (frame(true, 0, 0x3, b"", KEY), ProtocolError::ReservedOpcode),
-            (frame(true, 0, OP_TEXT, b"hi", None), ProtocolError::UnmaskedClientFrame),
-            (frame(true, 0, OP_PING, &[0; 126], KEY), ProtocolError::ControlFrameTooLong),
-            (frame(false, 0, OP_PING, b"", KEY), ProtocolError::FragmentedControlFrame),
-            (frame(true, 0, OP_CLOSE, &[3], KEY), ProtocolError::OneByteClosePayload),
-            (frame(true, 0, OP_CLOSE, &close_payload(1006, ""), KEY), ProtocolError::InvalidCloseCode),
-            (frame(true, 0, OP_CLOSE, &close_payload(1005, ""), KEY), ProtocolError::InvalidCloseCode),
-            (frame(true, 0, OP_CONTINUATION, b"x", KEY), ProtocolError::UnexpectedContinuation),
-            (frame(true, 0b010, OP_TEXT, b"x", KEY), ProtocolError::ReservedBits),
+            (
+                frame(true, 0, OP_TEXT, b"hi", None),
+                ProtocolError::UnmaskedClientFrame,
+            ),
+            (
+                frame(true, 0, OP_PING, &[0; 126], KEY),
+                ProtocolError::ControlFrameTooLong,
+            ),
+            (
+                frame(false, 0, OP_PING, b"", KEY),
+                ProtocolError::FragmentedControlFrame,
+            ),
+            (
+                frame(true, 0, OP_CLOSE, &[3], KEY),
+                ProtocolError::OneByteClosePayload,
+            ),
+            (
+                frame(true, 0, OP_CLOSE, &close_payload(1006, ""), KEY),
+                ProtocolError::InvalidCloseCode,
+            ),
+            (
+                frame(true, 0, OP_CLOSE, &close_payload(1005, ""), KEY),
+                ProtocolError::InvalidCloseCode,
+            ),
+            (
+                frame(true, 0, OP_CONTINUATION, b"x", KEY),
+                ProtocolError::UnexpectedContinuation,
+            ),
+            (
+                frame(true, 0b010, OP_TEXT, b"x", KEY),
+                ProtocolError::ReservedBits,
+            ),
         ];
         for (bad, expected) in cases {
             let mut stream = good.clone();
@@ -540,7 +606,10 @@ pub(crate) mod tests {
             let (_, result) = events(&mut p, &[&stream]);
             assert_eq!(
                 result,
-                Feed::Error { offset: good.len(), error: expected },
+                Feed::Error {
+                    offset: good.len(),
+                    error: expected
+                },
                 "{expected:?}"
             );
             assert!(!p.at_frame_boundary());
@@ -549,14 +618,20 @@ pub(crate) mod tests {
         let masked = frame(true, 0, OP_TEXT, b"x", KEY);
         assert!(matches!(
             events(&mut p, &[&masked]).1,
-            Feed::Error { error: ProtocolError::MaskedServerFrame, .. }
+            Feed::Error {
+                error: ProtocolError::MaskedServerFrame,
+                ..
+            }
         ));
         let mut overflow = vec![0x82, 127];
         overflow.extend_from_slice(&u64::MAX.to_be_bytes());
         let mut p = FrameParser::new(Sender::Server, false);
         assert!(matches!(
             events(&mut p, &[&overflow]).1,
-            Feed::Error { error: ProtocolError::LengthOverflow, .. }
+            Feed::Error {
+                error: ProtocolError::LengthOverflow,
+                ..
+            }
         ));
     }
 
@@ -572,21 +647,31 @@ pub(crate) mod tests {
         // The Close began in the first chunk: nothing of the second may be forwarded.
         assert_eq!(
             p.feed(second, |_| {}),
-            Feed::Error { offset: 0, error: ProtocolError::InvalidCloseCode }
+            Feed::Error {
+                offset: 0,
+                error: ProtocolError::InvalidCloseCode
+            }
         );
     }
 
     #[test]
     fn gateway_close_frames_parse_back() {
         for mask in [None, KEY] {
-            let sender = if mask.is_some() { Sender::Client } else { Sender::Server };
+            let sender = if mask.is_some() {
+                Sender::Client
+            } else {
+                Sender::Server
+            };
             let bytes = close_frame(1001, "going away", mask);
             let mut p = FrameParser::new(sender, false);
             let (seen, result) = events(&mut p, &[&bytes]);
             assert_eq!(result, Feed::Ok);
             assert_eq!(
                 seen.last(),
-                Some(&FrameEvent::Close(CloseFrame { code: Some(1001), reason_len: 10 }))
+                Some(&FrameEvent::Close(CloseFrame {
+                    code: Some(1001),
+                    reason_len: 10
+                }))
             );
         }
         assert_eq!(close_frame(1011, &"é".repeat(100), None).len(), 2 + 2 + 122);
@@ -608,7 +693,9 @@ pub(crate) mod tests {
 
     #[test]
     fn valid_close_codes() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4001, 4999] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4001, 4999,
+        ] {
             assert!(is_valid_wire_close_code(code), "{code}");
         }
         for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {

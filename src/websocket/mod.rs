@@ -61,11 +61,20 @@ pub async fn handshake(
 ) -> Result<Handshake> {
     let mut stream = connector.new_stream(peer).await?;
     let wire = http_req_header_to_wire(request).ok_or_else(|| {
-        Error::explain(ErrorType::InvalidHTTPHeader, "upgrade request cannot be serialised")
+        Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "upgrade request cannot be serialised",
+        )
     })?;
     let answer = async {
-        stream.write_all(&wire).await.or_err(ErrorType::WriteError, "sending the upgrade request")?;
-        stream.flush().await.or_err(ErrorType::WriteError, "sending the upgrade request")?;
+        stream
+            .write_all(&wire)
+            .await
+            .or_err(ErrorType::WriteError, "sending the upgrade request")?;
+        stream
+            .flush()
+            .await
+            .or_err(ErrorType::WriteError, "sending the upgrade request")?;
         let (response, buffer) = read_response_head(&mut stream).await?;
         Ok::<_, Box<Error>>((response, buffer))
     };
@@ -119,7 +128,11 @@ async fn read_response_head(stream: &mut Stream) -> Result<(Box<ResponseHeader>,
 }
 
 /// Reads a refusal's body (by Content-Length, else to the end), bounded in size.
-async fn read_refusal_body(stream: &mut Stream, response: &ResponseHeader, mut buffer: BytesMut) -> Bytes {
+async fn read_refusal_body(
+    stream: &mut Stream,
+    response: &ResponseHeader,
+    mut buffer: BytesMut,
+) -> Bytes {
     let expected = response
         .headers
         .get(http::header::CONTENT_LENGTH)
@@ -143,7 +156,11 @@ pub fn negotiated_deflate(response: &ResponseHeader) -> bool {
         .headers
         .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
         .iter()
-        .any(|v| v.to_str().map(|s| s.contains("permessage-deflate")).unwrap_or(false))
+        .any(|v| {
+            v.to_str()
+                .map(|s| s.contains("permessage-deflate"))
+                .unwrap_or(false)
+        })
 }
 
 /// Takes the client's raw stream out of a Pingora HTTP/1 session, leaving an inert one in its
@@ -190,9 +207,18 @@ mod tests {
 
     #[test]
     fn upgrade_detection_is_case_insensitive_and_token_based() {
-        assert!(is_websocket_upgrade(&request(&[("Upgrade", "WebSocket"), ("Connection", "keep-alive, Upgrade")])));
-        assert!(!is_websocket_upgrade(&request(&[("Upgrade", "h2c"), ("Connection", "Upgrade")])));
+        assert!(is_websocket_upgrade(&request(&[
+            ("Upgrade", "WebSocket"),
+            ("Connection", "keep-alive, Upgrade")
+        ])));
+        assert!(!is_websocket_upgrade(&request(&[
+            ("Upgrade", "h2c"),
+            ("Connection", "Upgrade")
+        ])));
         assert!(!is_websocket_upgrade(&request(&[("Upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&request(&[("Connection", "upgrade")])));
+        assert!(!is_websocket_upgrade(&request(&[(
+            "Connection",
+            "upgrade"
+        )])));
     }
 }

@@ -168,9 +168,10 @@ impl Direction {
         let stop_at_boundary = self.inject.is_some() && !self.closed_toward_destination;
         let (consumed, result) = {
             let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
-            self.parser.feed_to_boundary(&self.buf[..n], stop_at_boundary, |event| {
-                record(stats, close_seen, event)
-            })
+            self.parser
+                .feed_to_boundary(&self.buf[..n], stop_at_boundary, |event| {
+                    record(stats, close_seen, event)
+                })
         };
         let forwarded = match result {
             Feed::Error { offset, .. } => offset,
@@ -191,8 +192,9 @@ impl Direction {
             // is still parsed, to learn whether the source answers with a Close of its own.
             let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
             let rest = &self.buf[consumed..n];
-            if let Feed::Error { error, .. } =
-                self.parser.feed(rest, |event| record(stats, close_seen, event))
+            if let Feed::Error { error, .. } = self
+                .parser
+                .feed(rest, |event| record(stats, close_seen, event))
             {
                 return Err(error);
             }
@@ -211,7 +213,9 @@ impl Direction {
             if self.pos < self.cap {
                 match Pin::new(&mut *destination).poll_write(cx, &self.buf[self.pos..self.cap]) {
                     Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Stop::DestinationFailed(io::ErrorKind::WriteZero.into()))
+                        return Poll::Ready(Stop::DestinationFailed(
+                            io::ErrorKind::WriteZero.into(),
+                        ))
                     }
                     Poll::Ready(Ok(written)) => {
                         self.pos += written;
@@ -263,9 +267,7 @@ impl Direction {
                     if self.needs_flush {
                         match Pin::new(&mut *destination).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.needs_flush = false,
-                            Poll::Ready(Err(e)) => {
-                                return Poll::Ready(Stop::DestinationFailed(e))
-                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
                             Poll::Pending => {}
                         }
                     }
@@ -288,7 +290,11 @@ impl Direction {
     }
 }
 
-fn record(stats: &mut DirectionStats, close_seen: &mut Option<(CloseFrame, Instant)>, event: FrameEvent) {
+fn record(
+    stats: &mut DirectionStats,
+    close_seen: &mut Option<(CloseFrame, Instant)>,
+    event: FrameEvent,
+) {
     match event {
         FrameEvent::Frame { .. } => stats.frames += 1,
         FrameEvent::MessageEnd => stats.messages += 1,
@@ -338,7 +344,8 @@ pub async fn pump(
             .idle_timeout
             .map(|idle| tokio::time::Instant::from_std(c2u.last_read.max(u2c.last_read) + idle));
         // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
-        let closing = gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
+        let closing =
+            gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
         if closing && closing_deadline.is_none() {
             closing_deadline = Some(tokio::time::Instant::now() + settings.close_timeout);
         }
@@ -366,11 +373,18 @@ pub async fn pump(
                     _ => u2c.close_seen.is_some(),
                 };
                 if !source_closed && ended.is_none() {
-                    ended = Some((side, Some(error.as_ref().map_or(DropKind::Eof, DropKind::of))));
+                    ended = Some((
+                        side,
+                        Some(error.as_ref().map_or(DropKind::Eof, DropKind::of)),
+                    ));
                 }
             }
             Stop::DestinationFailed(error) => {
-                let dest = if side == Initiator::Client { Initiator::Upstream } else { Initiator::Client };
+                let dest = if side == Initiator::Client {
+                    Initiator::Upstream
+                } else {
+                    Initiator::Client
+                };
                 let dest_closed = match dest {
                     Initiator::Client => c2u.close_seen.is_some(),
                     _ => u2c.close_seen.is_some(),
@@ -390,11 +404,18 @@ pub async fn pump(
     // Tell the side still there why the other went, then give the queued frames a moment.
     if let Some((side, Some(_))) = ended {
         match side {
-            Initiator::Upstream => u2c.queue_close(close_frame(1014, "upstream connection lost", None)),
-            _ => c2u.queue_close(close_frame(1001, "client connection lost", Some(mask_key()))),
+            Initiator::Upstream => {
+                u2c.queue_close(close_frame(1014, "upstream connection lost", None))
+            }
+            _ => c2u.queue_close(close_frame(
+                1001,
+                "client connection lost",
+                Some(mask_key()),
+            )),
         }
     }
-    let flush_deadline = tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
+    let flush_deadline =
+        tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
     let _ = tokio::time::timeout_at(flush_deadline, async {
         if ended.map(|(s, _)| s) != Some(Initiator::Client) {
             let _ = flush_injection(&mut u2c, &mut client).await;
@@ -444,12 +465,16 @@ fn poll_both(
 /// if it can go out between frames.
 async fn flush_injection(direction: &mut Direction, destination: &mut Stream) -> io::Result<()> {
     if direction.pos < direction.cap {
-        destination.write_all(&direction.buf[direction.pos..direction.cap]).await?;
+        destination
+            .write_all(&direction.buf[direction.pos..direction.cap])
+            .await?;
         direction.pos = direction.cap;
     }
     if direction.parser.at_frame_boundary() && !direction.closed_toward_destination {
         if let Some(frame) = direction.inject.take() {
-            destination.write_all(&frame[direction.inject_pos..]).await?;
+            destination
+                .write_all(&frame[direction.inject_pos..])
+                .await?;
             direction.closed_toward_destination = true;
         }
     }

@@ -1,0 +1,327 @@
+//! Shared harness for the integration tests: the real `agent-gateway` binary and the real
+//! reference backend as child processes on 127.0.0.1, real clients, bounded waits.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use futures_util::{SinkExt, StreamExt};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agent-gateway");
+/// Upper bound on any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+pub const TEST_KEY: &str = "sk-test-not-a-real-key-0123456789";
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub address: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.address)
+    }
+}
+
+/// A free loopback port. The listener is dropped before the gateway binds it; the window is
+/// small and the ports are ephemeral.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts the reference backend on an ephemeral port, waiting for its readiness line.
+pub fn start_backend(key: Option<&str>) -> Proc {
+    let mut command = Command::new(BIN);
+    command
+        .args(["backend", "--listen", "127.0.0.1:0"])
+        .env_remove("OPENROUTER_API_KEY")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(key) = key {
+        command.env("OPENROUTER_API_KEY", key);
+    }
+    let mut child = command.spawn().expect("backend starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(WAIT).expect("backend readiness line");
+    let address = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected backend line {line:?}"));
+    Proc { child, address }
+}
+
+/// A gateway started from a config text; `{listen}` in it is replaced by a free port.
+pub struct Gateway {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.proc.url(path)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.proc.address
+    }
+}
+
+pub fn start_gateway(config: &str) -> Gateway {
+    start_gateway_with(config, &[], |_| {})
+}
+
+/// Starts the gateway with `config` (placeholders `{listen}` and `{dir}`), extra environment,
+/// and a hook to write more files into its folder first.
+pub fn start_gateway_with(
+    config: &str,
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&Path),
+) -> Gateway {
+    let dir = tempfile::tempdir().expect("temp dir");
+    prepare(dir.path());
+    let port = free_port();
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let text = config
+        .replace("{listen}", &address.to_string())
+        .replace("{dir}", &dir.path().display().to_string());
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).expect("config written");
+    let mut command = Command::new(BIN);
+    command
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let child = command.spawn().expect("gateway starts");
+    let proc = Proc { child, address };
+    wait_for_port(address);
+    Gateway { proc, dir }
+}
+
+/// Waits until something accepts on `address`: the gateway's readiness for traffic.
+pub fn wait_for_port(address: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {address}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A config with one local upstream over `nodes` and the agent CoderAgent.
+pub fn local_config(nodes: &[SocketAddr]) -> String {
+    let nodes: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+threads = 2
+
+[upstreams.local]
+kind = "local"
+nodes = [{}]
+connect_timeout = "2s"
+
+[[routes]]
+prefix = "/agents"
+
+[[routes.agents]]
+name = "CoderAgent"
+upstream = "local"
+"#,
+        nodes.join(", ")
+    )
+}
+
+/// An HTTP answer read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// Sends `request` as written (so paths are not normalised by a client library) and reads
+/// the answer until the server closes or the body is complete.
+pub async fn raw_request(address: SocketAddr, request: &str) -> RawResponse {
+    let work = async {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(parsed) = parse_complete(&buf) {
+                return parsed;
+            }
+        }
+        parse_complete(&buf)
+            .unwrap_or_else(|| panic!("incomplete answer: {:?}", String::from_utf8_lossy(&buf)))
+    };
+    tokio::time::timeout(WAIT, work)
+        .await
+        .expect("answer in time")
+}
+
+fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let response = RawResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    };
+    let length: usize = response.header("content-length")?.parse().ok()?;
+    (response.body.len() >= length).then_some(response)
+}
+
+/// `GET path` with `Connection: close` and extra header lines.
+pub async fn get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    raw_request(address, &request).await
+}
+
+/// Opens a WebSocket, failing the test after [`WAIT`].
+pub async fn connect(url: &str) -> Ws {
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+        .unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Tries a WebSocket handshake and returns the HTTP error answer it got instead.
+pub async fn connect_refused(url: &str) -> (u16, String) {
+    let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("answer in time");
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (response.status().as_u16(), body)
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, the upgrade succeeded"),
+    }
+}
+
+/// The next data message (text or binary), skipping pings and pongs.
+pub async fn next_message(ws: &mut Ws) -> Message {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("stream open")
+            .expect("no WebSocket error");
+        match message {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    match next_message(ws).await {
+        Message::Text(text) => serde_json::from_str(&text).expect("JSON text frame"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    tokio::time::timeout(WAIT, ws.send(Message::text(text.to_owned())))
+        .await
+        .expect("sent in time")
+        .expect("sent");
+}
+
+/// Reads until the Close frame and returns its code (1006 when the stream ended without one).
+pub async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return 1006,
+        }
+    }
+}
+
+/// A WebSocket handshake request for `url` with extra headers.
+pub fn ws_request(url: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    request
+}
