@@ -37,6 +37,10 @@ struct Instances {
     node: String,
     /// (namespace, room) -> connection id -> its outbox.
     rooms: Mutex<HashMap<(String, String), HashMap<u64, Outbox>>>,
+    /// (namespace, room) -> the close codes its connections received, in order (1005 for an
+    /// empty Close, 1006 for a connection that ended without one): what tests check to see
+    /// what reached the upstream side.
+    received_closes: Mutex<HashMap<(String, String), Vec<u16>>>,
     next_id: AtomicU64,
 }
 
@@ -120,6 +124,7 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
         let body = json!({
             "agent": namespace, "room": room, "method": request.method,
             "path": request.path, "headers": headers, "node": instances.node,
+            "received_closes": instances.received_closes(&namespace, &room),
         });
         return respond(&mut stream, 200, "application/json", &body.to_string()).await;
     }
@@ -165,6 +170,7 @@ async fn run_connection(
         // Wait for the peer's Close answer to arrive on the read side before dropping.
         let _ = sink.flush().await;
     });
+    let mut received_close = 1006;
     while let Some(Ok(message)) = source.next().await {
         match message {
             Message::Text(ref text) => {
@@ -175,9 +181,15 @@ async fn run_connection(
                 broadcast(instances, &key, id, &message);
             }
             Message::Binary(_) => broadcast(instances, &key, id, &message),
-            Message::Close(_) => break,
+            Message::Close(frame) => {
+                received_close = frame.map_or(1005, |f| u16::from(f.code));
+                break;
+            }
             _ => {}
         }
+    }
+    if let Ok(mut closes) = instances.received_closes.lock() {
+        closes.entry(key.clone()).or_default().push(received_close);
     }
     if let Ok(mut rooms) = instances.rooms.lock() {
         if let Some(connections) = rooms.get_mut(&key) {
@@ -189,6 +201,16 @@ async fn run_connection(
     }
     drop(outbox);
     let _ = writer.await;
+}
+
+impl Instances {
+    fn received_closes(&self, namespace: &str, room: &str) -> Vec<u16> {
+        self.received_closes
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(namespace.to_owned(), room.to_owned())).cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// Sends `message` to every connection of the instance: the sender gets its echo.

@@ -1,11 +1,13 @@
 //! agent-gateway: an edge reverse proxy for AI agents behind `/agents/{agent}/{instance}`
 //! WebSocket URLs, on Cloudflare's Pingora.
 
+pub mod admin;
 pub mod agent_name;
 pub mod agent_path;
 pub mod backend;
 pub mod config;
 pub mod forwarding;
+pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod routing;

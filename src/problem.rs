@@ -60,6 +60,14 @@ impl Problem {
         }
     }
 
+    /// The gateway is draining: new agent WebSockets are refused so clients reconnect elsewhere.
+    pub fn draining() -> Self {
+        Problem::new(
+            503,
+            json!({"error": "draining", "detail": "the gateway is shutting down; reconnect"}),
+        )
+    }
+
     pub fn response(&self) -> Result<(ResponseHeader, Bytes)> {
         let body = Bytes::from(self.body.to_string());
         let mut header = ResponseHeader::build(self.status, Some(3))?;
@@ -82,11 +90,11 @@ impl Problem {
 impl From<&Refusal> for Problem {
     fn from(refusal: &Refusal) -> Self {
         match refusal {
-            Refusal::BadPath { error } => Problem::new(
+            Refusal::BadPath { error, .. } => Problem::new(
                 400,
                 json!({"error": error.kind(), "detail": error.describe()}),
             ),
-            Refusal::UnknownAgent { asked, known } => Problem::new(
+            Refusal::UnknownAgent { asked, known, .. } => Problem::new(
                 404,
                 json!({"error": "unknown_agent", "agent": asked, "known_agents": known}),
             ),
@@ -95,5 +103,21 @@ impl From<&Refusal> for Problem {
                 json!({"error": "no_route", "detail": "the path is outside every configured route prefix"}),
             ),
         }
+    }
+}
+
+/// The `kind` label of `agent_gateway_upstream_errors_total` for a Pingora error type.
+pub fn upstream_error_kind(etype: &ErrorType) -> &'static str {
+    match etype {
+        ErrorType::ConnectRefused => "connect_refused",
+        ErrorType::ConnectTimedout => "connect_timeout",
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+        ErrorType::ConnectNoRoute => "no_route",
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            "tls"
+        }
+        ErrorType::ConnectionClosed => "closed",
+        ErrorType::InvalidHTTPHeader => "invalid_response",
+        _ => "other",
     }
 }

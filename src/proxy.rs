@@ -3,9 +3,10 @@
 
 use crate::config::GatewayConfig;
 use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
-use crate::problem::Problem;
+use crate::metrics::{Metrics, UNKNOWN_AGENT};
+use crate::problem::{upstream_error_kind, Problem};
 use crate::routing::{resolve, Target};
-use crate::websocket::pump::{pump, ConnectionOutcome, DrainSignal, PumpSettings};
+use crate::websocket::pump::{pump, ConnectionOutcome, DrainSignal, DropKind, Initiator};
 use crate::websocket::{
     handshake, is_websocket_upgrade, negotiated_deflate, response_head_bytes, take_client_stream,
     Handshake,
@@ -19,37 +20,42 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::AsyncWriteExt;
+
+/// The `route` label of requests outside every route prefix.
+const NO_ROUTE: &str = "none";
+const FALLBACK_ROUTE: &str = "fallback";
 
 pub struct Gateway {
     config: Arc<GatewayConfig>,
+    metrics: Arc<Metrics>,
     /// Connects WebSocket upstreams; pooled reuse is off because upgraded streams never return.
     connector: TransportConnector,
     drain: DrainSignal,
-    pump_settings: PumpSettings,
 }
 
 impl Gateway {
-    pub fn new(
-        config: Arc<GatewayConfig>,
-        drain: DrainSignal,
-        pump_settings: PumpSettings,
-    ) -> Self {
+    pub fn new(config: Arc<GatewayConfig>, metrics: Arc<Metrics>, drain: DrainSignal) -> Self {
         let mut options = pingora::connectors::ConnectorOptions::new(0);
         options.keepalive_pool_size = 0;
         Gateway {
             config,
+            metrics,
             connector: TransportConnector::new(Some(options)),
             drain,
-            pump_settings,
         }
     }
 }
 
 /// Per-request state shared by the hooks.
-#[derive(Default)]
 pub struct RequestCtx {
     target: Option<Target>,
+    /// The `route` label: a route name, "fallback" or "none".
+    route: String,
+    /// The status answered when the gateway wrote the answer on a stream it took over.
+    status: Option<u16>,
+    upstream_started: Option<Instant>,
 }
 
 fn client_info(session: &Session) -> ClientInfo {
@@ -61,26 +67,50 @@ fn client_info(session: &Session) -> ClientInfo {
     ClientInfo { ip, tls }
 }
 
+fn agent_label(target: Option<&Target>) -> &str {
+    target
+        .and_then(|t| t.agent.as_ref())
+        .map_or(UNKNOWN_AGENT, |a| a.agent.name.as_str())
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            target: None,
+            route: NO_ROUTE.to_owned(),
+            status: None,
+            upstream_started: None,
+        }
     }
 
     /// Routes every request; refusals and WebSocket upgrades are answered here, in full.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
+        let websocket = is_websocket_upgrade(req);
         let target = match resolve(&self.config, req.uri.path(), req.uri.query()) {
             Ok(target) => target,
             Err(refusal) => {
-                Problem::from(&refusal).send(session).await?;
+                if let Some(route) = refusal.route() {
+                    ctx.route = route.to_owned();
+                }
+                let problem = Problem::from(&refusal);
+                if websocket {
+                    self.metrics
+                        .handshake(UNKNOWN_AGENT, &problem.status.to_string());
+                }
+                problem.send(session).await?;
                 return Ok(true);
             }
         };
-        if is_websocket_upgrade(req) {
-            self.serve_websocket(session, &target).await?;
+        ctx.route = match &target.agent {
+            Some(agent) => agent.route.clone(),
+            None => FALLBACK_ROUTE.to_owned(),
+        };
+        if websocket {
+            ctx.status = Some(self.serve_websocket(session, &target).await?);
             return Ok(true);
         }
         ctx.target = Some(target);
@@ -96,6 +126,7 @@ impl ProxyHttp for Gateway {
             .target
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target resolved"))?;
+        ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(peer_for(target).await?))
     }
 
@@ -116,6 +147,19 @@ impl ProxyHttp for Gateway {
         prepare_upstream_request(upstream_request, target, client_info(session), false)
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(target), Some(started)) = (&ctx.target, ctx.upstream_started) {
+            self.metrics
+                .upstream_answered(&target.upstream.name, started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
     /// Upstream failures answer with JSON naming the upstream, never a bare status.
     async fn fail_to_proxy(
         &self,
@@ -124,10 +168,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let problem = match (&ctx.target, e.esource()) {
-            (Some(target), pingora::ErrorSource::Upstream) => Some(Problem::for_upstream_error(
-                &target.upstream.name,
-                e.etype(),
-            )),
+            (Some(target), pingora::ErrorSource::Upstream) => {
+                self.metrics
+                    .upstream_error(&target.upstream.name, upstream_error_kind(e.etype()));
+                Some(Problem::for_upstream_error(
+                    &target.upstream.name,
+                    e.etype(),
+                ))
+            }
             (_, pingora::ErrorSource::Downstream) => None,
             _ => Some(Problem::new(
                 500,
@@ -149,6 +197,15 @@ impl ProxyHttp for Gateway {
             can_reuse_downstream: false,
         }
     }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = ctx
+            .status
+            .or_else(|| session.response_written().map(|r| r.status.as_u16()));
+        if let Some(status) = status {
+            self.metrics.http_request(&ctx.route, status);
+        }
+    }
 }
 
 async fn peer_for(target: &Target) -> Result<HttpPeer> {
@@ -158,26 +215,38 @@ async fn peer_for(target: &Target) -> Result<HttpPeer> {
             format!("upstream {} has no node", target.upstream.name),
         )
     })?;
-    let mut peer = target.upstream.peer(address).await?;
-    peer.options.read_timeout = Some(target.upstream.read_timeout);
-    Ok(peer)
+    target.upstream.peer(address).await
 }
 
 impl Gateway {
     /// Performs the upgrade with the upstream; on 101, takes both streams over and pumps them
-    /// until the connection ends.
-    async fn serve_websocket(&self, session: &mut Session, target: &Target) -> Result<()> {
+    /// until the connection ends. Returns the status the client was answered.
+    async fn serve_websocket(&self, session: &mut Session, target: &Target) -> Result<u16> {
+        let agent = agent_label(Some(target));
         let upstream_name = target.upstream.name.as_str();
+        let refuse = |problem: Problem, result: &str| {
+            self.metrics.handshake(agent, result);
+            problem
+        };
+        if *self.drain.borrow() {
+            let problem = refuse(Problem::draining(), "503");
+            problem.send(session).await?;
+            return Ok(problem.status);
+        }
         if session.as_downstream().is_http2() {
-            return Problem::new(
-                400,
-                json!({"error": "websocket_over_http2", "detail": "agent WebSockets need HTTP/1.1"}),
-            )
-            .send(session)
-            .await;
+            let problem = refuse(
+                Problem::new(
+                    400,
+                    json!({"error": "websocket_over_http2", "detail": "agent WebSockets need HTTP/1.1"}),
+                ),
+                "400",
+            );
+            problem.send(session).await?;
+            return Ok(problem.status);
         }
         let mut request = session.req_header().clone();
         prepare_upstream_request(&mut request, target, client_info(session), true)?;
+        let started = Instant::now();
         let answer = match peer_for(target).await {
             Ok(peer) => {
                 handshake(
@@ -197,25 +266,37 @@ impl Gateway {
                 preread,
             }) => (response, stream, preread),
             Ok(Handshake::Refused { response, body }) => {
-                info!(
-                    "upstream {upstream_name} refused a WebSocket upgrade with {}",
-                    response.status.as_u16()
-                );
-                return relay_refusal(session, response, body).await;
+                let status = response.status.as_u16();
+                self.metrics
+                    .upstream_answered(upstream_name, started.elapsed().as_secs_f64());
+                self.metrics.handshake(agent, &status.to_string());
+                info!("upstream {upstream_name} refused a WebSocket upgrade with {status}");
+                relay_refusal(session, response, body).await?;
+                return Ok(status);
             }
             Err(e) => {
-                let problem = Problem::for_upstream_error(upstream_name, e.etype());
+                self.metrics
+                    .upstream_error(upstream_name, upstream_error_kind(e.etype()));
+                let problem = refuse(
+                    Problem::for_upstream_error(upstream_name, e.etype()),
+                    "upstream_error",
+                );
                 warn!("WebSocket upgrade via upstream {upstream_name} failed: {e}");
-                return problem.send(session).await;
+                problem.send(session).await?;
+                return Ok(problem.status);
             }
         };
+        self.metrics
+            .upstream_answered(upstream_name, started.elapsed().as_secs_f64());
+        self.metrics.handshake(agent, "101");
         let deflate = negotiated_deflate(&response);
         let Some(mut client) = take_client_stream(session.as_downstream_mut()) else {
             return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
         };
+        let connection = self.metrics.connection_opened(agent);
         let head = response_head_bytes(&response);
         if client.write_all(&head).await.is_err() || client.flush().await.is_err() {
-            return Ok(());
+            return Ok(101);
         }
         let outcome = pump(
             client,
@@ -223,11 +304,21 @@ impl Gateway {
             &preread,
             deflate,
             self.drain.clone(),
-            &self.pump_settings,
+            &self.config.websocket,
+            &connection,
         )
         .await;
+        if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
+            let kind = match outcome.drop_kind {
+                Some(DropKind::Timeout) => "timeout",
+                Some(DropKind::Tls) => "tls",
+                _ => "dropped",
+            };
+            self.metrics.upstream_error(upstream_name, kind);
+        }
+        self.metrics.connection_closed(agent, &outcome);
         log_outcome(target, &outcome);
-        Ok(())
+        Ok(101)
     }
 }
 
@@ -247,9 +338,9 @@ async fn relay_refusal(
 }
 
 fn log_outcome(target: &Target, outcome: &ConnectionOutcome) {
-    let agent = target.agent.as_ref().map_or("-", |a| a.agent.name.as_str());
     info!(
-        "websocket closed agent={agent} upstream={} initiator={} code={} reason_len={} answered={} drop={} protocol_error={} duration_ms={} frames_in={} frames_out={} bytes_in={} bytes_out={}",
+        "websocket closed agent={} upstream={} initiator={} code={} reason_len={} answered={} drop={} protocol_error={} duration_ms={} frames_in={} frames_out={} bytes_in={} bytes_out={}",
+        agent_label(Some(target)),
         target.upstream.name,
         outcome.initiator.label(),
         outcome.code,

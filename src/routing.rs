@@ -37,9 +37,26 @@ impl Target {
 /// Why a request cannot be routed; each maps to one status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    BadPath { error: PathError },
-    UnknownAgent { asked: String, known: Vec<String> },
+    BadPath {
+        route: String,
+        error: PathError,
+    },
+    UnknownAgent {
+        route: String,
+        asked: String,
+        known: Vec<String>,
+    },
     NoRoute,
+}
+
+impl Refusal {
+    /// The route the request fell under, if any.
+    pub fn route(&self) -> Option<&str> {
+        match self {
+            Refusal::BadPath { route, .. } | Refusal::UnknownAgent { route, .. } => Some(route),
+            Refusal::NoRoute => None,
+        }
+    }
 }
 
 /// Resolves `path` (without query) and `query` against the routing table.
@@ -62,9 +79,13 @@ pub fn resolve(config: &GatewayConfig, path: &str, query: Option<&str>) -> Resul
 }
 
 fn resolve_in_route(route: &Route, tail: &str, query: Option<&str>) -> Result<Target, Refusal> {
-    let parsed = parse_agent_path(tail).map_err(|error| Refusal::BadPath { error })?;
+    let parsed = parse_agent_path(tail).map_err(|error| Refusal::BadPath {
+        route: route.name.clone(),
+        error,
+    })?;
     let Some(agent) = route.agents.get(&fold_key(parsed.agent)) else {
         return Err(Refusal::UnknownAgent {
+            route: route.name.clone(),
             asked: parsed.agent.to_owned(),
             known: route.agent_names().into_iter().map(str::to_owned).collect(),
         });
@@ -152,6 +173,7 @@ upstream = "local"
         assert_eq!(
             resolve(&c, "/agents/Nope/x", None).map(|_| ()),
             Err(Refusal::UnknownAgent {
+                route: "agents".into(),
                 asked: "Nope".into(),
                 known: vec!["CoderAgent".into(), "MyMCPAgent".into()]
             })
@@ -163,7 +185,8 @@ upstream = "local"
         assert!(matches!(
             resolve(&c, "/agents/CoderAgent/..", None),
             Err(Refusal::BadPath {
-                error: PathError::DotSegment
+                error: PathError::DotSegment,
+                ..
             })
         ));
     }

@@ -1,16 +1,14 @@
-//! Server wiring: the Pingora server, its listener and the gateway service.
+//! Server wiring: the Pingora server, the public proxy service and the admin service.
 
+use crate::admin::Admin;
 use crate::config::GatewayConfig;
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::websocket::pump::PumpSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::listening::Service;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
-
-/// How long a closing WebSocket may take to finish its Close handshake.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the gateway and serves until the process is told to stop.
 pub fn run(config: GatewayConfig, upgrade: bool) -> ! {
@@ -28,21 +26,20 @@ pub fn run(config: GatewayConfig, upgrade: bool) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let listen = config.listen.clone();
-    // The sender lives as long as the process; drain is wired to it by the lifecycle work.
+    let metrics = Arc::new(Metrics::new());
     let (drain_sender, drain) = watch::channel(false);
-    std::mem::forget(drain_sender);
-    let gateway = Gateway::new(
-        Arc::new(config),
-        drain,
-        PumpSettings {
-            idle_timeout: None,
-            close_timeout: CLOSE_TIMEOUT,
-        },
-    );
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
-    service.add_tcp(&listen);
-    server.add_service(service);
-    log::info!("agent-gateway listening on http://{listen}");
+    let listen = config.listen.clone();
+    let admin_listen = config.admin_listen.clone();
+
+    let gateway = Gateway::new(Arc::new(config), metrics.clone(), drain);
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    proxy.add_tcp(&listen);
+
+    let mut admin = Service::new("admin".to_owned(), Admin::new(metrics, drain_sender));
+    admin.add_tcp(&admin_listen);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    log::info!("agent-gateway listening on http://{listen}, admin on http://{admin_listen}");
     server.run_forever()
 }

@@ -53,6 +53,8 @@ async fn start_worker(pki: &TestPki) -> std::net::SocketAddr {
                     return;
                 };
                 let mut seen = serde_json::Value::Null;
+                // The callback's error type is tungstenite's, large by its design.
+                #[allow(clippy::result_large_err)]
                 let callback = |request: &Request, response: Response| {
                     let header = |n: &str| {
                         request
@@ -88,6 +90,9 @@ async fn worker_upstream_over_tls_gets_canonical_path_and_host() {
         r#"
 [server]
 listen = "{{listen}}"
+
+[admin]
+listen = "{{admin}}"
 
 [upstreams.cloud]
 kind = "worker"
@@ -139,6 +144,9 @@ async fn worker_with_an_untrusted_certificate_is_refused() {
         r#"
 [server]
 listen = "{{listen}}"
+
+[admin]
+listen = "{{admin}}"
 
 [upstreams.cloud]
 kind = "worker"

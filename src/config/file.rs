@@ -15,6 +15,10 @@ pub type SpannedString = Spanned<String>;
 pub struct ConfigFile {
     #[serde(default)]
     pub server: ServerSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub websocket: WebSocketSection,
     /// Upstream for requests outside every route prefix; without it they answer 404.
     pub fallback_upstream: Option<SpannedString>,
     #[serde(default)]
@@ -28,6 +32,20 @@ pub struct ConfigFile {
 pub struct ServerSection {
     pub listen: Option<SpannedString>,
     pub threads: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<SpannedString>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSection {
+    pub idle_timeout: Option<SpannedString>,
+    pub close_timeout: Option<SpannedString>,
+    pub upstream_lost_code: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@ use crate::agent_path::parse_agent_path;
 use crate::upstream::{
     Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
 };
+use crate::websocket::pump::PumpSettings;
 use file::{ConfigFile, SpannedString, UpstreamSection};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -20,6 +21,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PREFIX: &str = "/agents";
 pub const DEFAULT_INSTANCE: &str = "default";
 pub const DEFAULT_THREADS: usize = 2;
@@ -28,7 +31,10 @@ pub const DEFAULT_THREADS: usize = 2;
 #[derive(Debug)]
 pub struct GatewayConfig {
     pub listen: String,
+    /// Metrics, health and drain; never the public listener.
+    pub admin_listen: String,
     pub threads: usize,
+    pub websocket: PumpSettings,
     /// Longest prefix first, so nested prefixes resolve to the most specific route.
     pub routes: Vec<Route>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
@@ -133,18 +139,33 @@ impl Ctx<'_> {
     }
 
     fn validate(&self, file: ConfigFile) -> Result<GatewayConfig, ConfigError> {
-        let listen = match &file.server.listen {
-            Some(l) => {
-                l.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
-                    self.error(
-                        l,
-                        "`listen` must be an IP address and port, such as \"127.0.0.1:8080\"",
-                    )
-                })?;
-                l.get_ref().clone()
-            }
-            None => DEFAULT_LISTEN.to_owned(),
-        };
+        let listen = self.socket_address(file.server.listen.as_ref(), DEFAULT_LISTEN)?;
+        let admin_listen = self.socket_address(file.admin.listen.as_ref(), DEFAULT_ADMIN_LISTEN)?;
+        if admin_listen == listen {
+            let span = file.admin.listen.as_ref().map(Spanned::span);
+            return Err(self.error_at(
+                span,
+                "the admin listener must not be the public listener: metrics and drain stay off the public port",
+            ));
+        }
+        let idle_timeout = self.duration(file.websocket.idle_timeout.as_ref(), Duration::ZERO)?;
+        let websocket =
+            PumpSettings {
+                idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+                close_timeout: self
+                    .duration(file.websocket.close_timeout.as_ref(), DEFAULT_CLOSE_TIMEOUT)?,
+                upstream_lost_code: match &file.websocket.upstream_lost_code {
+                    None => 1011,
+                    Some(code) => match *code.get_ref() {
+                        1011 => 1011,
+                        1014 => 1014,
+                        _ => return Err(self.error(
+                            code,
+                            "`upstream_lost_code` is 1011 (Internal Error) or 1014 (Bad Gateway)",
+                        )),
+                    },
+                },
+            };
         let threads = match &file.server.threads {
             Some(t) => usize::try_from(*t.get_ref())
                 .ok()
@@ -303,15 +324,36 @@ impl Ctx<'_> {
                 agents,
             });
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
         Ok(GatewayConfig {
             listen,
+            admin_listen,
             threads,
+            websocket,
             routes,
             upstreams,
             fallback_upstream,
         })
+    }
+
+    fn socket_address(
+        &self,
+        value: Option<&SpannedString>,
+        default: &str,
+    ) -> Result<String, ConfigError> {
+        match value {
+            Some(v) => {
+                v.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                    self.error(
+                        v,
+                        "a listener is an IP address and port, such as \"127.0.0.1:8080\"",
+                    )
+                })?;
+                Ok(v.get_ref().clone())
+            }
+            None => Ok(default.to_owned()),
+        }
     }
 
     fn prefix(&self, p: &SpannedString, field: &str) -> Result<String, ConfigError> {
@@ -384,7 +426,7 @@ impl Ctx<'_> {
                 if let Some(nodes) = &section.nodes {
                     return Err(self.error(nodes, "`nodes` is for local upstreams; a worker upstream has one `address`"));
                 }
-                let tls = section.tls.as_ref().map_or(true, |t| *t.get_ref());
+                let tls = section.tls.as_ref().is_none_or(|t| *t.get_ref());
                 let address_field = section.address.as_ref().ok_or_else(|| {
                     self.error_at(
                         Some(kind_span.clone()),

@@ -88,7 +88,7 @@ pub enum Feed {
     /// Every byte belongs to well-formed frames (the last may be unfinished).
     Ok,
     /// The frame starting at `offset` is malformed: bytes before it are safe to forward,
-    /// the rest are not.
+    /// the rest are not. `offset` is 0 also when the frame began in an earlier chunk.
     Error { offset: usize, error: ProtocolError },
 }
 
@@ -113,6 +113,7 @@ pub struct FrameParser {
     close_payload: [u8; 125],
     close_len: usize,
     failed: bool,
+    bad_frame_began_in_chunk: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -136,6 +137,7 @@ impl FrameParser {
             close_payload: [0; 125],
             close_len: 0,
             failed: false,
+            bad_frame_began_in_chunk: false,
         }
     }
 
@@ -143,6 +145,12 @@ impl FrameParser {
     /// gateway's own may be inserted.
     pub fn at_frame_boundary(&self) -> bool {
         !self.failed && self.remaining.is_none() && self.header_len == 0
+    }
+
+    /// After an error: whether the malformed frame began in the chunk that revealed it, so
+    /// that forwarding stops exactly between two frames and a Close may still follow.
+    pub fn failed_frame_began_in_last_chunk(&self) -> bool {
+        self.failed && self.bad_frame_began_in_chunk
     }
 
     /// Parses `data`, reporting events to `on_event` in stream order. After an error the
@@ -179,8 +187,9 @@ impl FrameParser {
                     if self.header_len < self.header_need() {
                         continue;
                     }
+                    let began_here = pos >= self.header_len;
                     if let Err(error) = self.start_frame() {
-                        self.failed = true;
+                        self.fail(began_here);
                         return (
                             pos,
                             Feed::Error {
@@ -191,7 +200,7 @@ impl FrameParser {
                     }
                     if self.current.len == 0 {
                         if let Err(error) = self.end_frame(&mut on_event) {
-                            self.failed = true;
+                            self.fail(began_here);
                             return (
                                 pos,
                                 Feed::Error {
@@ -216,12 +225,11 @@ impl FrameParser {
                     self.remaining = Some(left);
                     if left == 0 {
                         if let Err(error) = self.end_frame(&mut on_event) {
-                            self.failed = true;
                             // The Close frame is the bad one; it started before this chunk
                             // or within it, and either way nothing after it is forwarded.
-                            let offset = pos.saturating_sub(
-                                self.current.len as usize + self.frame_header_size(),
-                            );
+                            let frame_len = self.current.len as usize + self.frame_header_size();
+                            self.fail(pos >= frame_len);
+                            let offset = pos.saturating_sub(frame_len);
                             return (pos, Feed::Error { offset, error });
                         }
                         if stop_at_boundary || self.current.opcode == OP_CLOSE {
@@ -232,6 +240,11 @@ impl FrameParser {
             }
         }
         (pos, Feed::Ok)
+    }
+
+    fn fail(&mut self, began_in_chunk: bool) {
+        self.failed = true;
+        self.bad_frame_began_in_chunk = began_in_chunk;
     }
 
     /// Bytes the header needs, given what has been read of it.

@@ -9,6 +9,7 @@
 //! [`FrameParser`], and writes Close frames of its own only between frames.
 
 use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
+use crate::metrics::{ConnectionMetrics, DirectionCounters};
 use pingora::protocols::Stream;
 use std::future::poll_fn;
 use std::io;
@@ -97,12 +98,15 @@ pub struct ConnectionOutcome {
     pub upstream_to_client: DirectionStats,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PumpSettings {
     /// Close both sides with 1001 after this long without a byte either way.
     pub idle_timeout: Option<Duration>,
     /// How long a closing connection may take to finish its Close handshake.
     pub close_timeout: Duration,
+    /// The code the client gets when the upstream drops: 1011 (understood by every client
+    /// library) or 1014 (Bad Gateway, which some, tungstenite among them, report as 1002).
+    pub upstream_lost_code: u16,
 }
 
 /// One direction: bytes read from `source`, parsed, written to the other side.
@@ -120,7 +124,11 @@ struct Direction {
     closed_toward_destination: bool,
     /// The source sent a Close (and when).
     close_seen: Option<(CloseFrame, Instant)>,
+    /// The pump's loop has been woken for `close_seen`, to start the closing deadline.
+    close_reported: bool,
     stats: DirectionStats,
+    /// Live metric handles, resolved once per connection.
+    counters: DirectionCounters,
     last_read: Instant,
 }
 
@@ -132,7 +140,7 @@ enum Stop {
 }
 
 impl Direction {
-    fn new(sender: Sender, deflate: bool, now: Instant) -> Self {
+    fn new(sender: Sender, deflate: bool, counters: DirectionCounters, now: Instant) -> Self {
         Direction {
             parser: FrameParser::new(sender, deflate),
             buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
@@ -143,9 +151,18 @@ impl Direction {
             inject_pos: 0,
             closed_toward_destination: false,
             close_seen: None,
+            close_reported: false,
             stats: DirectionStats::default(),
+            counters,
             last_read: now,
         }
+    }
+
+    /// Whether a frame of the gateway's own may go to the destination now: what went out so
+    /// far ends between two frames (also after a malformed frame that was held back whole).
+    fn can_inject(&self) -> bool {
+        !self.closed_toward_destination
+            && (self.parser.at_frame_boundary() || self.parser.failed_frame_began_in_last_chunk())
     }
 
     /// Queues a Close of the gateway's own toward the destination, unless one went already.
@@ -158,6 +175,16 @@ impl Direction {
 
     /// Handles freshly read bytes at `buf[..n]`: parse, and decide how much to forward.
     fn accept(&mut self, n: usize) -> Result<(), ProtocolError> {
+        let messages_before = self.stats.messages;
+        let result = self.parse_read(n);
+        self.counters.bytes.inc_by(n as u64);
+        self.counters
+            .messages
+            .inc_by(self.stats.messages - messages_before);
+        result
+    }
+
+    fn parse_read(&mut self, n: usize) -> Result<(), ProtocolError> {
         self.stats.bytes += n as u64;
         self.pos = 0;
         self.cap = 0;
@@ -226,7 +253,7 @@ impl Direction {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if self.parser.at_frame_boundary() && !self.closed_toward_destination {
+            if self.can_inject() {
                 if let Some(frame) = &self.inject {
                     match Pin::new(&mut *destination).poll_write(cx, &frame[self.inject_pos..]) {
                         Poll::Ready(Ok(0)) => {
@@ -318,10 +345,21 @@ pub async fn pump(
     deflate: bool,
     mut drain: DrainSignal,
     settings: &PumpSettings,
+    metrics: &ConnectionMetrics,
 ) -> ConnectionOutcome {
     let started = Instant::now();
-    let mut c2u = Direction::new(Sender::Client, deflate, started);
-    let mut u2c = Direction::new(Sender::Server, deflate, started);
+    let mut c2u = Direction::new(
+        Sender::Client,
+        deflate,
+        metrics.client_to_upstream.clone(),
+        started,
+    );
+    let mut u2c = Direction::new(
+        Sender::Server,
+        deflate,
+        metrics.upstream_to_client.clone(),
+        started,
+    );
     let mut gateway_close: Option<(u16, usize, Instant)> = None;
     let mut ended: Option<(Initiator, Option<DropKind>)> = None;
     let mut protocol_error = None;
@@ -362,10 +400,12 @@ pub async fn pump(
                 close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "idle timeout");
                 continue;
             }
-            _ = sleep_until_opt(closing_deadline) => None,
-            stop = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => Some(stop),
+            _ = sleep_until_opt(closing_deadline) => break,
+            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => wake,
         };
-        let Some((side, stop)) = stop else { break };
+        let Wake::Stopped(side, stop) = stop else {
+            continue;
+        };
         match stop {
             Stop::SourceEnded(error) => {
                 let source_closed = match side {
@@ -404,9 +444,11 @@ pub async fn pump(
     // Tell the side still there why the other went, then give the queued frames a moment.
     if let Some((side, Some(_))) = ended {
         match side {
-            Initiator::Upstream => {
-                u2c.queue_close(close_frame(1014, "upstream connection lost", None))
-            }
+            Initiator::Upstream => u2c.queue_close(close_frame(
+                settings.upstream_lost_code,
+                "upstream connection lost",
+                None,
+            )),
             _ => c2u.queue_close(close_frame(
                 1001,
                 "client connection lost",
@@ -444,6 +486,13 @@ fn close_both(
     gateway_close.get_or_insert((code, reason.len().min(123), Instant::now()));
 }
 
+/// What woke the pump's loop.
+enum Wake {
+    Stopped(Initiator, Stop),
+    /// A side sent its first Close: the closing deadline starts.
+    CloseSeen,
+}
+
 /// Polls both directions; the first to stop says which side's stream it was reading.
 fn poll_both(
     cx: &mut Context<'_>,
@@ -451,12 +500,18 @@ fn poll_both(
     u2c: &mut Direction,
     client: &mut Stream,
     upstream: &mut Stream,
-) -> Poll<(Initiator, Stop)> {
+) -> Poll<Wake> {
     if let Poll::Ready(stop) = c2u.poll_step(cx, client, upstream) {
-        return Poll::Ready((Initiator::Client, stop));
+        return Poll::Ready(Wake::Stopped(Initiator::Client, stop));
     }
     if let Poll::Ready(stop) = u2c.poll_step(cx, upstream, client) {
-        return Poll::Ready((Initiator::Upstream, stop));
+        return Poll::Ready(Wake::Stopped(Initiator::Upstream, stop));
+    }
+    for direction in [c2u, u2c] {
+        if direction.close_seen.is_some() && !direction.close_reported {
+            direction.close_reported = true;
+            return Poll::Ready(Wake::CloseSeen);
+        }
     }
     Poll::Pending
 }
@@ -470,7 +525,7 @@ async fn flush_injection(direction: &mut Direction, destination: &mut Stream) ->
             .await?;
         direction.pos = direction.cap;
     }
-    if direction.parser.at_frame_boundary() && !direction.closed_toward_destination {
+    if direction.can_inject() {
         if let Some(frame) = direction.inject.take() {
             destination
                 .write_all(&frame[direction.inject_pos..])

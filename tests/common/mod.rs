@@ -81,6 +81,7 @@ pub fn start_backend(key: Option<&str>) -> Proc {
 /// A gateway started from a config text; `{listen}` in it is replaced by a free port.
 pub struct Gateway {
     pub proc: Proc,
+    pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
@@ -96,13 +97,51 @@ impl Gateway {
     pub fn address(&self) -> SocketAddr {
         self.proc.address
     }
+
+    /// The admin listener's Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "/metrics", &[]).await.body
+    }
+
+    /// The value of one series, `name{labels}` exactly as exposed (labels sorted by name).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// Waits until `series` reaches `value`: close accounting happens as the pump winds
+    /// down, just after the client has seen its Close.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            let now = metric_value(&text, series);
+            if now == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {now}, expected {value}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A series' value in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
 }
 
 pub fn start_gateway(config: &str) -> Gateway {
     start_gateway_with(config, &[], |_| {})
 }
 
-/// Starts the gateway with `config` (placeholders `{listen}` and `{dir}`), extra environment,
+/// Starts the gateway with `config` (placeholders `{listen}`, `{admin}` and `{dir}`), extra environment,
 /// and a hook to write more files into its folder first.
 pub fn start_gateway_with(
     config: &str,
@@ -111,18 +150,26 @@ pub fn start_gateway_with(
 ) -> Gateway {
     let dir = tempfile::tempdir().expect("temp dir");
     prepare(dir.path());
-    let port = free_port();
-    let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
     let text = config
         .replace("{listen}", &address.to_string())
+        .replace("{admin}", &admin.to_string())
         .replace("{dir}", &dir.path().display().to_string());
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).expect("config written");
+    std::fs::write(&path, &text).expect("config written");
     let mut command = Command::new(BIN);
     command
         .args(["run", "-c"])
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -131,7 +178,10 @@ pub fn start_gateway_with(
     let child = command.spawn().expect("gateway starts");
     let proc = Proc { child, address };
     wait_for_port(address);
-    Gateway { proc, dir }
+    if text.contains(&admin.to_string()) {
+        wait_for_port(admin);
+    }
+    Gateway { proc, admin, dir }
 }
 
 /// Waits until something accepts on `address`: the gateway's readiness for traffic.
@@ -151,6 +201,9 @@ pub fn local_config(nodes: &[SocketAddr]) -> String {
 [server]
 listen = "{{listen}}"
 threads = 2
+
+[admin]
+listen = "{{admin}}"
 
 [upstreams.local]
 kind = "local"
@@ -306,7 +359,11 @@ pub async fn close_code(ws: &mut Ws) -> u16 {
             .await
             .expect("close in time")
         {
-            Some(Ok(Message::Close(frame))) => return frame.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map_or(1005, |f| u16::from(f.code));
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+                return code;
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return 1006,
         }
