@@ -7,6 +7,7 @@ need_packages=()
 command -v cmake >/dev/null 2>&1 || need_packages+=(cmake)        # Pingora's build needs it
 command -v promtool >/dev/null 2>&1 || need_packages+=(prometheus) # promtool and the server, for the metrics tests
 command -v curl >/dev/null 2>&1 || need_packages+=(curl)
+command -v npm >/dev/null 2>&1 || need_packages+=(nodejs npm)        # the workerd conformance suite
 
 if ((${#need_packages[@]})); then
   echo "bootstrap: installing ${need_packages[*]}" >&2

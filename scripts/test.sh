@@ -11,5 +11,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
-echo "== cargo test"
+echo "== cargo test (unit, integration, workerd conformance)"
 cargo test --all-targets 2>&1
+
+echo "== deploy/validate.sh"
+AGENT_GATEWAY_BIN=target/debug/agent-gateway deploy/validate.sh
+
+echo "== fuzz the frame parser (bounded)"
+scripts/fuzz.sh 30

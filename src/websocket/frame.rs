@@ -715,4 +715,77 @@ pub(crate) mod tests {
             assert!(!is_valid_wire_close_code(code), "{code}");
         }
     }
+
+    mod rechunking {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One frame of a valid stream: opcode, fin and payload length.
+        fn frame_spec() -> impl Strategy<Value = (u8, usize)> {
+            prop_oneof![
+                (Just(OP_TEXT), 0usize..200),
+                (Just(OP_BINARY), 0usize..70_000),
+                (Just(OP_PING), 0usize..126),
+                (Just(OP_PONG), 0usize..126),
+            ]
+        }
+
+        /// A valid client stream: messages, some fragmented with control frames between
+        /// the fragments, ending with a Close.
+        fn stream() -> impl Strategy<Value = Vec<u8>> {
+            (proptest::collection::vec((frame_spec(), 1usize..4, any::<bool>()), 0..12), any::<[u8; 4]>())
+                .prop_map(|(specs, key)| {
+                    let mut out = Vec::new();
+                    for ((opcode, len), fragments, ping_between) in specs {
+                        let payload = vec![0x5au8; len];
+                        let is_control = opcode & 0x08 != 0;
+                        if is_control || fragments == 1 {
+                            out.extend(frame(true, 0, opcode, &payload, Some(key)));
+                            continue;
+                        }
+                        let size = len.div_ceil(fragments).max(1);
+                        let pieces: Vec<&[u8]> = if payload.is_empty() { vec![&[]] } else { payload.chunks(size).collect() };
+                        for (i, piece) in pieces.iter().enumerate() {
+                            let op = if i == 0 { opcode } else { OP_CONTINUATION };
+                            out.extend(frame(i + 1 == pieces.len(), 0, op, piece, Some(key)));
+                            if ping_between && i + 1 < pieces.len() {
+                                out.extend(frame(true, 0, OP_PING, b"p", Some(key)));
+                            }
+                        }
+                    }
+                    out.extend(frame(true, 0, OP_CLOSE, &close_payload(4001, "done"), Some(key)));
+                    out
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+            #[test]
+            fn any_rechunking_yields_the_same_frames(stream in stream(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..40)) {
+                let mut whole = FrameParser::new(Sender::Client, false);
+                let (expected, result) = events(&mut whole, &[&stream]);
+                prop_assert_eq!(result, Feed::Ok);
+                let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                points.push(0);
+                points.push(stream.len());
+                points.sort_unstable();
+                points.dedup();
+                let chunks: Vec<&[u8]> = points.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+                let mut chunked = FrameParser::new(Sender::Client, false);
+                let mut seen = Vec::new();
+                for chunk in &chunks {
+                    // Close ends the stream; feeding continues to check nothing breaks after it.
+                    let mut rest: &[u8] = chunk;
+                    while !rest.is_empty() {
+                        let (consumed, result) = chunked.feed_to_boundary(rest, false, |e| seen.push(e));
+                        prop_assert_eq!(result, Feed::Ok);
+                        if consumed == 0 { break; }
+                        rest = &rest[consumed..];
+                    }
+                }
+                prop_assert_eq!(seen, expected);
+                prop_assert!(chunked.at_frame_boundary());
+            }
+        }
+    }
 }

@@ -304,23 +304,26 @@ pub async fn connect(url: &str) -> Ws {
     ws
 }
 
-/// Tries a WebSocket handshake and returns the HTTP error answer it got instead.
+/// Sends a WebSocket handshake for `url` by hand and returns the HTTP refusal it got, whole
+/// (a client library may keep only the body bytes that came with the head).
 pub async fn connect_refused(url: &str) -> (u16, String) {
-    let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("answer in time");
-    match result {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (response.status().as_u16(), body)
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-        Ok(_) => panic!("expected a refusal, the upgrade succeeded"),
+    connect_refused_with(url, &[]).await
+}
+
+pub async fn connect_refused_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let rest = url.strip_prefix("ws://").expect("a ws:// URL");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let address: SocketAddr = authority.parse().expect("an IP:port authority");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
     }
+    request.push_str("\r\n");
+    let answer = raw_request(address, &request).await;
+    assert_ne!(answer.status, 101, "expected a refusal, the upgrade succeeded");
+    (answer.status, answer.body)
 }
 
 /// The next data message (text or binary), skipping pings and pongs.
