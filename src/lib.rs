@@ -6,6 +6,7 @@ pub mod agent_name;
 pub mod agent_path;
 pub mod backend;
 pub mod config;
+pub mod cors;
 pub mod forwarding;
 pub mod metrics;
 pub mod problem;

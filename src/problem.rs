@@ -1,5 +1,6 @@
 //! The gateway's own error answers: an HTTP status and a short JSON body naming the problem.
 
+use crate::cors::OriginHeaderError;
 use crate::routing::Refusal;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -68,6 +69,31 @@ impl Problem {
         )
     }
 
+    /// An `Origin` the policy does not allow (or none, where one is required).
+    pub fn origin_refused(origin: Option<&str>) -> Self {
+        match origin {
+            Some(origin) => Problem::new(
+                403,
+                json!({"error": "origin_refused", "origin": truncate(origin, 256), "detail": "this Origin is not allowed by the gateway's CORS policy"}),
+            ),
+            None => Problem::new(
+                403,
+                json!({"error": "origin_required", "detail": "this route requires an Origin header on WebSocket upgrades"}),
+            ),
+        }
+    }
+
+    pub fn bad_origin_header(error: OriginHeaderError) -> Self {
+        let detail = match error {
+            OriginHeaderError::Several => "a request may carry one Origin header",
+            OriginHeaderError::NotText => "the Origin header is not valid text",
+        };
+        Problem::new(
+            400,
+            json!({"error": "invalid_origin_header", "detail": detail}),
+        )
+    }
+
     pub fn response(&self) -> Result<(ResponseHeader, Bytes)> {
         let body = Bytes::from(self.body.to_string());
         let mut header = ResponseHeader::build(self.status, Some(3))?;
@@ -119,5 +145,12 @@ pub fn upstream_error_kind(etype: &ErrorType) -> &'static str {
         ErrorType::ConnectionClosed => "closed",
         ErrorType::InvalidHTTPHeader => "invalid_response",
         _ => "other",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => &s[..end],
+        None => s,
     }
 }

@@ -2,6 +2,7 @@
 //! [`crate::forwarding`] and [`crate::websocket`], which are plain code with their own tests.
 
 use crate::config::GatewayConfig;
+use crate::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
 use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
 use crate::metrics::{Metrics, UNKNOWN_AGENT};
 use crate::problem::{upstream_error_kind, Problem};
@@ -56,6 +57,8 @@ pub struct RequestCtx {
     /// The status answered when the gateway wrote the answer on a stream it took over.
     status: Option<u16>,
     upstream_started: Option<Instant>,
+    /// The policy in force and the origin it allowed, if any.
+    cors: Option<(Arc<CorsPolicy>, Option<String>)>,
 }
 
 fn client_info(session: &Session) -> ClientInfo {
@@ -83,6 +86,7 @@ impl ProxyHttp for Gateway {
             route: NO_ROUTE.to_owned(),
             status: None,
             upstream_started: None,
+            cors: None,
         }
     }
 
@@ -109,12 +113,74 @@ impl ProxyHttp for Gateway {
             Some(agent) => agent.route.clone(),
             None => FALLBACK_ROUTE.to_owned(),
         };
+        if let Some(policy) = target.cors.clone() {
+            let origin = match request_origin(&req.headers) {
+                Ok(origin) => origin,
+                Err(error) => {
+                    if websocket {
+                        self.metrics.handshake(agent_label(Some(&target)), "400");
+                    }
+                    Problem::bad_origin_header(error).send(session).await?;
+                    return Ok(true);
+                }
+            };
+            let preflight = req.method == http::Method::OPTIONS
+                && req
+                    .headers
+                    .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+            match decide(
+                &policy,
+                CorsRequest {
+                    origin,
+                    websocket,
+                    preflight,
+                },
+            ) {
+                CorsDecision::Forward { allowed_origin } => {
+                    ctx.cors = Some((policy, allowed_origin));
+                }
+                CorsDecision::Preflight { headers } => {
+                    send_preflight(session, headers).await?;
+                    return Ok(true);
+                }
+                CorsDecision::Refuse => {
+                    let problem = Problem::origin_refused(origin);
+                    self.metrics.origin_refused(&ctx.route);
+                    if websocket {
+                        self.metrics
+                            .handshake(agent_label(Some(&target)), "origin_refused");
+                    }
+                    problem.send(session).await?;
+                    return Ok(true);
+                }
+            }
+        }
         if websocket {
-            ctx.status = Some(self.serve_websocket(session, &target).await?);
+            let cors_headers = ctx
+                .cors
+                .as_ref()
+                .map(|_| cors_response_headers(ctx.cors.as_ref()));
+            ctx.status = Some(
+                self.serve_websocket(session, &target, cors_headers.as_deref())
+                    .await?,
+            );
             return Ok(true);
         }
         ctx.target = Some(target);
         Ok(false)
+    }
+
+    /// The policy is the single source of `Access-Control-*`: the upstream's are replaced.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.cors.is_some() {
+            apply_cors(response, &cors_response_headers(ctx.cors.as_ref()))?;
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -221,7 +287,12 @@ async fn peer_for(target: &Target) -> Result<HttpPeer> {
 impl Gateway {
     /// Performs the upgrade with the upstream; on 101, takes both streams over and pumps them
     /// until the connection ends. Returns the status the client was answered.
-    async fn serve_websocket(&self, session: &mut Session, target: &Target) -> Result<u16> {
+    async fn serve_websocket(
+        &self,
+        session: &mut Session,
+        target: &Target,
+        cors_headers: Option<&[(&'static str, String)]>,
+    ) -> Result<u16> {
         let agent = agent_label(Some(target));
         let upstream_name = target.upstream.name.as_str();
         let refuse = |problem: Problem, result: &str| {
@@ -289,6 +360,10 @@ impl Gateway {
         self.metrics
             .upstream_answered(upstream_name, started.elapsed().as_secs_f64());
         self.metrics.handshake(agent, "101");
+        let mut response = response;
+        if let Some(headers) = cors_headers {
+            apply_cors(&mut response, headers)?;
+        }
         let deflate = negotiated_deflate(&response);
         let Some(mut client) = take_client_stream(session.as_downstream_mut()) else {
             return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
@@ -320,6 +395,44 @@ impl Gateway {
         log_outcome(target, &outcome);
         Ok(101)
     }
+}
+
+/// The CORS headers for a request the policy allowed; none otherwise.
+fn cors_response_headers(
+    cors: Option<&(Arc<CorsPolicy>, Option<String>)>,
+) -> Vec<(&'static str, String)> {
+    match cors {
+        Some((policy, Some(origin))) => policy.response_headers(origin),
+        _ => Vec::new(),
+    }
+}
+
+/// Replaces whatever `Access-Control-*` the upstream sent with the policy's, and marks the
+/// answer as varying by Origin.
+fn apply_cors(response: &mut ResponseHeader, headers: &[(&'static str, String)]) -> Result<()> {
+    let upstream_cors: Vec<http::HeaderName> = response
+        .headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in upstream_cors {
+        response.remove_header(&name);
+    }
+    for (name, value) in headers {
+        response.insert_header(*name, value.as_str())?;
+    }
+    response.append_header(http::header::VARY, "Origin")?;
+    Ok(())
+}
+
+async fn send_preflight(session: &mut Session, headers: Vec<(&'static str, String)>) -> Result<()> {
+    let mut response = ResponseHeader::build(204, Some(headers.len() + 2))?;
+    apply_cors(&mut response, &headers)?;
+    response.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    session
+        .write_response_header(Box::new(response), true)
+        .await
 }
 
 /// Relays an upstream's refusal of an upgrade as the plain HTTP answer it was, so the client

@@ -3,6 +3,7 @@
 use crate::agent_name::fold_key;
 use crate::agent_path::{parse_agent_path, strip_route_prefix, PathError};
 use crate::config::{Agent, GatewayConfig, Route};
+use crate::cors::CorsPolicy;
 use crate::upstream::Upstream;
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub struct Target {
     pub upstream_path: String,
     /// Set for agent routes; `None` for the fallback upstream.
     pub agent: Option<AgentTarget>,
+    /// The CORS and Origin policy that applies; `None`: no CORS handling.
+    pub cors: Option<Arc<CorsPolicy>>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +74,7 @@ pub fn resolve(config: &GatewayConfig, path: &str, query: Option<&str>) -> Resul
                 upstream: upstream.clone(),
                 upstream_path: with_query(path.to_owned(), query),
                 agent: None,
+                cors: config.cors.clone(),
             }),
             None => Err(Refusal::NoRoute),
         };
@@ -103,6 +107,7 @@ fn resolve_in_route(route: &Route, tail: &str, query: Option<&str>) -> Result<Ta
             agent: agent.clone(),
             instance: instance.to_owned(),
         }),
+        cors: route.cors.clone(),
     })
 }
 

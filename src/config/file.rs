@@ -19,6 +19,8 @@ pub struct ConfigFile {
     pub admin: AdminSection,
     #[serde(default)]
     pub websocket: WebSocketSection,
+    /// The default CORS and Origin policy of every route that has none of its own.
+    pub cors: Option<CorsSection>,
     /// Upstream for requests outside every route prefix; without it they answer 404.
     pub fallback_upstream: Option<SpannedString>,
     #[serde(default)]
@@ -55,8 +57,25 @@ pub struct RouteSection {
     pub prefix: Option<SpannedString>,
     pub upstream_prefix: Option<SpannedString>,
     pub default_instance: Option<SpannedString>,
+    /// Replaces the global `[cors]` policy for this route, whole.
+    pub cors: Option<CorsSection>,
     #[serde(default)]
     pub agents: Vec<AgentSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSection {
+    #[serde(default)]
+    pub allowed_origins: Vec<SpannedString>,
+    #[serde(default)]
+    pub allowed_origin_patterns: Vec<SpannedString>,
+    pub allowed_methods: Option<Spanned<Vec<String>>>,
+    pub allowed_headers: Option<Spanned<Vec<String>>>,
+    pub exposed_headers: Option<Spanned<Vec<String>>>,
+    pub allow_credentials: Option<Spanned<bool>>,
+    pub max_age: Option<SpannedString>,
+    pub allow_missing_origin: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

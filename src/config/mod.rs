@@ -7,11 +7,12 @@ mod file;
 
 use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
 use crate::agent_path::parse_agent_path;
+use crate::cors::{CorsPolicy, CorsSpec, CorsSpecError};
 use crate::upstream::{
     Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
 };
 use crate::websocket::pump::PumpSettings;
-use file::{ConfigFile, SpannedString, UpstreamSection};
+use file::{ConfigFile, CorsSection, SpannedString, UpstreamSection};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Range;
@@ -39,6 +40,8 @@ pub struct GatewayConfig {
     pub routes: Vec<Route>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub fallback_upstream: Option<Arc<Upstream>>,
+    /// The global policy, also applied to the fallback upstream; `None`: no CORS handling.
+    pub cors: Option<Arc<CorsPolicy>>,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,8 @@ pub struct Route {
     /// The prefix of the path sent upstream (the Agents SDK's default is `/agents`).
     pub upstream_prefix: String,
     pub default_instance: String,
+    /// This route's policy, or the global one; `None`: Origin unchecked, headers untouched.
+    pub cors: Option<Arc<CorsPolicy>>,
     /// Agents by [`fold_key`].
     pub agents: HashMap<String, Arc<Agent>>,
 }
@@ -194,6 +199,7 @@ impl Ctx<'_> {
         };
 
         let fallback_upstream = file.fallback_upstream.as_ref().map(lookup).transpose()?;
+        let global_cors = file.cors.as_ref().map(|c| self.cors(c)).transpose()?;
 
         if file.routes.is_empty() {
             return Err(self.error_at(
@@ -316,11 +322,16 @@ impl Ctx<'_> {
             if let Some(p) = position {
                 route_spans.insert(name.clone(), p);
             }
+            let cors = match &section.cors {
+                Some(c) => Some(self.cors(c)?),
+                None => global_cors.clone(),
+            };
             routes.push(Route {
                 name,
                 prefix,
                 upstream_prefix,
                 default_instance,
+                cors,
                 agents,
             });
         }
@@ -334,6 +345,60 @@ impl Ctx<'_> {
             routes,
             upstreams,
             fallback_upstream,
+            cors: global_cors,
+        })
+    }
+
+    fn cors(&self, section: &CorsSection) -> Result<Arc<CorsPolicy>, ConfigError> {
+        let strings = |list: &[SpannedString]| -> Vec<String> {
+            list.iter().map(|s| s.get_ref().clone()).collect()
+        };
+        let tokens = |list: &Option<Spanned<Vec<String>>>| -> Vec<String> {
+            list.as_ref()
+                .map(|l| l.get_ref().clone())
+                .unwrap_or_default()
+        };
+        let spec = CorsSpec {
+            allowed_origins: strings(&section.allowed_origins),
+            allowed_origin_patterns: strings(&section.allowed_origin_patterns),
+            allowed_methods: tokens(&section.allowed_methods),
+            allowed_headers: tokens(&section.allowed_headers),
+            exposed_headers: tokens(&section.exposed_headers),
+            allow_credentials: section
+                .allow_credentials
+                .as_ref()
+                .is_some_and(|c| *c.get_ref()),
+            max_age: section
+                .max_age
+                .as_ref()
+                .map(|m| self.duration(Some(m), Duration::ZERO))
+                .transpose()?,
+            allow_missing_origin: section.allow_missing_origin.unwrap_or(true),
+        };
+        CorsPolicy::new(&spec).map(Arc::new).map_err(|e| match e {
+            CorsSpecError::Origin { index, why } => {
+                let entry = &section.allowed_origins[index];
+                self.error(entry, format!("allowed origin {:?}: {why}", entry.get_ref()))
+            }
+            CorsSpecError::Pattern { index, why } => {
+                let entry = &section.allowed_origin_patterns[index];
+                self.error(entry, format!("allowed origin pattern is not a valid regular expression: {why}"))
+            }
+            CorsSpecError::Token { field, index } => {
+                let list = match field {
+                    "allowed_methods" => &section.allowed_methods,
+                    "allowed_headers" => &section.allowed_headers,
+                    _ => &section.exposed_headers,
+                };
+                self.error_at(
+                    list.as_ref().map(Spanned::span),
+                    format!("entry {} of `{field}` is not a valid HTTP token", index + 1),
+                )
+            }
+            CorsSpecError::AnyWithCredentials => self.error_at(
+                section.allow_credentials.as_ref().map(Spanned::span),
+                "allowed origin \"*\" with allow_credentials = true is refused: browsers forbid it, list the origins instead",
+            ),
         })
     }
 

@@ -733,7 +733,10 @@ pub(crate) mod tests {
         /// A valid client stream: messages, some fragmented with control frames between
         /// the fragments, ending with a Close.
         fn stream() -> impl Strategy<Value = Vec<u8>> {
-            (proptest::collection::vec((frame_spec(), 1usize..4, any::<bool>()), 0..12), any::<[u8; 4]>())
+            (
+                proptest::collection::vec((frame_spec(), 1usize..4, any::<bool>()), 0..12),
+                any::<[u8; 4]>(),
+            )
                 .prop_map(|(specs, key)| {
                     let mut out = Vec::new();
                     for ((opcode, len), fragments, ping_between) in specs {
@@ -744,7 +747,11 @@ pub(crate) mod tests {
                             continue;
                         }
                         let size = len.div_ceil(fragments).max(1);
-                        let pieces: Vec<&[u8]> = if payload.is_empty() { vec![&[]] } else { payload.chunks(size).collect() };
+                        let pieces: Vec<&[u8]> = if payload.is_empty() {
+                            vec![&[]]
+                        } else {
+                            payload.chunks(size).collect()
+                        };
                         for (i, piece) in pieces.iter().enumerate() {
                             let op = if i == 0 { opcode } else { OP_CONTINUATION };
                             out.extend(frame(i + 1 == pieces.len(), 0, op, piece, Some(key)));
@@ -753,7 +760,13 @@ pub(crate) mod tests {
                             }
                         }
                     }
-                    out.extend(frame(true, 0, OP_CLOSE, &close_payload(4001, "done"), Some(key)));
+                    out.extend(frame(
+                        true,
+                        0,
+                        OP_CLOSE,
+                        &close_payload(4001, "done"),
+                        Some(key),
+                    ));
                     out
                 })
         }
