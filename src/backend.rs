@@ -119,7 +119,15 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
         let headers: serde_json::Map<String, serde_json::Value> = request
             .headers
             .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), json!(v)))
+            .map(|(k, v)| {
+                let name = k.to_ascii_lowercase();
+                let value = if is_credential(&name) {
+                    fingerprint(v)
+                } else {
+                    v.clone()
+                };
+                (name, json!(value))
+            })
             .collect();
         let body = json!({
             "agent": namespace, "room": room, "method": request.method,
@@ -237,6 +245,22 @@ fn close_request(text: &str) -> Option<CloseFrame> {
         code: CloseCode::from(code),
         reason: reason.into(),
     })
+}
+
+/// Headers that carry credentials are described, never echoed.
+fn is_credential(name: &str) -> bool {
+    ["key", "secret", "token", "authorization", "cookie"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// What the backend reports of a credential: its length and FNV-1a hash, enough for a test
+/// to check that the right value arrived without anyone printing it.
+pub fn fingerprint(value: &str) -> String {
+    let hash = value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("redacted len={} fnv={hash:016x}", value.len())
 }
 
 /// The Durable Object class a path would reach, as partyserver names it in its error.

@@ -1,10 +1,12 @@
 //! What the upstream receives: the request header rewritten for the target.
 
 use crate::routing::Target;
+use crate::secrets::Secret;
 use crate::upstream::UpstreamKind;
 use crate::websocket::header_has_token;
 use pingora::http::RequestHeader;
 use pingora::Result;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Routing headers of the partyserver contract; the gateway alone may set them.
@@ -38,9 +40,17 @@ pub fn prepare_upstream_request(
     target: &Target,
     client: ClientInfo,
     websocket: bool,
+    secrets: &BTreeMap<String, Secret>,
 ) -> Result<()> {
     remove_hop_by_hop(req);
     remove_reserved(req);
+    // A client may never supply the header a secret travels in, whether or not it is set.
+    for (secret, header) in &target.upstream.forward_secrets {
+        req.remove_header(header);
+        if let Some(value) = secrets.get(secret).and_then(|s| s.value.as_ref()) {
+            req.insert_header(header.clone(), value.expose())?;
+        }
+    }
     if websocket {
         req.insert_header(http::header::CONNECTION, "Upgrade")?;
         req.insert_header(http::header::UPGRADE, "websocket")?;
@@ -145,7 +155,8 @@ upstream = "cloud"
             ip: Some("10.1.2.3".parse().expect("ip")),
             tls: false,
         };
-        prepare_upstream_request(&mut req, &target, client, websocket).expect("prepared");
+        prepare_upstream_request(&mut req, &target, client, websocket, &config.secrets)
+            .expect("prepared");
         req
     }
 

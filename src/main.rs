@@ -24,11 +24,15 @@ enum Command {
         #[arg(short, long)]
         upgrade: bool,
     },
-    /// Validate the configuration and print the resolved routing table.
+    /// Validate the configuration, print the resolved routing table and the state of the
+    /// secrets each route needs (names only). Fails when a required secret is missing.
     Check {
         /// The configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Report missing secrets without failing.
+        #[arg(long)]
+        warn_secrets: bool,
     },
     /// Start the reference local agent backend (partyserver contract, echo and broadcast).
     Backend {
@@ -40,16 +44,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    agent_gateway::logging::init();
     match cli.command {
         Command::Run { config, upgrade } => match GatewayConfig::load(&config) {
-            Ok(loaded) => server::run(loaded, upgrade),
+            Ok(loaded) => {
+                server::run(loaded, config, upgrade);
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            warn_secrets,
+        } => check(&config, warn_secrets),
         Command::Backend { listen } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -69,7 +79,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, warn_secrets: bool) -> ExitCode {
     let config = match GatewayConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -77,44 +87,81 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}: ok; listening on {}", path.display(), config.listen);
-    println!();
-    println!(
-        "{:<16} {:<48} {:<44} UPSTREAM",
-        "AGENT", "ACCEPTED SPELLINGS", "UPSTREAM PATH"
-    );
+    println!("{}: ok", path.display());
+    println!("listen {}, admin {}", config.listen, config.admin_listen);
+    let mut missing = 0;
     for route in &config.routes {
-        print_route(route);
+        missing += print_route(&config, route);
     }
     if let Some(fallback) = &config.fallback_upstream {
+        println!();
         println!(
-            "{:<16} {:<48} {:<44} {}",
-            "(fallback)",
-            "paths outside every prefix",
-            "(unchanged)",
+            "paths outside every prefix: {} (path unchanged)",
             describe(fallback)
         );
+    }
+    if missing > 0 && !warn_secrets {
+        eprintln!("error: {missing} required secret(s) missing (see above); --warn-secrets reports without failing");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
 
-fn print_route(route: &Route) {
+/// Prints a route's agents and the secrets they need (names only); returns how many of those
+/// secrets the gateway should hold and does not.
+fn print_route(config: &GatewayConfig, route: &Route) -> usize {
+    println!();
+    println!(
+        "route {} ({}, default instance {:?}{})",
+        route.name,
+        route.prefix,
+        route.default_instance,
+        if route.cors.is_some() {
+            ", CORS policy"
+        } else {
+            ""
+        }
+    );
     let mut agents: Vec<_> = route.agents.values().collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut missing = 0;
     for agent in agents {
-        let spellings = agent_gateway::agent_name::example_spellings(&agent.name).join(", ");
-        let path = format!("{}/{}/{{instance}}", route.upstream_prefix, agent.slug);
+        let spellings = agent_gateway::agent_name::example_spellings(&agent.name).join("|");
+        println!("  {}", agent.name);
         println!(
-            "{:<16} {:<48} {:<44} {}",
-            agent.name,
-            format!(
-                "{}/{{{spellings}}} (any case, '-' and '_' ignored)",
-                route.prefix
-            ),
-            path,
+            "    accepts   {}/{{{spellings}}}/{{instance}}  (any case; '-' and '_' ignored)",
+            route.prefix
+        );
+        println!(
+            "    upstream  {}/{}/{{instance}} on {}",
+            route.upstream_prefix,
+            agent.slug,
             describe(&agent.upstream)
         );
+        for secret in &agent.required_secrets {
+            let source = config.secrets.get(secret).map(|s| &s.source);
+            let state = if !agent.upstream.is_local() {
+                format!(
+                    "kept by the Worker ({})",
+                    agent.upstream.secret_hint(secret, None)
+                )
+            } else if config
+                .secrets
+                .get(secret)
+                .is_some_and(|s| s.value.is_some())
+            {
+                format!(
+                    "present ({})",
+                    source.map_or_else(String::new, |s| s.describe())
+                )
+            } else {
+                missing += 1;
+                format!("MISSING: {}", agent.upstream.secret_hint(secret, source))
+            };
+            println!("    secret    {secret}: {state}");
+        }
     }
+    missing
 }
 
 fn describe(upstream: &agent_gateway::upstream::Upstream) -> String {

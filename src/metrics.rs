@@ -31,6 +31,8 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
     origin_refusals: IntCounterVec,
+    secret_present: IntGaugeVec,
+    config_reloads: IntCounterVec,
 }
 
 /// Live counters of one direction of one connection.
@@ -126,8 +128,25 @@ impl Metrics {
                 "Requests refused by the CORS and Origin policy.",
                 &["route"],
             ),
+            secret_present: IntGaugeVec::new(
+                Opts::new(
+                    "agent_gateway_secret_present",
+                    "Whether a secret an upstream's agents need is present (1) or missing (0), as far as the gateway can tell.",
+                ),
+                &["secret", "upstream"],
+            )
+            .expect("valid gauge definition"),
+            config_reloads: counter(
+                "agent_gateway_config_reloads_total",
+                "Configuration reloads (SIGHUP or POST /reload), by result.",
+                &["result"],
+            ),
             registry,
         };
+        // Both results exist from the start, so that increase() sees the first failure.
+        for result in ["success", "failure"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "agent_gateway_build_info",
@@ -151,6 +170,8 @@ impl Metrics {
             Box::new(metrics.upstream_duration.clone()),
             Box::new(metrics.upstream_errors.clone()),
             Box::new(metrics.origin_refusals.clone()),
+            Box::new(metrics.secret_present.clone()),
+            Box::new(metrics.config_reloads.clone()),
             Box::new(build_info),
         ] {
             metrics
@@ -159,11 +180,6 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         metrics
-    }
-
-    /// The registry, for families other modules own (secret gauges, reloads).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// Prometheus text exposition of every family.
@@ -233,6 +249,21 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
+    }
+
+    pub fn config_reloaded(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Replaces the secret gauges: series for secrets no longer required disappear.
+    pub fn set_secret_presence(&self, presence: &[(String, String, bool)]) {
+        self.secret_present.reset();
+        for (secret, upstream, present) in presence {
+            self.secret_present
+                .with_label_values(&[secret, upstream])
+                .set(i64::from(*present));
+        }
     }
 
     pub fn origin_refused(&self, route: &str) {

@@ -83,6 +83,27 @@ impl Problem {
         }
     }
 
+    /// A secret the agent needs is missing; the hint says where to set it, never its value.
+    pub fn secret_missing(secret: &str, hint: &str) -> Self {
+        Problem::new(
+            503,
+            json!({"error": "secret_missing", "secret": secret, "hint": hint}),
+        )
+    }
+
+    /// An upstream's own small 500 on a route that needs secrets, with its text kept.
+    pub fn upstream_status(upstream: &str, status: u16, body: &[u8]) -> Self {
+        Problem::new(
+            503,
+            json!({
+                "error": "upstream_error",
+                "upstream": upstream,
+                "upstream_status": status,
+                "upstream_body": String::from_utf8_lossy(body),
+            }),
+        )
+    }
+
     pub fn bad_origin_header(error: OriginHeaderError) -> Self {
         let detail = match error {
             OriginHeaderError::Several => "a request may carry one Origin header",

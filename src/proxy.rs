@@ -4,10 +4,12 @@
 use crate::config::GatewayConfig;
 use crate::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
 use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
-use crate::metrics::{Metrics, UNKNOWN_AGENT};
+use crate::metrics::UNKNOWN_AGENT;
 use crate::problem::{upstream_error_kind, Problem};
 use crate::routing::{resolve, Target};
-use crate::websocket::pump::{pump, ConnectionOutcome, DrainSignal, DropKind, Initiator};
+use crate::secrets::reported_missing;
+use crate::state::GatewayState;
+use crate::websocket::pump::{pump, ConnectionOutcome, DropKind, Initiator};
 use crate::websocket::{
     handshake, is_websocket_upgrade, negotiated_deflate, response_head_bytes, take_client_stream,
     Handshake,
@@ -29,29 +31,34 @@ const NO_ROUTE: &str = "none";
 const FALLBACK_ROUTE: &str = "fallback";
 
 pub struct Gateway {
-    config: Arc<GatewayConfig>,
-    metrics: Arc<Metrics>,
+    state: Arc<GatewayState>,
     /// Connects WebSocket upstreams; pooled reuse is off because upgraded streams never return.
     connector: TransportConnector,
-    drain: DrainSignal,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<GatewayConfig>, metrics: Arc<Metrics>, drain: DrainSignal) -> Self {
-        let mut options = pingora::connectors::ConnectorOptions::new(0);
-        options.keepalive_pool_size = 0;
+    pub fn new(state: Arc<GatewayState>) -> Self {
         Gateway {
-            config,
-            metrics,
-            connector: TransportConnector::new(Some(options)),
-            drain,
+            state,
+            connector: upgrade_connector(),
         }
     }
 }
 
+/// A connector for upstream connections that are upgraded or closed, never pooled.
+pub fn upgrade_connector() -> TransportConnector {
+    let mut options = pingora::connectors::ConnectorOptions::new(0);
+    options.keepalive_pool_size = 0;
+    TransportConnector::new(Some(options))
+}
+
 /// Per-request state shared by the hooks.
 pub struct RequestCtx {
+    /// The configuration this request is served under, start to end.
+    config: Option<Arc<GatewayConfig>>,
     target: Option<Target>,
+    /// A small upstream 500 held back to see whether it is the "NAME is not set" answer.
+    held_error_body: Option<bytes::BytesMut>,
     /// The `route` label: a route name, "fallback" or "none".
     route: String,
     /// The status answered when the gateway wrote the answer on a stream it took over.
@@ -82,7 +89,9 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            config: None,
             target: None,
+            held_error_body: None,
             route: NO_ROUTE.to_owned(),
             status: None,
             upstream_started: None,
@@ -92,9 +101,11 @@ impl ProxyHttp for Gateway {
 
     /// Routes every request; refusals and WebSocket upgrades are answered here, in full.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let config = self.state.config();
+        let metrics = &self.state.metrics;
         let req = session.req_header();
         let websocket = is_websocket_upgrade(req);
-        let target = match resolve(&self.config, req.uri.path(), req.uri.query()) {
+        let target = match resolve(&config, req.uri.path(), req.uri.query()) {
             Ok(target) => target,
             Err(refusal) => {
                 if let Some(route) = refusal.route() {
@@ -102,8 +113,7 @@ impl ProxyHttp for Gateway {
                 }
                 let problem = Problem::from(&refusal);
                 if websocket {
-                    self.metrics
-                        .handshake(UNKNOWN_AGENT, &problem.status.to_string());
+                    metrics.handshake(UNKNOWN_AGENT, &problem.status.to_string());
                 }
                 problem.send(session).await?;
                 return Ok(true);
@@ -118,7 +128,7 @@ impl ProxyHttp for Gateway {
                 Ok(origin) => origin,
                 Err(error) => {
                     if websocket {
-                        self.metrics.handshake(agent_label(Some(&target)), "400");
+                        metrics.handshake(agent_label(Some(&target)), "400");
                     }
                     Problem::bad_origin_header(error).send(session).await?;
                     return Ok(true);
@@ -145,15 +155,21 @@ impl ProxyHttp for Gateway {
                 }
                 CorsDecision::Refuse => {
                     let problem = Problem::origin_refused(origin);
-                    self.metrics.origin_refused(&ctx.route);
+                    metrics.origin_refused(&ctx.route);
                     if websocket {
-                        self.metrics
-                            .handshake(agent_label(Some(&target)), "origin_refused");
+                        metrics.handshake(agent_label(Some(&target)), "origin_refused");
                     }
                     problem.send(session).await?;
                     return Ok(true);
                 }
             }
+        }
+        if let Some(problem) = missing_secret(&config, &target) {
+            if websocket {
+                metrics.handshake(agent_label(Some(&target)), "secret_missing");
+            }
+            problem.send(session).await?;
+            return Ok(true);
         }
         if websocket {
             let cors_headers = ctx
@@ -161,12 +177,13 @@ impl ProxyHttp for Gateway {
                 .as_ref()
                 .map(|_| cors_response_headers(ctx.cors.as_ref()));
             ctx.status = Some(
-                self.serve_websocket(session, &target, cors_headers.as_deref())
+                self.serve_websocket(session, &config, &target, cors_headers.as_deref())
                     .await?,
             );
             return Ok(true);
         }
         ctx.target = Some(target);
+        ctx.config = Some(config);
         Ok(false)
     }
 
@@ -206,24 +223,70 @@ impl ProxyHttp for Gateway {
             .target
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target resolved"))?;
+        let config = ctx
+            .config
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no configuration"))?;
         if is_other_upgrade(upstream_request) {
             // Only WebSocket upgrades are proxied; anything else goes as a plain request.
             upstream_request.remove_header(&http::header::UPGRADE);
         }
-        prepare_upstream_request(upstream_request, target, client_info(session), false)
+        prepare_upstream_request(
+            upstream_request,
+            target,
+            client_info(session),
+            false,
+            &config.secrets,
+        )
     }
 
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (Some(target), Some(started)) = (&ctx.target, ctx.upstream_started) {
-            self.metrics
-                .upstream_answered(&target.upstream.name, started.elapsed().as_secs_f64());
+        let Some(target) = &ctx.target else {
+            return Ok(());
+        };
+        let upstream = target.upstream.name.as_str();
+        if let Some(started) = ctx.upstream_started {
+            self.state
+                .metrics
+                .upstream_answered(upstream, started.elapsed().as_secs_f64());
+        }
+        let status = response.status.as_u16();
+        if status < 500 {
+            self.state.upstream_answered_well(upstream);
+        } else if status == 500 && holds_secrets(target) && is_small(response) {
+            // Possibly the field's "NAME is not set": the body decides, so the header is
+            // rewritten now and the body held back until it is complete.
+            response.set_status(503)?;
+            response.remove_header(&http::header::CONTENT_LENGTH);
+            response.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            ctx.held_error_body = Some(bytes::BytesMut::new());
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let (Some(held), Some(target)) = (ctx.held_error_body.as_mut(), ctx.target.as_ref()) else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.take() {
+            held.extend_from_slice(&chunk);
+        }
+        if end_of_stream {
+            let problem = self.upstream_error_answer(target, 500, held);
+            *body = Some(bytes::Bytes::from(problem.body.to_string()));
+        }
+        Ok(None)
     }
 
     /// Upstream failures answer with JSON naming the upstream, never a bare status.
@@ -235,7 +298,8 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         let problem = match (&ctx.target, e.esource()) {
             (Some(target), pingora::ErrorSource::Upstream) => {
-                self.metrics
+                self.state
+                    .metrics
                     .upstream_error(&target.upstream.name, upstream_error_kind(e.etype()));
                 Some(Problem::for_upstream_error(
                     &target.upstream.name,
@@ -269,9 +333,46 @@ impl ProxyHttp for Gateway {
             .status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()));
         if let Some(status) = status {
-            self.metrics.http_request(&ctx.route, status);
+            self.state.metrics.http_request(&ctx.route, status);
         }
     }
+}
+
+/// The first secret an agent needs that the gateway should hold and does not.
+fn missing_secret(config: &GatewayConfig, target: &Target) -> Option<Problem> {
+    let agent = &target.agent.as_ref()?.agent;
+    if !agent.upstream.is_local() {
+        return None;
+    }
+    agent.required_secrets.iter().find_map(|name| {
+        let secret = config.secrets.get(name)?;
+        secret.value.is_none().then(|| {
+            Problem::secret_missing(
+                name,
+                &agent.upstream.secret_hint(name, Some(&secret.source)),
+            )
+        })
+    })
+}
+
+/// Whether requests to this target need secrets, so a 500 may be the field's signature.
+fn holds_secrets(target: &Target) -> bool {
+    target
+        .agent
+        .as_ref()
+        .is_some_and(|a| !a.agent.required_secrets.is_empty())
+}
+
+/// Largest upstream 500 body inspected for the "NAME is not set" signature.
+const MAX_INSPECTED_ERROR: usize = 4096;
+
+fn is_small(response: &ResponseHeader) -> bool {
+    response
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len <= MAX_INSPECTED_ERROR)
 }
 
 async fn peer_for(target: &Target) -> Result<HttpPeer> {
@@ -290,16 +391,18 @@ impl Gateway {
     async fn serve_websocket(
         &self,
         session: &mut Session,
+        config: &GatewayConfig,
         target: &Target,
         cors_headers: Option<&[(&'static str, String)]>,
     ) -> Result<u16> {
+        let metrics = &self.state.metrics;
         let agent = agent_label(Some(target));
         let upstream_name = target.upstream.name.as_str();
         let refuse = |problem: Problem, result: &str| {
-            self.metrics.handshake(agent, result);
+            metrics.handshake(agent, result);
             problem
         };
-        if *self.drain.borrow() {
+        if self.state.draining() {
             let problem = refuse(Problem::draining(), "503");
             problem.send(session).await?;
             return Ok(problem.status);
@@ -316,7 +419,13 @@ impl Gateway {
             return Ok(problem.status);
         }
         let mut request = session.req_header().clone();
-        prepare_upstream_request(&mut request, target, client_info(session), true)?;
+        prepare_upstream_request(
+            &mut request,
+            target,
+            client_info(session),
+            true,
+            &config.secrets,
+        )?;
         let started = Instant::now();
         let answer = match peer_for(target).await {
             Ok(peer) => {
@@ -338,16 +447,25 @@ impl Gateway {
             }) => (response, stream, preread),
             Ok(Handshake::Refused { response, body }) => {
                 let status = response.status.as_u16();
-                self.metrics
-                    .upstream_answered(upstream_name, started.elapsed().as_secs_f64());
-                self.metrics.handshake(agent, &status.to_string());
+                metrics.upstream_answered(upstream_name, started.elapsed().as_secs_f64());
                 info!("upstream {upstream_name} refused a WebSocket upgrade with {status}");
+                if status < 500 {
+                    self.state.upstream_answered_well(upstream_name);
+                } else if holds_secrets(target) {
+                    // The field's 1006: a 500 "NAME is not set" to the upgrade. Say so.
+                    let problem = self.upstream_error_answer(target, status, &body);
+                    if problem.kind() == "secret_missing" {
+                        metrics.handshake(agent, "secret_missing");
+                        problem.send(session).await?;
+                        return Ok(problem.status);
+                    }
+                }
+                metrics.handshake(agent, &status.to_string());
                 relay_refusal(session, response, body).await?;
                 return Ok(status);
             }
             Err(e) => {
-                self.metrics
-                    .upstream_error(upstream_name, upstream_error_kind(e.etype()));
+                metrics.upstream_error(upstream_name, upstream_error_kind(e.etype()));
                 let problem = refuse(
                     Problem::for_upstream_error(upstream_name, e.etype()),
                     "upstream_error",
@@ -357,9 +475,9 @@ impl Gateway {
                 return Ok(problem.status);
             }
         };
-        self.metrics
-            .upstream_answered(upstream_name, started.elapsed().as_secs_f64());
-        self.metrics.handshake(agent, "101");
+        metrics.upstream_answered(upstream_name, started.elapsed().as_secs_f64());
+        metrics.handshake(agent, "101");
+        self.state.upstream_answered_well(upstream_name);
         let mut response = response;
         if let Some(headers) = cors_headers {
             apply_cors(&mut response, headers)?;
@@ -368,7 +486,8 @@ impl Gateway {
         let Some(mut client) = take_client_stream(session.as_downstream_mut()) else {
             return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
         };
-        let connection = self.metrics.connection_opened(agent);
+        let connection = metrics.connection_opened(agent);
+        let _open = self.state.connections.open();
         let head = response_head_bytes(&response);
         if client.write_all(&head).await.is_err() || client.flush().await.is_err() {
             return Ok(101);
@@ -378,8 +497,8 @@ impl Gateway {
             stream,
             &preread,
             deflate,
-            self.drain.clone(),
-            &self.config.websocket,
+            self.state.drain_signal(),
+            &config.websocket,
             &connection,
         )
         .await;
@@ -389,11 +508,29 @@ impl Gateway {
                 Some(DropKind::Tls) => "tls",
                 _ => "dropped",
             };
-            self.metrics.upstream_error(upstream_name, kind);
+            metrics.upstream_error(upstream_name, kind);
         }
-        self.metrics.connection_closed(agent, &outcome);
+        metrics.connection_closed(agent, &outcome);
         log_outcome(target, &outcome);
         Ok(101)
+    }
+
+    /// The answer for an upstream 500: `secret_missing` when it is the field's "NAME is not
+    /// set" (and the upstream is marked), else an `upstream_error` carrying its text.
+    fn upstream_error_answer(&self, target: &Target, status: u16, body: &[u8]) -> Problem {
+        let upstream = &target.upstream;
+        let required = target
+            .agent
+            .as_ref()
+            .map_or(&[][..], |a| a.agent.required_secrets.as_slice());
+        match reported_missing(status, body, required) {
+            Some(secret) => {
+                self.state.upstream_reported_missing(&upstream.name, secret);
+                let hint = upstream.secret_hint(secret, None);
+                Problem::secret_missing(secret, &hint)
+            }
+            None => Problem::upstream_status(&upstream.name, status, body),
+        }
     }
 }
 

@@ -1,20 +1,24 @@
-//! Server wiring: the Pingora server, the public proxy service and the admin service.
+//! Server wiring: the Pingora server, the public proxy service, the admin service, the secret
+//! probes, and the signal watcher that drains before Pingora shuts down.
 
 use crate::admin::Admin;
 use crate::config::GatewayConfig;
-use crate::metrics::Metrics;
+use crate::lifecycle::GatewaySignals;
+use crate::probe::SecretProbes;
 use crate::proxy::Gateway;
+use crate::state::GatewayState;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use std::sync::Arc;
-use tokio::sync::watch;
+use std::path::PathBuf;
 
-/// Starts the gateway and serves until the process is told to stop.
-pub fn run(config: GatewayConfig, upgrade: bool) -> ! {
+/// Starts the gateway and serves until a signal stops it.
+pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     let conf = ServerConf {
         threads: config.threads,
-        // Pingora's defaults wait minutes on SIGTERM; agent sockets are drained by the gateway.
+        // The drain happens before Pingora is told to stop (see lifecycle): by then the
+        // WebSockets are closed, and in-flight HTTP requests get these few seconds.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
@@ -26,20 +30,27 @@ pub fn run(config: GatewayConfig, upgrade: bool) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let metrics = Arc::new(Metrics::new());
-    let (drain_sender, drain) = watch::channel(false);
     let listen = config.listen.clone();
     let admin_listen = config.admin_listen.clone();
+    let state = GatewayState::new(config, config_path);
 
-    let gateway = Gateway::new(Arc::new(config), metrics.clone(), drain);
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
     proxy.add_tcp(&listen);
-
-    let mut admin = Service::new("admin".to_owned(), Admin::new(metrics, drain_sender));
+    let mut admin = Service::new("admin".to_owned(), Admin::new(state.clone()));
     admin.add_tcp(&admin_listen);
+    let probes = background_service(
+        "secret probes",
+        SecretProbes {
+            state: state.clone(),
+        },
+    );
 
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(probes);
     log::info!("agent-gateway listening on http://{listen}, admin on http://{admin_listen}");
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(GatewaySignals { state }),
+    });
 }

@@ -23,6 +23,19 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// How long an HTTP response (or a WebSocket handshake answer) may take.
     pub read_timeout: Duration,
+    /// Secrets every request to this upstream needs, besides its routes' own.
+    pub require: Vec<String>,
+    /// (secret, header): secrets the gateway sends along, local upstreams only. A header of
+    /// that name sent by a client is always removed first.
+    pub forward_secrets: Vec<(String, http::HeaderName)>,
+    /// A path probed periodically to learn whether the upstream has its secrets.
+    pub probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub path: String,
+    pub interval: Duration,
 }
 
 #[derive(Debug)]
@@ -48,6 +61,35 @@ pub struct Node {
 }
 
 impl Upstream {
+    /// Everything this upstream needs from the gateway's secrets.
+    pub fn gateway_held_secrets(&self) -> impl Iterator<Item = &str> {
+        self.forward_secrets
+            .iter()
+            .map(|(secret, _)| secret.as_str())
+    }
+
+    /// Where a secret must be set for this upstream, for answers and `check`.
+    pub fn secret_hint(
+        &self,
+        secret: &str,
+        source: Option<&crate::secrets::SecretSource>,
+    ) -> String {
+        match (&self.kind, source) {
+            (UpstreamKind::Worker { .. }, _) => format!(
+                "the Worker behind upstream {} needs it: wrangler secret put {secret}",
+                self.name
+            ),
+            (UpstreamKind::Local { .. }, Some(source)) => format!(
+                "set {} for the gateway, then reload it (SIGHUP or POST /reload)",
+                source.describe()
+            ),
+            (UpstreamKind::Local { .. }, None) => format!(
+                "set {secret} where the agent backend of upstream {} reads it",
+                self.name
+            ),
+        }
+    }
+
     /// Whether the gateway must set the routing headers itself.
     pub fn is_local(&self) -> bool {
         matches!(self.kind, UpstreamKind::Local { .. })

@@ -772,30 +772,49 @@ async fn agents_011_behind_a_local_upstream_needs_the_gateway() {
     );
 }
 
-/// Today the gateway relays the Worker's own refusal. Issue "secret missing" will turn this
-/// into the gateway's 503 `{"error":"secret_missing",...}`; update the expectations then.
+/// The field's failure: the Worker answers the upgrade with 500 "OPENROUTER_API_KEY is not
+/// set", which a browser reports as 1006. Through the gateway the client gets 503 JSON naming
+/// the secret and how to set it, the gateway marks the upstream, and the secret gauge says 0.
 #[tokio::test]
-async fn worker_without_its_key_is_refused_with_an_http_answer() {
+async fn worker_without_its_key_gets_the_gateway_503_json() {
     let workerd = start_workerd("current", None);
     let gateway = start_gateway(&worker_config(workerd.address));
-    for (address, path) in [
-        (gateway.address(), "/agents/CoderAgent/default"),
-        (workerd.address, "/agents/coder-agent/default"),
-    ] {
-        // A WebSocket client gets an HTTP answer, not a socket that dies...
-        let (status, _) = connect_refused(&format!("ws://{address}{path}")).await;
-        assert_eq!(status, 500, "{address}{path}");
-        // ...and that answer carries the Worker's reason.
-        let answer = raw_upgrade(address, path).await;
-        assert_eq!(answer.status, 500, "{address}{path}");
-        assert_eq!(answer.body, "OPENROUTER_API_KEY is not set");
-    }
-    let answer = get(gateway.address(), "/agents/CoderAgent/default", &[]).await;
-    assert_eq!(answer.status, 500);
+    // Straight to workerd: the bare 500 the browser turns into 1006.
+    let direct = raw_upgrade(workerd.address, "/agents/coder-agent/default").await;
+    assert_eq!(
+        (direct.status, direct.body.as_str()),
+        (500, "OPENROUTER_API_KEY is not set")
+    );
+    // Through the gateway: a WebSocket client gets an HTTP answer that says what is wrong.
+    let answer = raw_upgrade(gateway.address(), "/agents/CoderAgent/default").await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let body = answer.json();
+    assert_eq!(body["error"], "secret_missing");
+    assert_eq!(body["secret"], "OPENROUTER_API_KEY");
+    let hint = body["hint"].as_str().unwrap_or_default();
     assert!(
-        answer.body.contains("OPENROUTER_API_KEY is not set"),
-        "{}",
-        answer.body
+        hint.contains("wrangler secret put OPENROUTER_API_KEY"),
+        "{hint}"
+    );
+    // Plain HTTP gets the same answer instead of a bare 500.
+    let answer = get(gateway.address(), "/agents/CoderAgent/default", &[]).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.json()["error"], "secret_missing");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_gateway_secret_present{secret=\"OPENROUTER_API_KEY\",upstream=\"workerd\"}"
+        ),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agent_gateway_ws_handshakes_total{agent=\"CoderAgent\",result=\"secret_missing\"}"
+        ),
+        1.0
     );
 }
 

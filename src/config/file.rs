@@ -27,6 +27,17 @@ pub struct ConfigFile {
     pub routes: Vec<RouteSection>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamSection>,
+    /// Where each secret comes from; a secret named only in `require` is read from the
+    /// environment variable of its name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSection {
+    pub env: Option<SpannedString>,
+    pub file: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -34,12 +45,14 @@ pub struct ConfigFile {
 pub struct ServerSection {
     pub listen: Option<SpannedString>,
     pub threads: Option<Spanned<i64>>,
+    pub drain_grace: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<SpannedString>,
+    pub ready_requires_secrets: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +72,8 @@ pub struct RouteSection {
     pub default_instance: Option<SpannedString>,
     /// Replaces the global `[cors]` policy for this route, whole.
     pub cors: Option<CorsSection>,
+    /// Secrets this route's agents need; defaults to OPENROUTER_API_KEY.
+    pub require: Option<Vec<SpannedString>>,
     #[serde(default)]
     pub agents: Vec<AgentSection>,
 }
@@ -99,4 +114,9 @@ pub struct UpstreamSection {
     pub ca_file: Option<SpannedString>,
     pub connect_timeout: Option<SpannedString>,
     pub read_timeout: Option<SpannedString>,
+    pub require: Option<Vec<SpannedString>>,
+    /// Secret name -> request header that carries it upstream (local upstreams only).
+    pub forward_secrets: Option<Spanned<BTreeMap<String, SpannedString>>>,
+    pub probe_path: Option<SpannedString>,
+    pub probe_interval: Option<SpannedString>,
 }

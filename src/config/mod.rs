@@ -8,8 +8,9 @@ mod file;
 use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
 use crate::agent_path::parse_agent_path;
 use crate::cors::{CorsPolicy, CorsSpec, CorsSpecError};
+use crate::secrets::{Secret, SecretSource, DEFAULT_REQUIRED};
 use crate::upstream::{
-    Node, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+    Node, Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
 };
 use crate::websocket::pump::PumpSettings;
 use file::{ConfigFile, CorsSection, SpannedString, UpstreamSection};
@@ -24,6 +25,8 @@ use toml::Spanned;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PREFIX: &str = "/agents";
 pub const DEFAULT_INSTANCE: &str = "default";
 pub const DEFAULT_THREADS: usize = 2;
@@ -42,6 +45,12 @@ pub struct GatewayConfig {
     pub fallback_upstream: Option<Arc<Upstream>>,
     /// The global policy, also applied to the fallback upstream; `None`: no CORS handling.
     pub cors: Option<Arc<CorsPolicy>>,
+    /// Every secret the file names, with its value as read at load.
+    pub secrets: BTreeMap<String, Secret>,
+    /// How long open WebSockets get to finish after Close 1001 on SIGTERM.
+    pub drain_grace: Duration,
+    /// `/readyz` answers 503 while a required secret is missing.
+    pub ready_requires_secrets: bool,
 }
 
 #[derive(Debug)]
@@ -65,6 +74,8 @@ pub struct Agent {
     /// The URL segment the upstream expects (`coder-agent`).
     pub slug: String,
     pub upstream: Arc<Upstream>,
+    /// Secrets requests to this agent need: its route's and its upstream's.
+    pub required_secrets: Vec<String>,
 }
 
 impl Route {
@@ -179,6 +190,10 @@ impl Ctx<'_> {
             None => DEFAULT_THREADS,
         };
 
+        let mut secrets = BTreeMap::new();
+        for (name, section) in &file.secrets {
+            secrets.insert(name.clone(), self.secret(name, section)?);
+        }
         let mut upstreams = BTreeMap::new();
         for (name, section) in file.upstreams {
             let upstream = self.upstream(&name, section)?;
@@ -269,6 +284,13 @@ impl Ctx<'_> {
             }
             let mut agents: HashMap<String, Arc<Agent>> = HashMap::new();
             let mut agent_lines: HashMap<String, usize> = HashMap::new();
+            let route_requires = match &section.require {
+                Some(names) => names
+                    .iter()
+                    .map(|n| self.secret_name(n))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => vec![DEFAULT_REQUIRED.to_owned()],
+            };
             for agent in section.agents {
                 let agent_name = agent.name.get_ref();
                 if !is_valid_agent_name(agent_name) {
@@ -306,6 +328,17 @@ impl Ctx<'_> {
                     None => sdk_slug(agent_name),
                 };
                 let upstream = lookup(&agent.upstream)?;
+                let mut required_secrets = route_requires.clone();
+                for name in upstream
+                    .require
+                    .iter()
+                    .map(String::as_str)
+                    .chain(upstream.gateway_held_secrets())
+                {
+                    if !required_secrets.iter().any(|r| r == name) {
+                        required_secrets.push(name.to_owned());
+                    }
+                }
                 agent_lines.insert(
                     key.clone(),
                     line_column(self.text, agent.name.span().start).0,
@@ -316,6 +349,7 @@ impl Ctx<'_> {
                         name: agent_name.clone(),
                         slug,
                         upstream,
+                        required_secrets,
                     }),
                 );
             }
@@ -336,6 +370,23 @@ impl Ctx<'_> {
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        // A secret named only in `require` or `forward_secrets` is read from the environment
+        // variable of its name.
+        let named: Vec<String> = routes
+            .iter()
+            .flat_map(|r| r.agents.values())
+            .flat_map(|a| a.required_secrets.iter().cloned())
+            .collect();
+        for name in named {
+            secrets.entry(name.clone()).or_insert_with(|| {
+                let source = SecretSource::Env(name);
+                Secret {
+                    value: source.read(),
+                    source,
+                }
+            });
+        }
+        let drain_grace = self.duration(file.server.drain_grace.as_ref(), DEFAULT_DRAIN_GRACE)?;
 
         Ok(GatewayConfig {
             listen,
@@ -346,6 +397,45 @@ impl Ctx<'_> {
             upstreams,
             fallback_upstream,
             cors: global_cors,
+            secrets,
+            drain_grace,
+            ready_requires_secrets: file.admin.ready_requires_secrets.unwrap_or(true),
+        })
+    }
+
+    fn secret_name(&self, name: &SpannedString) -> Result<String, ConfigError> {
+        let n = name.get_ref();
+        if !is_secret_name(n) {
+            return Err(self.error(
+                name,
+                "a secret name is an identifier such as OPENROUTER_API_KEY",
+            ));
+        }
+        Ok(n.clone())
+    }
+
+    fn secret(&self, name: &str, section: &file::SecretSection) -> Result<Secret, ConfigError> {
+        let source = match (&section.env, &section.file) {
+            (Some(_), Some(file)) => {
+                return Err(self.error(
+                    file,
+                    format!("secret {name} has both `env` and `file`; give one source"),
+                ))
+            }
+            (Some(env), None) => SecretSource::Env(env.get_ref().clone()),
+            (None, Some(file)) => {
+                // systemd's LoadCredential= puts credentials under $CREDENTIALS_DIRECTORY.
+                let expanded = match std::env::var("CREDENTIALS_DIRECTORY") {
+                    Ok(dir) => file.get_ref().replace("${CREDENTIALS_DIRECTORY}", &dir),
+                    Err(_) => file.get_ref().clone(),
+                };
+                SecretSource::File(self.relative(&expanded))
+            }
+            (None, None) => SecretSource::Env(name.to_owned()),
+        };
+        Ok(Secret {
+            value: source.read(),
+            source,
         })
     }
 
@@ -450,6 +540,50 @@ impl Ctx<'_> {
                 format!("upstream name {name:?} may hold only ASCII letters, digits, '-' and '_'"),
             ));
         }
+        let require = section
+            .require
+            .iter()
+            .flatten()
+            .map(|n| self.secret_name(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut forward_secrets = Vec::new();
+        if let Some(forward) = &section.forward_secrets {
+            if section.kind.get_ref() != "local" {
+                return Err(self.error(
+                    forward,
+                    "`forward_secrets` is for local upstreams; a Worker keeps its key as a Worker secret",
+                ));
+            }
+            for (secret, header) in forward.get_ref() {
+                if !is_secret_name(secret) {
+                    return Err(self.error(header, format!("{secret:?} is not a secret name")));
+                }
+                let name = http::HeaderName::from_bytes(header.get_ref().as_bytes())
+                    .map_err(|_| self.error(header, "not a valid header name"))?;
+                forward_secrets.push((secret.clone(), name));
+            }
+        }
+        let probe = match &section.probe_path {
+            Some(path) => {
+                if !path.get_ref().starts_with('/') {
+                    return Err(self.error(
+                        path,
+                        "`probe_path` is a path such as \"/agents/coder-agent/probe\"",
+                    ));
+                }
+                Some(Probe {
+                    path: path.get_ref().clone(),
+                    interval: self
+                        .duration(section.probe_interval.as_ref(), DEFAULT_PROBE_INTERVAL)?,
+                })
+            }
+            None => {
+                if let Some(interval) = &section.probe_interval {
+                    return Err(self.error(interval, "`probe_interval` needs a `probe_path`"));
+                }
+                None
+            }
+        };
         let connect_timeout =
             self.duration(section.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT)?;
         let read_timeout = self.duration(section.read_timeout.as_ref(), DEFAULT_READ_TIMEOUT)?;
@@ -529,6 +663,9 @@ impl Ctx<'_> {
             kind,
             connect_timeout,
             read_timeout,
+            require,
+            forward_secrets,
+            probe,
         })
     }
 
@@ -603,6 +740,14 @@ impl Ctx<'_> {
             .parent()
             .map_or_else(|| p.to_owned(), |dir| dir.join(p))
     }
+}
+
+/// An identifier, as environment variable names are: `OPENROUTER_API_KEY`.
+fn is_secret_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn host_of(address: &str) -> &str {

@@ -50,9 +50,14 @@ pub fn free_port() -> u16 {
 
 /// Starts the reference backend on an ephemeral port, waiting for its readiness line.
 pub fn start_backend(key: Option<&str>) -> Proc {
+    start_backend_at("127.0.0.1:0".parse().expect("address"), key)
+}
+
+/// Starts the reference backend on `address` (port 0: any free port).
+pub fn start_backend_at(address: SocketAddr, key: Option<&str>) -> Proc {
     let mut command = Command::new(BIN);
     command
-        .args(["backend", "--listen", "127.0.0.1:0"])
+        .args(["backend", "--listen", &address.to_string()])
         .env_remove("OPENROUTER_API_KEY")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -170,6 +175,8 @@ pub fn start_gateway_with(
             "RUST_LOG",
             std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
         )
+        // Agent routes require this by default; tests that need it missing set it empty.
+        .env("OPENROUTER_API_KEY", TEST_KEY)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -280,8 +287,29 @@ fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
         head: head.to_owned(),
         body: body.to_owned(),
     };
+    if response
+        .header("transfer-encoding")
+        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    {
+        let body = decode_chunked(&response.body)?;
+        return Some(RawResponse { body, ..response });
+    }
     let length: usize = response.header("content-length")?.parse().ok()?;
     (response.body.len() >= length).then_some(response)
+}
+
+/// The body of a complete chunked encoding, or `None` while it is incomplete.
+fn decode_chunked(mut raw: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size_line, rest) = raw.split_once("\r\n")?;
+        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(rest.get(..size)?);
+        raw = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// `GET path` with `Connection: close` and extra header lines.
@@ -322,7 +350,10 @@ pub async fn connect_refused_with(url: &str, headers: &[(&str, &str)]) -> (u16, 
     }
     request.push_str("\r\n");
     let answer = raw_request(address, &request).await;
-    assert_ne!(answer.status, 101, "expected a refusal, the upgrade succeeded");
+    assert_ne!(
+        answer.status, 101,
+        "expected a refusal, the upgrade succeeded"
+    );
     (answer.status, answer.body)
 }
 

@@ -1,0 +1,92 @@
+//! Logging: env_logger (level from `RUST_LOG`, `info` by default), behind a filter that
+//! removes every secret value the gateway has read from every record, whichever crate wrote
+//! it. Pingora's own debug logs print whole request headers, and a forwarded secret travels
+//! in one; this is what keeps it out of the logs.
+
+use log::{Log, Metadata, Record};
+use std::sync::RwLock;
+
+/// Values to scrub, registered as secrets are read (kept after rotation: old values stay
+/// secret too).
+static SECRET_VALUES: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+const REDACTED: &str = "[redacted]";
+
+/// Registers a secret's value for scrubbing.
+pub fn register_secret(value: &str) {
+    if let Ok(mut values) = SECRET_VALUES.write() {
+        if !values.iter().any(|v| v == value) {
+            values.push(value.to_owned());
+        }
+    }
+}
+
+/// `text` with every registered secret value replaced.
+pub fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
+    let Ok(values) = SECRET_VALUES.read() else {
+        return REDACTED.into();
+    };
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for value in values.iter() {
+        if out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), REDACTED).into();
+        }
+    }
+    out
+}
+
+struct ScrubbingLogger {
+    inner: env_logger::Logger,
+}
+
+impl Log for ScrubbingLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.inner.enabled(record.metadata()) {
+            return;
+        }
+        let message = record.args().to_string();
+        let scrubbed = scrub(&message);
+        self.inner.log(
+            &Record::builder()
+                .args(format_args!("{scrubbed}"))
+                .metadata(record.metadata().clone())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Installs the logger; called once at start-up.
+pub fn init() {
+    let inner =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max = inner.filter();
+    if log::set_boxed_logger(Box::new(ScrubbingLogger { inner })).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_values_are_scrubbed() {
+        register_secret("sk-scrub-test-123");
+        assert_eq!(
+            scrub("x-key: sk-scrub-test-123, again sk-scrub-test-123"),
+            "x-key: [redacted], again [redacted]"
+        );
+        assert_eq!(scrub("nothing here"), "nothing here");
+    }
+}
