@@ -51,7 +51,11 @@ impl ServeHttp for Admin {
                     .body(body)
                     .unwrap_or_default()
             }
-            (Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "alive"})),
+            // The pid tells which process answers, across a binary upgrade.
+            (Method::GET, "/healthz") => json_response(
+                StatusCode::OK,
+                json!({"status": "alive", "pid": std::process::id()}),
+            ),
             (Method::GET, "/readyz") => match self.state.not_ready_reason() {
                 Some(mut why) => {
                     why["ready"] = json!(false);

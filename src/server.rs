@@ -21,6 +21,7 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
         // WebSockets are closed, and in-flight HTTP requests get these few seconds.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: config.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
     let opt = Opt {

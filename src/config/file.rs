@@ -46,6 +46,7 @@ pub struct ServerSection {
     pub listen: Option<SpannedString>,
     pub threads: Option<Spanned<i64>>,
     pub drain_grace: Option<SpannedString>,
+    pub upgrade_sock: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -26,6 +26,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/agent-gateway-upgrade.sock";
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PREFIX: &str = "/agents";
 pub const DEFAULT_INSTANCE: &str = "default";
@@ -49,6 +50,8 @@ pub struct GatewayConfig {
     pub secrets: BTreeMap<String, Secret>,
     /// How long open WebSockets get to finish after Close 1001 on SIGTERM.
     pub drain_grace: Duration,
+    /// The Unix socket over which a new process (`run --upgrade`) takes the listeners over.
+    pub upgrade_sock: PathBuf,
     /// `/readyz` answers 503 while a required secret is missing.
     pub ready_requires_secrets: bool,
 }
@@ -399,6 +402,10 @@ impl Ctx<'_> {
             cors: global_cors,
             secrets,
             drain_grace,
+            upgrade_sock: file.server.upgrade_sock.as_ref().map_or_else(
+                || PathBuf::from(DEFAULT_UPGRADE_SOCK),
+                |p| self.relative(p.get_ref()),
+            ),
             ready_requires_secrets: file.admin.ready_requires_secrets.unwrap_or(true),
         })
     }

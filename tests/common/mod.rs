@@ -208,6 +208,7 @@ pub fn local_config(nodes: &[SocketAddr]) -> String {
 [server]
 listen = "{{listen}}"
 threads = 2
+upgrade_sock = "upgrade.sock"
 
 [admin]
 listen = "{{admin}}"
