@@ -33,6 +33,7 @@ COUNTERS = {
     "agent_gateway_upstream_errors_total",
     "agent_gateway_config_reloads_total",
     "agent_gateway_origin_refusals_total",
+    "agent_gateway_limit_refusals_total",
 }
 GAUGES = {
     "agent_gateway_ws_connections_active",

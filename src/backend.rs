@@ -257,9 +257,7 @@ fn is_credential(name: &str) -> bool {
 /// What the backend reports of a credential: its length and FNV-1a hash, enough for a test
 /// to check that the right value arrived without anyone printing it.
 pub fn fingerprint(value: &str) -> String {
-    let hash = value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = crate::upstream::stable_hash(value.as_bytes());
     format!("redacted len={} fnv={hash:016x}", value.len())
 }
 

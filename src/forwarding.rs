@@ -27,9 +27,12 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// Facts about the downstream connection that the upstream is told.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
+    /// The client, as [`crate::client_address::client_ip`] decided.
     pub ip: Option<IpAddr>,
+    /// The `X-Forwarded-For` to send, from [`crate::client_address::forwarded_for`].
+    pub forwarded_for: Option<String>,
     pub tls: bool,
 }
 
@@ -66,16 +69,11 @@ pub fn prepare_upstream_request(
         req.insert_header(NAMESPACE_HEADER, agent.agent.slug.as_str())?;
         req.insert_header(ROOM_HEADER, agent.instance.as_str())?;
     }
-    if let Some(ip) = client.ip {
-        let forwarded_for = match req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip.to_string(),
-        };
-        req.insert_header("x-forwarded-for", forwarded_for)?;
+    match client.forwarded_for {
+        Some(chain) => req.insert_header("x-forwarded-for", chain)?,
+        None => {
+            req.remove_header("x-forwarded-for");
+        }
     }
     req.insert_header(
         "x-forwarded-proto",
@@ -151,8 +149,10 @@ upstream = "cloud"
         for (k, v) in headers {
             req.append_header(k.to_string(), *v).expect("header");
         }
+        // The chain as client_address::forwarded_for builds it behind a trusted proxy.
         let client = ClientInfo {
             ip: Some("10.1.2.3".parse().expect("ip")),
+            forwarded_for: Some("192.0.2.1, 10.1.2.3".to_owned()),
             tls: false,
         };
         prepare_upstream_request(&mut req, &target, client, websocket, &config.secrets)

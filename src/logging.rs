@@ -4,6 +4,7 @@
 //! in one; this is what keeps it out of the logs.
 
 use log::{Log, Metadata, Record};
+use std::io::Write;
 use std::sync::RwLock;
 
 /// Values to scrub, registered as secrets are read (kept after rotation: old values stay
@@ -66,14 +67,54 @@ impl Log for ScrubbingLogger {
     }
 }
 
-/// Installs the logger; called once at start-up.
-pub fn init() {
-    let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+/// Installs the logger; called once at start-up. `RUST_LOG` wins over `level`.
+pub fn init(level: &str, json: bool) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    if json {
+        builder.format(|buf, record| {
+            let line = serde_json::json!({
+                "ts": buf.timestamp().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    let inner = builder.build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(ScrubbingLogger { inner })).is_ok() {
         log::set_max_level(max);
     }
+}
+
+/// Writes one access or connection line to stdout: JSON, or `key=value` pairs.
+pub fn record(json: bool, kind: &str, fields: &[(&str, serde_json::Value)]) {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line = if json {
+        let mut object = serde_json::Map::new();
+        object.insert("ts".to_owned(), serde_json::json!(ts));
+        object.insert("kind".to_owned(), serde_json::json!(kind));
+        for (key, value) in fields {
+            object.insert((*key).to_owned(), value.clone());
+        }
+        serde_json::Value::Object(object).to_string()
+    } else {
+        let mut line = format!("ts={ts:.3} kind={kind}");
+        for (key, value) in fields {
+            match value {
+                serde_json::Value::String(s) => line.push_str(&format!(" {key}={s:?}")),
+                other => line.push_str(&format!(" {key}={other}")),
+            }
+        }
+        line
+    };
+    let scrubbed = scrub(&line);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{scrubbed}");
 }
 
 #[cfg(test)]

@@ -44,10 +44,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    agent_gateway::logging::init();
     match cli.command {
         Command::Run { config, upgrade } => match GatewayConfig::load(&config) {
             Ok(loaded) => {
+                agent_gateway::logging::init(&loaded.log.level, loaded.log.json);
                 server::run(loaded, config, upgrade);
                 ExitCode::SUCCESS
             }
@@ -59,8 +59,12 @@ fn main() -> ExitCode {
         Command::Check {
             config,
             warn_secrets,
-        } => check(&config, warn_secrets),
+        } => {
+            agent_gateway::logging::init("warn", false);
+            check(&config, warn_secrets)
+        }
         Command::Backend { listen } => {
+            agent_gateway::logging::init("info", false);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

@@ -33,6 +33,7 @@ pub struct Metrics {
     origin_refusals: IntCounterVec,
     secret_present: IntGaugeVec,
     config_reloads: IntCounterVec,
+    limit_refusals: IntCounterVec,
 }
 
 /// Live counters of one direction of one connection.
@@ -141,6 +142,11 @@ impl Metrics {
                 "Configuration reloads (SIGHUP or POST /reload), by result.",
                 &["result"],
             ),
+            limit_refusals: counter(
+                "agent_gateway_limit_refusals_total",
+                "Requests refused by a limit (upgrade rate, open WebSockets, header or body size).",
+                &["limit"],
+            ),
             registry,
         };
         // Both results exist from the start, so that increase() sees the first failure.
@@ -172,6 +178,7 @@ impl Metrics {
             Box::new(metrics.origin_refusals.clone()),
             Box::new(metrics.secret_present.clone()),
             Box::new(metrics.config_reloads.clone()),
+            Box::new(metrics.limit_refusals.clone()),
             Box::new(build_info),
         ] {
             metrics
@@ -249,6 +256,10 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
+    }
+
+    pub fn limit_refused(&self, limit: &str) {
+        self.limit_refusals.with_label_values(&[limit]).inc();
     }
 
     pub fn config_reloaded(&self, success: bool) {

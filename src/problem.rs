@@ -1,6 +1,7 @@
 //! The gateway's own error answers: an HTTP status and a short JSON body naming the problem.
 
 use crate::cors::OriginHeaderError;
+use crate::limits::LimitRefusal;
 use crate::routing::Refusal;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -101,6 +102,24 @@ impl Problem {
                 "upstream_status": status,
                 "upstream_body": String::from_utf8_lossy(body),
             }),
+        )
+    }
+
+    pub fn limit(refusal: LimitRefusal) -> Self {
+        let detail = match refusal {
+            LimitRefusal::UpgradeRate => {
+                "too many WebSocket upgrades from this address; retry in a second"
+            }
+            LimitRefusal::WebSocketsPerIp => "too many open WebSockets from this address",
+            LimitRefusal::WebSocketsTotal => {
+                "the gateway holds as many WebSockets as it is configured for"
+            }
+            LimitRefusal::HeaderTooLarge => "the request header is larger than the gateway accepts",
+            LimitRefusal::BodyTooLarge => "the request body is larger than the gateway accepts",
+        };
+        Problem::new(
+            refusal.status(),
+            json!({"error": refusal.kind(), "detail": detail}),
         )
     }
 

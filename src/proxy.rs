@@ -1,9 +1,11 @@
 //! The Pingora hooks. They stay thin: decisions are made by [`crate::routing`],
 //! [`crate::forwarding`] and [`crate::websocket`], which are plain code with their own tests.
 
+use crate::client_address::{client_ip, forwarded_for};
 use crate::config::GatewayConfig;
 use crate::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
 use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
+use crate::limits::check_request;
 use crate::metrics::UNKNOWN_AGENT;
 use crate::problem::{upstream_error_kind, Problem};
 use crate::routing::{resolve, Target};
@@ -66,15 +68,32 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// The policy in force and the origin it allowed, if any.
     cors: Option<(Arc<CorsPolicy>, Option<String>)>,
+    started: Instant,
+    /// The agent label, once routed.
+    agent: Option<String>,
+    /// Facts for the access line, taken before a WebSocket takeover leaves the session
+    /// without its request.
+    method: String,
+    path: String,
+    client_ip: Option<std::net::IpAddr>,
 }
 
-fn client_info(session: &Session) -> ClientInfo {
-    let ip = session
+fn client_info(session: &Session, config: &GatewayConfig) -> ClientInfo {
+    let peer = session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
+    let incoming = session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-    ClientInfo { ip, tls }
+    ClientInfo {
+        ip: client_ip(peer, incoming, &config.trusted_proxies),
+        forwarded_for: peer.map(|p| forwarded_for(p, incoming, &config.trusted_proxies)),
+        tls,
+    }
 }
 
 fn agent_label(target: Option<&Target>) -> &str {
@@ -96,6 +115,11 @@ impl ProxyHttp for Gateway {
             status: None,
             upstream_started: None,
             cors: None,
+            started: Instant::now(),
+            agent: None,
+            method: String::new(),
+            path: String::new(),
+            client_ip: None,
         }
     }
 
@@ -103,8 +127,16 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let config = self.state.config();
         let metrics = &self.state.metrics;
+        ctx.client_ip = client_info(session, &config).ip;
         let req = session.req_header();
+        ctx.method = req.method.as_str().to_owned();
+        ctx.path = req.uri.path().to_owned();
         let websocket = is_websocket_upgrade(req);
+        if let Err(refusal) = check_request(&config.limits, req) {
+            metrics.limit_refused(refusal.kind());
+            Problem::limit(refusal).send(session).await?;
+            return Ok(true);
+        }
         let target = match resolve(&config, req.uri.path(), req.uri.query()) {
             Ok(target) => target,
             Err(refusal) => {
@@ -123,6 +155,7 @@ impl ProxyHttp for Gateway {
             Some(agent) => agent.route.clone(),
             None => FALLBACK_ROUTE.to_owned(),
         };
+        ctx.agent = Some(agent_label(Some(&target)).to_owned());
         if let Some(policy) = target.cors.clone() {
             let origin = match request_origin(&req.headers) {
                 Ok(origin) => origin,
@@ -234,7 +267,7 @@ impl ProxyHttp for Gateway {
         prepare_upstream_request(
             upstream_request,
             target,
-            client_info(session),
+            client_info(session, config),
             false,
             &config.secrets,
         )
@@ -335,6 +368,33 @@ impl ProxyHttp for Gateway {
         if let Some(status) = status {
             self.state.metrics.http_request(&ctx.route, status);
         }
+        let config = self.state.config();
+        if config.log.access_log {
+            crate::logging::record(
+                config.log.json,
+                "access",
+                &[
+                    ("method", json!(ctx.method)),
+                    // The path only: queries carry connection ids.
+                    ("path", json!(ctx.path)),
+                    ("route", json!(ctx.route)),
+                    ("agent", json!(ctx.agent.as_deref().unwrap_or("-"))),
+                    ("status", json!(status.unwrap_or(0))),
+                    (
+                        "duration_ms",
+                        json!(ctx.started.elapsed().as_millis() as u64),
+                    ),
+                    (
+                        "upstream",
+                        json!(ctx
+                            .target
+                            .as_ref()
+                            .map_or("-", |t| t.upstream.name.as_str())),
+                    ),
+                    ("client", json!(ctx.client_ip.map(|ip| ip.to_string()))),
+                ],
+            );
+        }
     }
 }
 
@@ -418,14 +478,18 @@ impl Gateway {
             problem.send(session).await?;
             return Ok(problem.status);
         }
+        let client = client_info(session, config);
+        let _slot = match self.state.limits.admit_websocket(&config.limits, client.ip) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                metrics.limit_refused(refusal.kind());
+                let problem = refuse(Problem::limit(refusal), &refusal.status().to_string());
+                problem.send(session).await?;
+                return Ok(problem.status);
+            }
+        };
         let mut request = session.req_header().clone();
-        prepare_upstream_request(
-            &mut request,
-            target,
-            client_info(session),
-            true,
-            &config.secrets,
-        )?;
+        prepare_upstream_request(&mut request, target, client, true, &config.secrets)?;
         let started = Instant::now();
         let answer = match peer_for(target).await {
             Ok(peer) => {
@@ -511,7 +575,9 @@ impl Gateway {
             metrics.upstream_error(upstream_name, kind);
         }
         metrics.connection_closed(agent, &outcome);
-        log_outcome(target, &outcome);
+        if config.log.access_log {
+            log_outcome(config.log.json, target, &outcome);
+        }
         Ok(101)
     }
 
@@ -587,21 +653,37 @@ async fn relay_refusal(
     session.write_response_body(Some(body), true).await
 }
 
-fn log_outcome(target: &Target, outcome: &ConnectionOutcome) {
-    info!(
-        "websocket closed agent={} upstream={} initiator={} code={} reason_len={} answered={} drop={} protocol_error={} duration_ms={} frames_in={} frames_out={} bytes_in={} bytes_out={}",
-        agent_label(Some(target)),
-        target.upstream.name,
-        outcome.initiator.label(),
-        outcome.code,
-        outcome.reason_len,
-        outcome.answered,
-        outcome.drop_kind.map_or("-", |k| k.label()),
-        outcome.protocol_error.map_or("-", |e| e.kind()),
-        outcome.duration.as_millis(),
-        outcome.client_to_upstream.frames,
-        outcome.upstream_to_client.frames,
-        outcome.client_to_upstream.bytes,
-        outcome.upstream_to_client.bytes,
+/// One connection line per WebSocket at close. The instance is hashed: its name can be a
+/// user's identifier.
+fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
+    let instance = target.agent.as_ref().map_or("", |a| a.instance.as_str());
+    crate::logging::record(
+        json,
+        "websocket",
+        &[
+            ("agent", json!(agent_label(Some(target)))),
+            (
+                "instance_hash",
+                json!(format!(
+                    "{:016x}",
+                    crate::upstream::stable_hash(instance.as_bytes())
+                )),
+            ),
+            ("upstream", json!(target.upstream.name)),
+            ("initiator", json!(outcome.initiator.label())),
+            ("code", json!(outcome.code)),
+            ("reason_len", json!(outcome.reason_len)),
+            ("answered", json!(outcome.answered)),
+            ("drop", json!(outcome.drop_kind.map(|k| k.label()))),
+            (
+                "protocol_error",
+                json!(outcome.protocol_error.map(|e| e.kind())),
+            ),
+            ("duration_ms", json!(outcome.duration.as_millis() as u64)),
+            ("bytes_in", json!(outcome.client_to_upstream.bytes)),
+            ("bytes_out", json!(outcome.upstream_to_client.bytes)),
+            ("frames_in", json!(outcome.client_to_upstream.frames)),
+            ("frames_out", json!(outcome.upstream_to_client.frames)),
+        ],
     );
 }

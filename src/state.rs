@@ -3,6 +3,7 @@
 //! agent WebSockets a drain waits for.
 
 use crate::config::{ConfigError, GatewayConfig};
+use crate::limits::LimitState;
 use crate::metrics::Metrics;
 use crate::secrets::UpstreamReports;
 use arc_swap::ArcSwap;
@@ -18,6 +19,7 @@ pub struct GatewayState {
     config_path: PathBuf,
     pub metrics: Metrics,
     pub reports: UpstreamReports,
+    pub limits: LimitState,
     drain: watch::Sender<bool>,
     pub connections: ConnectionTracker,
 }
@@ -29,6 +31,7 @@ impl GatewayState {
             config_path,
             metrics: Metrics::new(),
             reports: UpstreamReports::default(),
+            limits: LimitState::default(),
             drain: watch::channel(false).0,
             connections: ConnectionTracker::default(),
         });

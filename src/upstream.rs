@@ -149,6 +149,12 @@ pub fn home_node<'a>(nodes: &'a [Node], key: &[&str]) -> Option<&'a Node> {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
+/// A hash that is the same on every build and machine (FNV-1a, 64 bits): for placement and
+/// for fingerprints in logs, never for security.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    fnv1a(FNV_OFFSET, bytes)
+}
+
 fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         hash ^= u64::from(*b);

@@ -21,6 +21,10 @@ pub struct ConfigFile {
     pub websocket: WebSocketSection,
     /// The default CORS and Origin policy of every route that has none of its own.
     pub cors: Option<CorsSection>,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub log: LogSection,
     /// Upstream for requests outside every route prefix; without it they answer 404.
     pub fallback_upstream: Option<SpannedString>,
     #[serde(default)]
@@ -47,6 +51,26 @@ pub struct ServerSection {
     pub threads: Option<Spanned<i64>>,
     pub drain_grace: Option<SpannedString>,
     pub upgrade_sock: Option<SpannedString>,
+    /// Proxies (CIDR) whose X-Forwarded-For is believed.
+    pub trusted_proxies: Option<Vec<SpannedString>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub upgrades_per_ip_per_second: Option<Spanned<i64>>,
+    pub websockets_per_ip: Option<Spanned<i64>>,
+    pub websockets_total: Option<Spanned<i64>>,
+    pub max_request_header_bytes: Option<Spanned<i64>>,
+    pub max_request_body_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<SpannedString>,
+    pub level: Option<SpannedString>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +86,7 @@ pub struct WebSocketSection {
     pub idle_timeout: Option<SpannedString>,
     pub close_timeout: Option<SpannedString>,
     pub upstream_lost_code: Option<Spanned<i64>>,
+    pub max_message_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,7 +7,9 @@ mod file;
 
 use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
 use crate::agent_path::parse_agent_path;
+use crate::client_address::Cidr;
 use crate::cors::{CorsPolicy, CorsSpec, CorsSpecError};
+use crate::limits::LimitSettings;
 use crate::secrets::{Secret, SecretSource, DEFAULT_REQUIRED};
 use crate::upstream::{
     Node, Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -26,6 +28,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/agent-gateway-upgrade.sock";
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PREFIX: &str = "/agents";
@@ -54,6 +57,18 @@ pub struct GatewayConfig {
     pub upgrade_sock: PathBuf,
     /// `/readyz` answers 503 while a required secret is missing.
     pub ready_requires_secrets: bool,
+    pub limits: LimitSettings,
+    pub trusted_proxies: Vec<Cidr>,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub json: bool,
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` environment variable wins over it.
+    pub level: String,
+    /// One line per HTTP request and one per WebSocket at close.
+    pub access_log: bool,
 }
 
 #[derive(Debug)]
@@ -173,6 +188,16 @@ impl Ctx<'_> {
                 idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
                 close_timeout: self
                     .duration(file.websocket.close_timeout.as_ref(), DEFAULT_CLOSE_TIMEOUT)?,
+                max_message_bytes: match &file.websocket.max_message_bytes {
+                    None => Some(DEFAULT_MAX_MESSAGE_BYTES),
+                    Some(max) if *max.get_ref() == 0 => None,
+                    Some(max) => Some(u64::try_from(*max.get_ref()).map_err(|_| {
+                        self.error(
+                            max,
+                            "`max_message_bytes` is a number of bytes, 0 for no cap",
+                        )
+                    })?),
+                },
                 upstream_lost_code: match &file.websocket.upstream_lost_code {
                     None => 1011,
                     Some(code) => match *code.get_ref() {
@@ -407,6 +432,78 @@ impl Ctx<'_> {
                 |p| self.relative(p.get_ref()),
             ),
             ready_requires_secrets: file.admin.ready_requires_secrets.unwrap_or(true),
+            limits: self.limits(&file.limits)?,
+            trusted_proxies: file
+                .server
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .map(|c| {
+                    c.get_ref().parse::<Cidr>().map_err(|_| {
+                        self.error(
+                            c,
+                            "a trusted proxy is an address or network such as \"10.0.0.0/8\"",
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            log: LogSettings {
+                json: match &file.log.format {
+                    None => false,
+                    Some(f) => match f.get_ref().as_str() {
+                        "plain" => false,
+                        "json" => true,
+                        _ => return Err(self.error(f, "`format` is \"plain\" or \"json\"")),
+                    },
+                },
+                level: file
+                    .log
+                    .level
+                    .as_ref()
+                    .map_or_else(|| "info".to_owned(), |l| l.get_ref().clone()),
+                access_log: file.log.access_log.unwrap_or(true),
+            },
+        })
+    }
+
+    fn limits(&self, section: &file::LimitsSection) -> Result<LimitSettings, ConfigError> {
+        let defaults = LimitSettings::default();
+        // 0 turns a limit off.
+        let count = |value: &Option<Spanned<i64>>,
+                     default: Option<u64>|
+         -> Result<Option<u64>, ConfigError> {
+            match value {
+                None => Ok(default),
+                Some(v) if *v.get_ref() == 0 => Ok(None),
+                Some(v) => u64::try_from(*v.get_ref()).map(Some).map_err(|_| {
+                    self.error(v, "a limit is a positive whole number, or 0 for none")
+                }),
+            }
+        };
+        let as_usize = |v: Option<u64>| v.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        Ok(LimitSettings {
+            upgrades_per_ip_per_second: count(
+                &section.upgrades_per_ip_per_second,
+                defaults.upgrades_per_ip_per_second.map(u64::from),
+            )?
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            websockets_per_ip: as_usize(count(
+                &section.websockets_per_ip,
+                defaults.websockets_per_ip.map(|n| n as u64),
+            )?),
+            websockets_total: as_usize(count(
+                &section.websockets_total,
+                defaults.websockets_total.map(|n| n as u64),
+            )?),
+            max_request_header_bytes: as_usize(count(
+                &section.max_request_header_bytes,
+                Some(defaults.max_request_header_bytes as u64),
+            )?)
+            .unwrap_or(usize::MAX),
+            max_request_body_bytes: count(
+                &section.max_request_body_bytes,
+                defaults.max_request_body_bytes,
+            )?,
         })
     }
 

@@ -25,6 +25,8 @@ pub enum ProtocolError {
     OneByteClosePayload,
     InvalidCloseCode,
     LengthOverflow,
+    /// A data message larger than the configured cap (closed with 1009, not 1002).
+    MessageTooBig,
 }
 
 impl ProtocolError {
@@ -42,10 +44,19 @@ impl ProtocolError {
             ProtocolError::OneByteClosePayload => "one_byte_close_payload",
             ProtocolError::InvalidCloseCode => "invalid_close_code",
             ProtocolError::LengthOverflow => "length_overflow",
+            ProtocolError::MessageTooBig => "message_too_big",
         }
     }
 
-    pub const ALL: [ProtocolError; 11] = [
+    /// The Close code the gateway sends both ways for this error.
+    pub fn close_code(self) -> u16 {
+        match self {
+            ProtocolError::MessageTooBig => 1009,
+            _ => 1002,
+        }
+    }
+
+    pub const ALL: [ProtocolError; 12] = [
         ProtocolError::ReservedOpcode,
         ProtocolError::UnmaskedClientFrame,
         ProtocolError::MaskedServerFrame,
@@ -57,6 +68,7 @@ impl ProtocolError {
         ProtocolError::OneByteClosePayload,
         ProtocolError::InvalidCloseCode,
         ProtocolError::LengthOverflow,
+        ProtocolError::MessageTooBig,
     ];
 }
 
@@ -104,6 +116,10 @@ pub struct FrameParser {
     sender: Sender,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message.
     deflate: bool,
+    /// Largest data message allowed (payload bytes over all its frames), if capped.
+    max_message: Option<u64>,
+    /// Payload bytes of the data message in progress.
+    message_len: u64,
     header: [u8; 14],
     header_len: usize,
     /// Payload bytes of the current frame still to come; `None` while reading a header.
@@ -129,6 +145,8 @@ impl FrameParser {
         FrameParser {
             sender,
             deflate,
+            max_message: None,
+            message_len: 0,
             header: [0; 14],
             header_len: 0,
             remaining: None,
@@ -139,6 +157,12 @@ impl FrameParser {
             failed: false,
             bad_frame_began_in_chunk: false,
         }
+    }
+
+    /// Caps data messages at `max` payload bytes (compressed size under permessage-deflate).
+    pub fn with_max_message(mut self, max: Option<u64>) -> Self {
+        self.max_message = max;
+        self
     }
 
     /// Whether the bytes fed so far end exactly between two frames, where a frame of the
@@ -319,6 +343,18 @@ impl FrameParser {
         }
         if opcode == OP_CLOSE && len == 1 {
             return Err(ProtocolError::OneByteClosePayload);
+        }
+        if !is_control {
+            let so_far = if opcode == OP_CONTINUATION {
+                self.message_len
+            } else {
+                0
+            };
+            let total = so_far.saturating_add(len);
+            if self.max_message.is_some_and(|max| total > max) {
+                return Err(ProtocolError::MessageTooBig);
+            }
+            self.message_len = total;
         }
         let mask = masked.then(|| {
             let mut key = [0u8; 4];
@@ -665,6 +701,24 @@ pub(crate) mod tests {
                 error: ProtocolError::InvalidCloseCode
             }
         );
+    }
+
+    #[test]
+    fn messages_over_the_cap_are_refused_whole_or_fragmented() {
+        let mut p = FrameParser::new(Sender::Client, false).with_max_message(Some(10));
+        let fits = frame(true, 0, OP_TEXT, &[1; 10], KEY);
+        assert_eq!(events(&mut p, &[&fits]).1, Feed::Ok);
+        let mut stream = frame(false, 0, OP_TEXT, &[1; 6], KEY);
+        stream.extend(frame(true, 0, OP_CONTINUATION, &[1; 5], KEY));
+        let (_, result) = events(&mut p, &[&stream]);
+        assert!(matches!(
+            result,
+            Feed::Error {
+                error: ProtocolError::MessageTooBig,
+                ..
+            }
+        ));
+        assert_eq!(ProtocolError::MessageTooBig.close_code(), 1009);
     }
 
     #[test]

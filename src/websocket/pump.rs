@@ -104,6 +104,8 @@ pub struct PumpSettings {
     pub idle_timeout: Option<Duration>,
     /// How long a closing connection may take to finish its Close handshake.
     pub close_timeout: Duration,
+    /// Largest data message either side may send; over it, both get Close 1009.
+    pub max_message_bytes: Option<u64>,
     /// The code the client gets when the upstream drops: 1011 (understood by every client
     /// library) or 1014 (Bad Gateway, which some, tungstenite among them, report as 1002).
     pub upstream_lost_code: u16,
@@ -140,9 +142,15 @@ enum Stop {
 }
 
 impl Direction {
-    fn new(sender: Sender, deflate: bool, counters: DirectionCounters, now: Instant) -> Self {
+    fn new(
+        sender: Sender,
+        deflate: bool,
+        max_message: Option<u64>,
+        counters: DirectionCounters,
+        now: Instant,
+    ) -> Self {
         Direction {
-            parser: FrameParser::new(sender, deflate),
+            parser: FrameParser::new(sender, deflate).with_max_message(max_message),
             buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
             pos: 0,
             cap: 0,
@@ -348,15 +356,18 @@ pub async fn pump(
     metrics: &ConnectionMetrics,
 ) -> ConnectionOutcome {
     let started = Instant::now();
+    let max = settings.max_message_bytes;
     let mut c2u = Direction::new(
         Sender::Client,
         deflate,
+        max,
         metrics.client_to_upstream.clone(),
         started,
     );
     let mut u2c = Direction::new(
         Sender::Server,
         deflate,
+        max,
         metrics.upstream_to_client.clone(),
         started,
     );
@@ -374,7 +385,13 @@ pub async fn pump(
 
     let mut closing_deadline: Option<tokio::time::Instant> = None;
     if let Some(error) = protocol_error {
-        close_both(&mut c2u, &mut u2c, &mut gateway_close, 1002, error.kind());
+        close_both(
+            &mut c2u,
+            &mut u2c,
+            &mut gateway_close,
+            error.close_code(),
+            error.kind(),
+        );
     }
 
     loop {
@@ -435,7 +452,13 @@ pub async fn pump(
             }
             Stop::Protocol(error) => {
                 protocol_error = Some(error);
-                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1002, error.kind());
+                close_both(
+                    &mut c2u,
+                    &mut u2c,
+                    &mut gateway_close,
+                    error.close_code(),
+                    error.kind(),
+                );
             }
         }
         break;

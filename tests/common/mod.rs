@@ -103,6 +103,11 @@ impl Gateway {
         self.proc.address
     }
 
+    /// What the gateway wrote on stdout so far: its access and connection lines.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
     /// The admin listener's Prometheus exposition.
     pub async fn metrics(&self) -> String {
         get(self.admin, "/metrics", &[]).await.body
@@ -177,7 +182,8 @@ pub fn start_gateway_with(
         )
         // Agent routes require this by default; tests that need it missing set it empty.
         .env("OPENROUTER_API_KEY", TEST_KEY)
-        .stdout(Stdio::null())
+        // Access and connection lines, for tests that read them.
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).expect("stdout file"))
         .stderr(Stdio::inherit());
     for (k, v) in env {
         command.env(k, v);

@@ -1,0 +1,213 @@
+//! Edge limits: WebSocket upgrades per client IP per second, open WebSockets per client IP
+//! and in total, request header size and declared body size. Each refusal has its own status
+//! and JSON body, and is counted.
+
+use pingora::http::RequestHeader;
+use pingora_limits::rate::Rate;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The configured limits; `None` means unlimited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSettings {
+    pub upgrades_per_ip_per_second: Option<u32>,
+    pub websockets_per_ip: Option<usize>,
+    pub websockets_total: Option<usize>,
+    pub max_request_header_bytes: usize,
+    pub max_request_body_bytes: Option<u64>,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            upgrades_per_ip_per_second: Some(50),
+            websockets_per_ip: Some(256),
+            websockets_total: Some(9000),
+            max_request_header_bytes: 32 * 1024,
+            max_request_body_bytes: Some(8 * 1024 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitRefusal {
+    UpgradeRate,
+    WebSocketsPerIp,
+    WebSocketsTotal,
+    HeaderTooLarge,
+    BodyTooLarge,
+}
+
+impl LimitRefusal {
+    pub fn status(self) -> u16 {
+        match self {
+            LimitRefusal::UpgradeRate | LimitRefusal::WebSocketsPerIp => 429,
+            LimitRefusal::WebSocketsTotal => 503,
+            LimitRefusal::HeaderTooLarge => 431,
+            LimitRefusal::BodyTooLarge => 413,
+        }
+    }
+
+    /// The `limit` label and the JSON `error`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            LimitRefusal::UpgradeRate => "upgrade_rate",
+            LimitRefusal::WebSocketsPerIp => "websockets_per_ip",
+            LimitRefusal::WebSocketsTotal => "websockets_total",
+            LimitRefusal::HeaderTooLarge => "request_header_too_large",
+            LimitRefusal::BodyTooLarge => "request_body_too_large",
+        }
+    }
+}
+
+/// Counters that outlive reloads; the limits themselves come from the configuration in force.
+pub struct LimitState {
+    upgrades: Rate,
+    open_per_ip: Mutex<HashMap<IpAddr, usize>>,
+    open_total: AtomicUsize,
+}
+
+impl Default for LimitState {
+    fn default() -> Self {
+        LimitState {
+            upgrades: Rate::new(Duration::from_secs(1)),
+            open_per_ip: Mutex::new(HashMap::new()),
+            open_total: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// An open WebSocket's place in the counts, given back when dropped.
+pub struct WebSocketSlot<'a> {
+    state: &'a LimitState,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for WebSocketSlot<'_> {
+    fn drop(&mut self) {
+        self.state.open_total.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(ip), Ok(mut per_ip)) = (self.ip, self.state.open_per_ip.lock()) {
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl LimitState {
+    /// Admits a WebSocket upgrade from `ip`, or says which limit refuses it.
+    pub fn admit_websocket(
+        &self,
+        settings: &LimitSettings,
+        ip: Option<IpAddr>,
+    ) -> Result<WebSocketSlot<'_>, LimitRefusal> {
+        if let (Some(per_second), Some(ip)) = (settings.upgrades_per_ip_per_second, ip) {
+            let allowed = isize::try_from(per_second).unwrap_or(isize::MAX);
+            if self.upgrades.observe(&ip, 1) > allowed {
+                return Err(LimitRefusal::UpgradeRate);
+            }
+        }
+        let mut per_ip = self
+            .open_per_ip
+            .lock()
+            .map_err(|_| LimitRefusal::WebSocketsTotal)?;
+        if settings
+            .websockets_total
+            .is_some_and(|max| self.open_total.load(Ordering::Acquire) >= max)
+        {
+            return Err(LimitRefusal::WebSocketsTotal);
+        }
+        if let (Some(max), Some(ip)) = (settings.websockets_per_ip, ip) {
+            if per_ip.get(&ip).copied().unwrap_or(0) >= max {
+                return Err(LimitRefusal::WebSocketsPerIp);
+            }
+        }
+        if let Some(ip) = ip {
+            *per_ip.entry(ip).or_default() += 1;
+        }
+        self.open_total.fetch_add(1, Ordering::AcqRel);
+        Ok(WebSocketSlot { state: self, ip })
+    }
+}
+
+/// Checks a request's header size and declared body size.
+pub fn check_request(settings: &LimitSettings, req: &RequestHeader) -> Result<(), LimitRefusal> {
+    let header_bytes: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + req.uri.to_string().len();
+    if header_bytes > settings.max_request_header_bytes {
+        return Err(LimitRefusal::HeaderTooLarge);
+    }
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(max), Some(len)) = (settings.max_request_body_bytes, declared) {
+        if len > max {
+            return Err(LimitRefusal::BodyTooLarge);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn websocket_counts_per_ip_and_total() {
+        let settings = LimitSettings {
+            upgrades_per_ip_per_second: None,
+            websockets_per_ip: Some(2),
+            websockets_total: Some(3),
+            ..LimitSettings::default()
+        };
+        let state = LimitState::default();
+        let a = Some(ip("192.0.2.1"));
+        let b = Some(ip("192.0.2.2"));
+        let first = state.admit_websocket(&settings, a).expect("1");
+        let _second = state.admit_websocket(&settings, a).expect("2");
+        assert_eq!(
+            state.admit_websocket(&settings, a).err(),
+            Some(LimitRefusal::WebSocketsPerIp)
+        );
+        let _third = state.admit_websocket(&settings, b).expect("3");
+        assert_eq!(
+            state.admit_websocket(&settings, b).err(),
+            Some(LimitRefusal::WebSocketsTotal)
+        );
+        drop(first);
+        assert!(state.admit_websocket(&settings, a).is_ok());
+    }
+
+    #[test]
+    fn upgrade_rate() {
+        let settings = LimitSettings {
+            upgrades_per_ip_per_second: Some(3),
+            ..LimitSettings::default()
+        };
+        let state = LimitState::default();
+        let refused = (0..10)
+            .filter(|_| {
+                state
+                    .admit_websocket(&settings, Some(ip("192.0.2.3")))
+                    .is_err()
+            })
+            .count();
+        assert!(refused >= 6, "{refused} refused");
+    }
+}
