@@ -51,9 +51,11 @@ fn observer(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("per_frame_64B", |b| {
         let mut parser = FrameParser::new(Sender::Client, false);
-        b.iter(|| parser.feed(black_box(&one), |e| {
-            black_box(e);
-        }))
+        b.iter(|| {
+            parser.feed(black_box(&one), |e| {
+                black_box(e);
+            })
+        })
     });
     group.finish();
 }

@@ -20,5 +20,6 @@ pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod websocket;

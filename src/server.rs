@@ -7,6 +7,8 @@ use crate::lifecycle::GatewaySignals;
 use crate::probe::SecretProbes;
 use crate::proxy::Gateway;
 use crate::state::GatewayState;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ALPN;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -33,11 +35,24 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
 
     let listen = config.listen.clone();
     let admin_listen = config.admin_listen.clone();
+    let tls_listen = config.tls.as_ref().map(|t| t.listen.clone());
     let state = GatewayState::new(config, config_path);
 
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
     proxy.add_tcp(&listen);
+    if let (Some(tls_listen), Some(resolver)) = (&tls_listen, state.tls_resolver()) {
+        // Certificates come from the resolver (SNI, reloadable), not from these paths.
+        match TlsSettings::intermediate("", "") {
+            Ok(mut settings) => {
+                settings.set_cert_resolver(resolver);
+                // HTTP/1.1 only: agent WebSockets are upgrades, which HTTP/2 does not have.
+                settings.set_alpn(ALPN::H1);
+                proxy.add_tls_with_settings(tls_listen, None, settings);
+            }
+            Err(e) => log::error!("cannot set up the TLS listener {tls_listen}: {e}"),
+        }
+    }
     let mut admin = Service::new("admin".to_owned(), Admin::new(state.clone()));
     admin.add_tcp(&admin_listen);
     let probes = background_service(

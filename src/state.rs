@@ -6,6 +6,7 @@ use crate::config::{ConfigError, GatewayConfig};
 use crate::limits::LimitState;
 use crate::metrics::Metrics;
 use crate::secrets::UpstreamReports;
+use crate::tls::SniResolver;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -22,11 +23,18 @@ pub struct GatewayState {
     pub limits: LimitState,
     drain: watch::Sender<bool>,
     pub connections: ConnectionTracker,
+    /// The TLS listener's certificates, replaced on reload.
+    tls_resolver: Option<Arc<SniResolver>>,
 }
 
 impl GatewayState {
     pub fn new(config: GatewayConfig, config_path: PathBuf) -> Arc<Self> {
+        let tls_resolver = config
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(SniResolver::new(t.certificates.clone())));
         let state = Arc::new(GatewayState {
+            tls_resolver,
             config: ArcSwap::from_pointee(config),
             config_path,
             metrics: Metrics::new(),
@@ -70,6 +78,12 @@ impl GatewayState {
         if new.threads != old.threads {
             needs_restart.push("server.threads");
         }
+        if new.tls.as_ref().map(|t| &t.listen) != old.tls.as_ref().map(|t| &t.listen) {
+            needs_restart.push("tls.listen");
+        }
+        if let (Some(resolver), Some(tls)) = (&self.tls_resolver, &new.tls) {
+            resolver.replace(tls.certificates.clone());
+        }
         for field in &needs_restart {
             log::warn!("reload ({trigger}): {field} changed; it takes effect only after a restart");
         }
@@ -77,6 +91,11 @@ impl GatewayState {
         self.refresh_secret_gauges();
         log::info!("reload ({trigger}) applied");
         Ok(json!({"reloaded": true, "needs_restart": needs_restart}))
+    }
+
+    /// The resolver the TLS listener is built with, if there is one.
+    pub fn tls_resolver(&self) -> Option<Arc<SniResolver>> {
+        self.tls_resolver.clone()
     }
 
     pub fn start_drain(&self) {

@@ -21,6 +21,8 @@ pub struct ConfigFile {
     pub websocket: WebSocketSection,
     /// The default CORS and Origin policy of every route that has none of its own.
     pub cors: Option<CorsSection>,
+    /// TLS termination: a second public listener.
+    pub tls: Option<TlsSection>,
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
@@ -53,6 +55,20 @@ pub struct ServerSection {
     pub upgrade_sock: Option<SpannedString>,
     /// Proxies (CIDR) whose X-Forwarded-For is believed.
     pub trusted_proxies: Option<Vec<SpannedString>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub listen: SpannedString,
+    pub certificates: Spanned<Vec<CertificateSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub cert: SpannedString,
+    pub key: SpannedString,
 }
 
 #[derive(Debug, Default, Deserialize)]

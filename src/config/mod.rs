@@ -59,7 +59,15 @@ pub struct GatewayConfig {
     pub ready_requires_secrets: bool,
     pub limits: LimitSettings,
     pub trusted_proxies: Vec<Cidr>,
+    /// The TLS listener and its certificates, read at load (and so at every reload).
+    pub tls: Option<TlsListener>,
     pub log: LogSettings,
+}
+
+#[derive(Debug)]
+pub struct TlsListener {
+    pub listen: String,
+    pub certificates: Arc<crate::tls::CertStore>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,6 +423,11 @@ impl Ctx<'_> {
             });
         }
         let drain_grace = self.duration(file.server.drain_grace.as_ref(), DEFAULT_DRAIN_GRACE)?;
+        let tls = file
+            .tls
+            .as_ref()
+            .map(|t| self.tls(t, &listen, &admin_listen))
+            .transpose()?;
 
         Ok(GatewayConfig {
             listen,
@@ -433,6 +446,7 @@ impl Ctx<'_> {
             ),
             ready_requires_secrets: file.admin.ready_requires_secrets.unwrap_or(true),
             limits: self.limits(&file.limits)?,
+            tls,
             trusted_proxies: file
                 .server
                 .trusted_proxies
@@ -463,6 +477,52 @@ impl Ctx<'_> {
                     .map_or_else(|| "info".to_owned(), |l| l.get_ref().clone()),
                 access_log: file.log.access_log.unwrap_or(true),
             },
+        })
+    }
+
+    fn tls(
+        &self,
+        section: &file::TlsSection,
+        listen: &str,
+        admin: &str,
+    ) -> Result<TlsListener, ConfigError> {
+        let address = self.socket_address(Some(&section.listen), "")?;
+        if address == listen || address == admin {
+            return Err(self.error(
+                &section.listen,
+                "the TLS listener needs an address of its own",
+            ));
+        }
+        if section.certificates.get_ref().is_empty() {
+            return Err(self.error(
+                &section.certificates,
+                "list at least one [[tls.certificates]] with `cert` and `key`",
+            ));
+        }
+        let paths: Vec<(PathBuf, PathBuf)> = section
+            .certificates
+            .get_ref()
+            .iter()
+            .map(|c| {
+                (
+                    self.relative(c.cert.get_ref()),
+                    self.relative(c.key.get_ref()),
+                )
+            })
+            .collect();
+        let pairs: Vec<(&Path, &Path)> = paths
+            .iter()
+            .map(|(c, k)| (c.as_path(), k.as_path()))
+            .collect();
+        let store = crate::tls::CertStore::load(&pairs).map_err(|why| {
+            self.error(
+                &section.certificates,
+                format!("cannot use the certificates: {why}"),
+            )
+        })?;
+        Ok(TlsListener {
+            listen: address,
+            certificates: Arc::new(store),
         })
     }
 

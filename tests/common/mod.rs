@@ -42,10 +42,15 @@ impl Proc {
 /// A free loopback port. The listener is dropped before the gateway binds it; the window is
 /// small and the ports are ephemeral.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports, held open together while chosen so none repeats.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("address").port())
 }
 
 /// Starts the reference backend on an ephemeral port, waiting for its readiness line.
@@ -87,6 +92,8 @@ pub fn start_backend_at(address: SocketAddr, key: Option<&str>) -> Proc {
 pub struct Gateway {
     pub proc: Proc,
     pub admin: SocketAddr,
+    /// The address `{tls}` stood for.
+    pub tls: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
@@ -151,7 +158,7 @@ pub fn start_gateway(config: &str) -> Gateway {
     start_gateway_with(config, &[], |_| {})
 }
 
-/// Starts the gateway with `config` (placeholders `{listen}`, `{admin}` and `{dir}`), extra environment,
+/// Starts the gateway with `config` (placeholders `{listen}`, `{admin}`, `{tls}` and `{dir}`), extra environment,
 /// and a hook to write more files into its folder first.
 pub fn start_gateway_with(
     config: &str,
@@ -160,15 +167,14 @@ pub fn start_gateway_with(
 ) -> Gateway {
     let dir = tempfile::tempdir().expect("temp dir");
     prepare(dir.path());
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
+    let [listen_port, admin_port, tls_port] = free_ports::<3>();
+    let address: SocketAddr = format!("127.0.0.1:{listen_port}").parse().expect("address");
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("address");
+    let tls: SocketAddr = format!("127.0.0.1:{tls_port}").parse().expect("address");
     let text = config
         .replace("{listen}", &address.to_string())
         .replace("{admin}", &admin.to_string())
+        .replace("{tls}", &tls.to_string())
         .replace("{dir}", &dir.path().display().to_string());
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &text).expect("config written");
@@ -194,7 +200,15 @@ pub fn start_gateway_with(
     if text.contains(&admin.to_string()) {
         wait_for_port(admin);
     }
-    Gateway { proc, admin, dir }
+    if text.contains(&tls.to_string()) {
+        wait_for_port(tls);
+    }
+    Gateway {
+        proc,
+        admin,
+        tls,
+        dir,
+    }
 }
 
 /// Waits until something accepts on `address`: the gateway's readiness for traffic.
@@ -422,4 +436,60 @@ pub fn ws_request(url: &str, headers: &[(&str, &str)]) -> http::Request<()> {
         );
     }
     request
+}
+
+/// A test certificate authority, for TLS on both sides of the gateway.
+pub struct TestCa {
+    pub pem: String,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+/// A leaf certificate issued by a [`TestCa`].
+pub struct TestLeaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    pub key_der: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("CA");
+        TestCa {
+            pem: cert.pem(),
+            cert,
+            key,
+        }
+    }
+
+    pub fn issue(&self, names: &[&str]) -> TestLeaf {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let leaf = rcgen::CertificateParams::new(names)
+            .expect("leaf params")
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("leaf");
+        TestLeaf {
+            cert_pem: leaf.pem(),
+            key_pem: key.serialize_pem(),
+            der: leaf.der().clone(),
+            key_der: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        }
+    }
+
+    /// A client configuration that trusts only this CA.
+    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).expect("CA added");
+        std::sync::Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
 }
