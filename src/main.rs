@@ -2,6 +2,7 @@ use agent_gateway::config::{GatewayConfig, Route};
 use agent_gateway::upstream::UpstreamKind;
 use agent_gateway::{backend, server};
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -91,19 +92,12 @@ fn check(path: &Path, warn_secrets: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}: ok", path.display());
-    println!("listen {}, admin {}", config.listen, config.admin_listen);
-    let mut missing = 0;
-    for route in &config.routes {
-        missing += print_route(&config, route);
-    }
-    if let Some(fallback) = &config.fallback_upstream {
-        println!();
-        println!(
-            "paths outside every prefix: {} (path unchanged)",
-            describe(fallback)
-        );
-    }
+    let mut out = std::io::stdout().lock();
+    let missing = match print_table(&mut out, path, &config) {
+        Ok(missing) => missing,
+        // The reader went away (`check | head`): nothing more to say.
+        Err(_) => return ExitCode::SUCCESS,
+    };
     if missing > 0 && !warn_secrets {
         eprintln!("error: {missing} required secret(s) missing (see above); --warn-secrets reports without failing");
         return ExitCode::FAILURE;
@@ -111,11 +105,46 @@ fn check(path: &Path, warn_secrets: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Prints the routing table; returns how many required secrets the gateway lacks.
+fn print_table(
+    out: &mut impl Write,
+    path: &Path,
+    config: &GatewayConfig,
+) -> std::io::Result<usize> {
+    writeln!(out, "{}: ok", path.display())?;
+    writeln!(
+        out,
+        "listen {}, admin {}",
+        config.listen, config.admin_listen
+    )?;
+    if let Some(tls) = &config.tls {
+        writeln!(out, "tls {}", tls.listen)?;
+    }
+    let mut missing = 0;
+    for route in &config.routes {
+        missing += print_route(out, config, route)?;
+    }
+    if let Some(fallback) = &config.fallback_upstream {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "paths outside every prefix: {} (path unchanged)",
+            describe(fallback)
+        )?;
+    }
+    Ok(missing)
+}
+
 /// Prints a route's agents and the secrets they need (names only); returns how many of those
 /// secrets the gateway should hold and does not.
-fn print_route(config: &GatewayConfig, route: &Route) -> usize {
-    println!();
-    println!(
+fn print_route(
+    out: &mut impl Write,
+    config: &GatewayConfig,
+    route: &Route,
+) -> std::io::Result<usize> {
+    writeln!(out)?;
+    writeln!(
+        out,
         "route {} ({}, default instance {:?}{})",
         route.name,
         route.prefix,
@@ -125,23 +154,25 @@ fn print_route(config: &GatewayConfig, route: &Route) -> usize {
         } else {
             ""
         }
-    );
+    )?;
     let mut agents: Vec<_> = route.agents.values().collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
     let mut missing = 0;
     for agent in agents {
         let spellings = agent_gateway::agent_name::example_spellings(&agent.name).join("|");
-        println!("  {}", agent.name);
-        println!(
+        writeln!(out, "  {}", agent.name)?;
+        writeln!(
+            out,
             "    accepts   {}/{{{spellings}}}/{{instance}}  (any case; '-' and '_' ignored)",
             route.prefix
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "    upstream  {}/{}/{{instance}} on {}",
             route.upstream_prefix,
             agent.slug,
             describe(&agent.upstream)
-        );
+        )?;
         for secret in &agent.required_secrets {
             let source = config.secrets.get(secret).map(|s| &s.source);
             let state = if !agent.upstream.is_local() {
@@ -162,10 +193,10 @@ fn print_route(config: &GatewayConfig, route: &Route) -> usize {
                 missing += 1;
                 format!("MISSING: {}", agent.upstream.secret_hint(secret, source))
             };
-            println!("    secret    {secret}: {state}");
+            writeln!(out, "    secret    {secret}: {state}")?;
         }
     }
-    missing
+    Ok(missing)
 }
 
 fn describe(upstream: &agent_gateway::upstream::Upstream) -> String {

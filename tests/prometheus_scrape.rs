@@ -28,7 +28,11 @@ async fn wait_for_query(prometheus: std::net::SocketAddr, query: &str, expected:
         if value == Some(expected) {
             return;
         }
-        assert!(Instant::now() < deadline, "{query} = {value:?}, expected {expected}: {}", answer.body);
+        assert!(
+            Instant::now() < deadline,
+            "{query} = {value:?}, expected {expected}: {}",
+            answer.body
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -40,7 +44,12 @@ async fn prometheus_scrapes_the_close_counts() {
     for code in [CloseCode::Normal, CloseCode::Normal, CloseCode::Away] {
         let mut ws = connect(&gateway.url("/agents/CoderAgent/scraped")).await;
         next_json(&mut ws).await;
-        ws.close(Some(CloseFrame { code, reason: "".into() })).await.expect("close");
+        ws.close(Some(CloseFrame {
+            code,
+            reason: "".into(),
+        }))
+        .await
+        .expect("close");
         close_code(&mut ws).await;
     }
     gateway
@@ -57,10 +66,15 @@ async fn prometheus_scrapes_the_close_counts() {
         ),
     )
     .expect("config");
-    let address: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address={address}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -79,5 +93,10 @@ async fn prometheus_scrapes_the_close_counts() {
         2.0,
     )
     .await;
-    wait_for_query(address, r#"sum by (code) (agent_gateway_ws_closes_total{code="1001"})"#, 1.0).await;
+    wait_for_query(
+        address,
+        r#"sum by (code) (agent_gateway_ws_closes_total{code="1001"})"#,
+        1.0,
+    )
+    .await;
 }
