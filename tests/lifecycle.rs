@@ -94,15 +94,7 @@ async fn sighup_applies_a_good_file_and_refuses_a_bad_one() {
     let mut support = connect(&gateway.url("/agents/support-agent/x")).await;
     assert_eq!(next_json(&mut support).await["agent"], "support-agent");
     // The socket opened before the reload still works.
-    send_text(&mut established, "still here").await;
-    assert_eq!(
-        next_message(&mut established)
-            .await
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "still here"
-    );
+    assert_echo(&mut established, "still here").await;
 
     // A bad file: refused, counted, and the configuration in force keeps serving.
     std::fs::write(
@@ -119,15 +111,7 @@ async fn sighup_applies_a_good_file_and_refuses_a_bad_one() {
         .await;
     let mut again = connect(&gateway.url("/agents/SupportAgent/y")).await;
     assert_eq!(next_json(&mut again).await["type"], "cf_agent_identity");
-    send_text(&mut established, "and now").await;
-    assert_eq!(
-        next_message(&mut established)
-            .await
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "and now"
-    );
+    assert_echo(&mut established, "and now").await;
 
     // POST /reload says why.
     let answer = raw_request(

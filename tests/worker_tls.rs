@@ -74,11 +74,9 @@ async fn start_worker(pki: &TestPki) -> std::net::SocketAddr {
     address
 }
 
-#[tokio::test]
-async fn worker_upstream_over_tls_gets_canonical_path_and_host() {
-    let pki = test_pki();
-    let worker = start_worker(&pki).await;
-    let config = format!(
+/// A gateway config with one TLS `worker` upstream at `worker`, trusting `ca.pem`.
+fn worker_config(worker: std::net::SocketAddr) -> String {
+    format!(
         r#"
 [server]
 listen = "{{listen}}"
@@ -99,7 +97,14 @@ prefix = "/agents"
 name = "CoderAgent"
 upstream = "cloud"
 "#
-    );
+    )
+}
+
+#[tokio::test]
+async fn worker_upstream_over_tls_gets_canonical_path_and_host() {
+    let pki = test_pki();
+    let worker = start_worker(&pki).await;
+    let config = worker_config(worker);
     let ca_pem = pki.ca_pem.clone();
     let gateway = start_gateway_with(&config, &[], |dir| {
         std::fs::write(dir.join("ca.pem"), ca_pem).expect("CA written");
@@ -132,26 +137,7 @@ async fn worker_with_an_untrusted_certificate_is_refused() {
     let pki = test_pki();
     let other = test_pki();
     let worker = start_worker(&pki).await;
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-
-[admin]
-listen = "{{admin}}"
-
-[upstreams.cloud]
-kind = "worker"
-address = "{worker}"
-host = "agents.test"
-ca_file = "ca.pem"
-
-[[routes]]
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "cloud"
-"#
-    );
+    let config = worker_config(worker);
     let gateway = start_gateway_with(&config, &[], |dir| {
         std::fs::write(dir.join("ca.pem"), &other.ca_pem).expect("CA written");
     });

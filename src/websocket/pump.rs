@@ -246,29 +246,19 @@ impl Direction {
     ) -> Poll<Stop> {
         loop {
             if self.pos < self.cap {
-                match Pin::new(&mut *destination).poll_write(cx, &self.buf[self.pos..self.cap]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Stop::DestinationFailed(
-                            io::ErrorKind::WriteZero.into(),
-                        ))
-                    }
+                match poll_write_some(cx, destination, &self.buf[self.pos..self.cap]) {
                     Poll::Ready(Ok(written)) => {
                         self.pos += written;
                         self.needs_flush = true;
                         continue;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
+                    Poll::Ready(Err(stop)) => return Poll::Ready(stop),
                     Poll::Pending => return Poll::Pending,
                 }
             }
             if self.can_inject() {
                 if let Some(frame) = &self.inject {
-                    match Pin::new(&mut *destination).poll_write(cx, &frame[self.inject_pos..]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Stop::DestinationFailed(
-                                io::ErrorKind::WriteZero.into(),
-                            ))
-                        }
+                    match poll_write_some(cx, destination, &frame[self.inject_pos..]) {
                         Poll::Ready(Ok(written)) => {
                             self.inject_pos += written;
                             self.needs_flush = true;
@@ -278,7 +268,7 @@ impl Direction {
                             }
                             continue;
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
+                        Poll::Ready(Err(stop)) => return Poll::Ready(stop),
                         Poll::Pending => return Poll::Pending,
                     }
                 }
@@ -322,6 +312,22 @@ impl Direction {
             }
         }
         Poll::Ready(())
+    }
+}
+
+/// One write; a destination that takes no bytes is gone.
+fn poll_write_some(
+    cx: &mut Context<'_>,
+    destination: &mut Stream,
+    bytes: &[u8],
+) -> Poll<Result<usize, Stop>> {
+    match Pin::new(&mut *destination).poll_write(cx, bytes) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(Stop::DestinationFailed(
+            io::ErrorKind::WriteZero.into(),
+        ))),
+        Poll::Ready(Ok(written)) => Poll::Ready(Ok(written)),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(Stop::DestinationFailed(e))),
+        Poll::Pending => Poll::Pending,
     }
 }
 

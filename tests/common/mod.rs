@@ -400,6 +400,13 @@ pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
+/// Sends `text` and expects it echoed back.
+pub async fn assert_echo(ws: &mut Ws, text: &str) {
+    send_text(ws, text).await;
+    let echo = next_message(ws).await.into_text().expect("a text echo");
+    assert_eq!(echo.as_str(), text);
+}
+
 pub async fn send_text(ws: &mut Ws, text: &str) {
     tokio::time::timeout(WAIT, ws.send(Message::text(text.to_owned())))
         .await
