@@ -9,6 +9,7 @@ pub mod client_address;
 pub mod config;
 pub mod cors;
 pub mod forwarding;
+pub mod header_deadline;
 pub mod lifecycle;
 pub mod limits;
 pub mod logging;

@@ -18,6 +18,8 @@ pub struct LimitSettings {
     pub websockets_total: Option<usize>,
     pub max_request_header_bytes: usize,
     pub max_request_body_bytes: Option<u64>,
+    /// How long a connection's first request head may take to arrive (slowloris).
+    pub header_timeout: Option<Duration>,
 }
 
 impl Default for LimitSettings {
@@ -28,6 +30,7 @@ impl Default for LimitSettings {
             websockets_total: Some(9000),
             max_request_header_bytes: 32 * 1024,
             max_request_body_bytes: Some(8 * 1024 * 1024),
+            header_timeout: Some(Duration::from_secs(10)),
         }
     }
 }

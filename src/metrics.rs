@@ -259,7 +259,12 @@ impl Metrics {
     }
 
     pub fn limit_refused(&self, limit: &str) {
-        self.limit_refusals.with_label_values(&[limit]).inc();
+        self.limit_counter(limit).inc();
+    }
+
+    /// The refusal counter of one limit, for code that counts without a request at hand.
+    pub fn limit_counter(&self, limit: &str) -> prometheus::IntCounter {
+        self.limit_refusals.with_label_values(&[limit])
     }
 
     pub fn config_reloaded(&self, success: bool) {

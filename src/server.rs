@@ -3,17 +3,24 @@
 
 use crate::admin::Admin;
 use crate::config::GatewayConfig;
+use crate::header_deadline::HeaderDeadline;
 use crate::lifecycle::GatewaySignals;
 use crate::probe::SecretProbes;
 use crate::proxy::Gateway;
 use crate::state::GatewayState;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ALPN;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::ShutdownWatch;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Starts the gateway and serves until a signal stops it.
 pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
@@ -38,8 +45,14 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     let tls_listen = config.tls.as_ref().map(|t| t.listen.clone());
     let state = GatewayState::new(config, config_path);
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
+    let edge = EdgeApp {
+        proxy: Arc::new(pingora::proxy::http_proxy(
+            &server.configuration,
+            Gateway::new(state.clone()),
+        )),
+        state: state.clone(),
+    };
+    let mut proxy = Service::new("agent gateway".to_owned(), edge);
     proxy.add_tcp(&listen);
     if let (Some(tls_listen), Some(resolver)) = (&tls_listen, state.tls_resolver()) {
         // Certificates come from the resolver (SNI, reloadable), not from these paths.
@@ -69,4 +82,34 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     server.run(RunArgs {
         shutdown_signal: Box::new(GatewaySignals { state }),
     });
+}
+
+/// The public listeners' app: Pingora's HTTP proxy behind a deadline on each connection's
+/// first request head, which no Pingora hook can enforce (see [`HeaderDeadline`]).
+struct EdgeApp {
+    proxy: Arc<HttpProxy<Gateway>>,
+    state: Arc<GatewayState>,
+}
+
+#[async_trait]
+impl ServerApp for EdgeApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let stream: Stream = match self.state.config().limits.header_timeout {
+            Some(limit) => Box::new(HeaderDeadline::new(
+                stream,
+                limit,
+                self.state.metrics.limit_counter("header_timeout"),
+            )),
+            None => stream,
+        };
+        ServerApp::process_new(&self.proxy, stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(self.proxy.as_ref()).await
+    }
 }

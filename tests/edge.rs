@@ -222,3 +222,32 @@ async fn access_and_connection_lines_in_json() {
         .expect("json")
         .contains("alice-private-room"));
 }
+
+#[tokio::test]
+async fn a_slow_request_head_gets_408_and_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(Some(TEST_KEY));
+    let gateway = start_gateway(&with_sections(
+        backend.address,
+        "\n[limits]\nheader_timeout = \"300ms\"\n",
+    ));
+    let mut slow = tokio::net::TcpStream::connect(gateway.address())
+        .await
+        .expect("connect");
+    // Half a request head, then nothing: the deadline ends it.
+    slow.write_all(b"GET /agents/CoderAgent/x HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, slow.read_to_string(&mut answer))
+        .await
+        .expect("the gateway ended the connection")
+        .ok();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert_eq!(gateway.metric(&refusals("header_timeout")).await, 1.0);
+    // A prompt client on the same gateway is unaffected, also past the deadline.
+    let mut ws = connect(&gateway.url("/agents/CoderAgent/prompt")).await;
+    next_json(&mut ws).await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // outlive the 300 ms head deadline
+    assert_echo(&mut ws, "still open").await;
+}

@@ -79,6 +79,7 @@ pub struct LimitsSection {
     pub websockets_total: Option<Spanned<i64>>,
     pub max_request_header_bytes: Option<Spanned<i64>>,
     pub max_request_body_bytes: Option<Spanned<i64>>,
+    pub header_timeout: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -564,6 +564,10 @@ impl Ctx<'_> {
                 &section.max_request_body_bytes,
                 defaults.max_request_body_bytes,
             )?,
+            header_timeout: match &section.header_timeout {
+                None => defaults.header_timeout,
+                Some(t) => Some(self.duration(Some(t), Duration::ZERO)?).filter(|d| !d.is_zero()),
+            },
         })
     }
 
