@@ -223,3 +223,30 @@ async fn instances_stay_on_their_home_node() {
         }
     }
 }
+
+#[tokio::test]
+async fn upstream_that_never_answers_gets_504_with_json() {
+    // Accepts connections and reads, but never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = silent.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let config = local_config(&[address]).replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nread_timeout = \"300ms\"",
+    );
+    let gateway = start_gateway(&config);
+    let answer = get(gateway.address(), "/agents/CoderAgent/default", &[]).await;
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    let body = answer.json();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(body["upstream"], "local");
+    let (status, body) = connect_refused(&gateway.url("/agents/CoderAgent/default")).await;
+    assert_eq!(status, 504, "{body}");
+}
