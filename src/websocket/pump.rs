@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-/// Bytes read per direction at once.
-const BUFFER_SIZE: usize = 16 * 1024;
+/// Bytes read per direction at once, into a buffer on the stack: an idle connection holds
+/// no read buffer at all, only what a slow destination has not taken yet.
+const READ_SIZE: usize = 16 * 1024;
 
 /// Who ended a connection, or sent the first Close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,10 +115,10 @@ pub struct PumpSettings {
 /// One direction: bytes read from `source`, parsed, written to the other side.
 struct Direction {
     parser: FrameParser,
-    buf: Box<[u8]>,
-    /// `buf[pos..cap]` is read but not yet written.
-    pos: usize,
-    cap: usize,
+    /// `pending[pending_pos..]` was read but the destination has not taken it yet; empty
+    /// (and unallocated after a burst) while the destination keeps up.
+    pending: Vec<u8>,
+    pending_pos: usize,
     needs_flush: bool,
     /// A frame of the gateway's own, waiting for a frame boundary.
     inject: Option<Vec<u8>>,
@@ -151,9 +152,8 @@ impl Direction {
     ) -> Self {
         Direction {
             parser: FrameParser::new(sender, deflate).with_max_message(max_message),
-            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
-            pos: 0,
-            cap: 0,
+            pending: Vec::new(),
+            pending_pos: 0,
             needs_flush: false,
             inject: None,
             inject_pos: 0,
@@ -181,59 +181,80 @@ impl Direction {
         }
     }
 
-    /// Handles freshly read bytes at `buf[..n]`: parse, and decide how much to forward.
-    fn accept(&mut self, n: usize) -> Result<(), ProtocolError> {
+    /// Parses freshly read `data`; returns how much of it may be forwarded, and the protocol
+    /// error that stops the rest, if any.
+    fn accept(&mut self, data: &[u8]) -> (usize, Result<(), ProtocolError>) {
         let messages_before = self.stats.messages;
-        let result = self.parse_read(n);
-        self.counters.bytes.inc_by(n as u64);
+        let result = self.parse_read(data);
+        self.counters.bytes.inc_by(data.len() as u64);
         self.counters
             .messages
             .inc_by(self.stats.messages - messages_before);
         result
     }
 
-    fn parse_read(&mut self, n: usize) -> Result<(), ProtocolError> {
-        self.stats.bytes += n as u64;
-        self.pos = 0;
-        self.cap = 0;
+    fn parse_read(&mut self, data: &[u8]) -> (usize, Result<(), ProtocolError>) {
+        self.stats.bytes += data.len() as u64;
         if self.close_seen.is_some() {
             // Nothing may follow a Close frame: read, counted, dropped.
-            return Ok(());
+            return (0, Ok(()));
         }
         let stop_at_boundary = self.inject.is_some() && !self.closed_toward_destination;
         let (consumed, result) = {
             let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
             self.parser
-                .feed_to_boundary(&self.buf[..n], stop_at_boundary, |event| {
+                .feed_to_boundary(data, stop_at_boundary, |event| {
                     record(stats, close_seen, event)
                 })
         };
-        let forwarded = match result {
+        let parsed_ok = match result {
             Feed::Error { offset, .. } => offset,
             Feed::Ok => consumed,
         };
-        if !self.closed_toward_destination {
-            self.cap = forwarded;
-        }
+        let forward = if self.closed_toward_destination {
+            0
+        } else {
+            parsed_ok
+        };
         if let Feed::Error { error, .. } = result {
-            return Err(error);
+            return (forward, Err(error));
         }
         if self.close_seen.is_some() {
-            // The source's own Close goes out with this buffer; nothing of ours follows it.
+            // The source's own Close goes out with these bytes; nothing of ours follows it.
             self.closed_toward_destination = true;
             self.inject = None;
-        } else if consumed < n {
+        } else if consumed < data.len() {
             // Stopped at a boundary for a queued Close of ours: the rest is not forwarded, but
             // is still parsed, to learn whether the source answers with a Close of its own.
             let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
-            let rest = &self.buf[consumed..n];
             if let Feed::Error { error, .. } = self
                 .parser
-                .feed(rest, |event| record(stats, close_seen, event))
+                .feed(&data[consumed..], |event| record(stats, close_seen, event))
             {
-                return Err(error);
+                return (forward, Err(error));
             }
         }
+        (forward, Ok(()))
+    }
+
+    /// Writes `bytes` as far as the destination takes them now; keeps the rest for later.
+    fn send_or_keep(
+        &mut self,
+        cx: &mut Context<'_>,
+        destination: &mut Stream,
+        mut bytes: &[u8],
+    ) -> Result<(), Stop> {
+        while !bytes.is_empty() {
+            match poll_write_some(cx, destination, bytes) {
+                Poll::Ready(Ok(written)) => {
+                    self.needs_flush = true;
+                    bytes = &bytes[written..];
+                }
+                Poll::Ready(Err(stop)) => return Err(stop),
+                Poll::Pending => break,
+            }
+        }
+        self.pending.extend_from_slice(bytes);
         Ok(())
     }
 
@@ -245,11 +266,16 @@ impl Direction {
         destination: &mut Stream,
     ) -> Poll<Stop> {
         loop {
-            if self.pos < self.cap {
-                match poll_write_some(cx, destination, &self.buf[self.pos..self.cap]) {
+            if self.pending_pos < self.pending.len() {
+                match poll_write_some(cx, destination, &self.pending[self.pending_pos..]) {
                     Poll::Ready(Ok(written)) => {
-                        self.pos += written;
+                        self.pending_pos += written;
                         self.needs_flush = true;
+                        if self.pending_pos == self.pending.len() {
+                            // Drained: give a burst's memory back.
+                            self.pending = Vec::new();
+                            self.pending_pos = 0;
+                        }
                         continue;
                     }
                     Poll::Ready(Err(stop)) => return Poll::Ready(stop),
@@ -273,17 +299,21 @@ impl Direction {
                     }
                 }
             }
-            let mut read_buf = ReadBuf::new(&mut self.buf);
+            let mut scratch = [0u8; READ_SIZE];
+            let mut read_buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
                 Poll::Ready(Ok(())) => {
-                    let n = read_buf.filled().len();
-                    if n == 0 {
+                    let data = read_buf.filled();
+                    if data.is_empty() {
                         return Poll::Ready(Stop::SourceEnded(None));
                     }
                     self.last_read = Instant::now();
-                    if let Err(error) = self.accept(n) {
-                        // What preceded the bad frame is forwarded if it can be without waiting.
-                        let _ = self.flush_prefix(cx, destination);
+                    let (forward, result) = self.accept(data);
+                    // What precedes a bad frame still goes out, then the Close of ours.
+                    if let Err(stop) = self.send_or_keep(cx, destination, &data[..forward]) {
+                        return Poll::Ready(stop);
+                    }
+                    if let Err(error) = result {
                         return Poll::Ready(Stop::Protocol(error));
                     }
                 }
@@ -300,18 +330,6 @@ impl Direction {
                 }
             }
         }
-    }
-
-    /// Best effort: write the bytes before a malformed frame without waiting.
-    fn flush_prefix(&mut self, cx: &mut Context<'_>, destination: &mut Stream) -> Poll<()> {
-        while self.pos < self.cap {
-            match Pin::new(&mut *destination).poll_write(cx, &self.buf[self.pos..self.cap]) {
-                Poll::Ready(Ok(n)) if n > 0 => self.pos += n,
-                Poll::Ready(_) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(())
     }
 }
 
@@ -382,11 +400,9 @@ pub async fn pump(
     let mut protocol_error = None;
 
     if !upstream_preread.is_empty() {
-        let n = upstream_preread.len().min(u2c.buf.len());
-        u2c.buf[..n].copy_from_slice(&upstream_preread[..n]);
-        if let Err(error) = u2c.accept(n) {
-            protocol_error = Some(error);
-        }
+        let (forward, result) = u2c.accept(upstream_preread);
+        u2c.pending.extend_from_slice(&upstream_preread[..forward]);
+        protocol_error = result.err();
     }
 
     let mut closing_deadline: Option<tokio::time::Instant> = None;
@@ -548,11 +564,11 @@ fn poll_both(
 /// Writes whatever is still buffered for the destination, then the queued frame of ours,
 /// if it can go out between frames.
 async fn flush_injection(direction: &mut Direction, destination: &mut Stream) -> io::Result<()> {
-    if direction.pos < direction.cap {
+    if direction.pending_pos < direction.pending.len() {
         destination
-            .write_all(&direction.buf[direction.pos..direction.cap])
+            .write_all(&direction.pending[direction.pending_pos..])
             .await?;
-        direction.pos = direction.cap;
+        direction.pending_pos = direction.pending.len();
     }
     if direction.can_inject() {
         if let Some(frame) = direction.inject.take() {
@@ -627,4 +643,75 @@ fn mask_key() -> [u8; 4] {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     let bytes = (z ^ (z >> 31)).to_le_bytes();
     [bytes[0], bytes[1], bytes[2], bytes[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::websocket::frame::tests::frame;
+    use tokio::io::AsyncReadExt;
+
+    /// Through pipes of 64 bytes, nearly every write is partial: what the destination has not
+    /// taken is kept and sent in order, and the Close handshake still completes.
+    #[tokio::test]
+    async fn a_slow_destination_gets_every_byte_in_order() {
+        let (client_side, mut client) = tokio::io::duplex(64);
+        let (upstream_side, mut upstream) = tokio::io::duplex(64);
+        let metrics = Metrics::new();
+        let connection = metrics.connection_opened("test");
+        let (_drain_sender, drain) = watch::channel(false);
+        let settings = PumpSettings {
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(5),
+            max_message_bytes: None,
+            upstream_lost_code: 1011,
+        };
+        let pumping = tokio::spawn(async move {
+            pump(
+                Box::new(client_side),
+                Box::new(upstream_side),
+                b"",
+                false,
+                drain,
+                &settings,
+                &connection,
+            )
+            .await
+        });
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = frame(true, 0, 0x2, &payload, None);
+        sent.extend(close_frame(1000, "done", None));
+        let expected = sent.clone();
+        let upstream_task = tokio::spawn(async move {
+            upstream.write_all(&sent).await.expect("upstream writes");
+            // The client's Close answer arrives; then the upstream hangs up.
+            let mut answer = [0u8; 64];
+            let n = upstream.read(&mut answer).await.expect("answer");
+            n > 0
+        });
+        let mut received = vec![0u8; expected.len()];
+        for chunk in received.chunks_mut(1000) {
+            client.read_exact(chunk).await.expect("client reads");
+        }
+        assert!(
+            received == expected,
+            "bytes changed or reordered on the way"
+        );
+        client
+            .write_all(&close_frame(1000, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("client answers");
+        assert!(upstream_task.await.expect("upstream task"));
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("pump task");
+        assert_eq!(
+            (outcome.initiator, outcome.code, outcome.answered),
+            (Initiator::Upstream, 1000, true)
+        );
+        assert_eq!(outcome.upstream_to_client.bytes, expected.len() as u64);
+        assert_eq!(outcome.upstream_to_client.messages, 1);
+    }
 }
