@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 cargo build --release --quiet
 bin=target/release/agent-gateway
-"$bin" check -c gateway.toml >/dev/null
 
-# The reference backend only checks that the key is present, as the field's Worker did; it
-# never calls OpenRouter, so a placeholder serves when no real key is set.
+# The gateway requires the key for the local upstream, and the reference backend checks it is
+# present, as the field's Worker did; neither calls OpenRouter here, so a placeholder serves
+# when no real key is set.
 export OPENROUTER_API_KEY="${OPENROUTER_API_KEY:-local-placeholder}"
+"$bin" check -c gateway.toml >/dev/null
 "$bin" backend --listen 127.0.0.1:8787 &
 backend=$!
 trap 'kill "$backend" 2>/dev/null || true' EXIT INT TERM

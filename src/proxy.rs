@@ -204,6 +204,8 @@ impl ProxyHttp for Gateway {
             problem.send(session).await?;
             return Ok(true);
         }
+        // Kept for the access line (a WebSocket's answer is written before the logging hook).
+        ctx.target = Some(target.clone());
         if websocket {
             let cors_headers = ctx
                 .cors
@@ -215,7 +217,6 @@ impl ProxyHttp for Gateway {
             );
             return Ok(true);
         }
-        ctx.target = Some(target);
         ctx.config = Some(config);
         Ok(false)
     }

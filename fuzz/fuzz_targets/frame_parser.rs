@@ -2,8 +2,13 @@
 //! report more consumed than it was given, and report errors inside the chunk.
 #![no_main]
 
-use agent_gateway::websocket::frame::{Feed, FrameParser, Sender};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "../../src/websocket/frame.rs"]
+#[allow(dead_code)]
+mod frame;
+
+use frame::{Feed, FrameParser, Sender};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, mut rest)) = data.split_first() else { return };
