@@ -11,7 +11,7 @@ use crate::state::GatewayState;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::ALPN;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, ALPN};
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -53,7 +53,10 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
         state: state.clone(),
     };
     let mut proxy = Service::new("agent gateway".to_owned(), edge);
-    proxy.add_tcp(&listen);
+    // No L4 read buffer: Pingora's HTTP session reads into its own, and the 64 KiB it would
+    // otherwise give every connection stays with an agent WebSocket for its whole life.
+    let buffers = L4BufferSettings::default().read(0);
+    proxy.add_listener(ListenerConfig::tcp(&listen).l4_buffer(buffers));
     if let (Some(tls_listen), Some(resolver)) = (&tls_listen, state.tls_resolver()) {
         // Certificates come from the resolver (SNI, reloadable), not from these paths.
         match TlsSettings::intermediate("", "") {
@@ -61,7 +64,11 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
                 settings.set_cert_resolver(resolver);
                 // HTTP/1.1 only: agent WebSockets are upgrades, which HTTP/2 does not have.
                 settings.set_alpn(ALPN::H1);
-                proxy.add_tls_with_settings(tls_listen, None, settings);
+                proxy.add_listener(
+                    ListenerConfig::tcp(tls_listen.as_str())
+                        .tls(settings)
+                        .l4_buffer(buffers),
+                );
             }
             Err(e) => log::error!("cannot set up the TLS listener {tls_listen}: {e}"),
         }
