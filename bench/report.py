@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's raw JSON lines into bench/results/RESULTS.md (Markdown on stdout).
+
+usage: report.py RAW.jsonl META.json [GATEWAY_METRICS.txt]
+
+Every figure is the median over the rounds, with the spread (lowest-highest) next to it.
+Ratios and added latencies are computed round by round against the "direct" run of the
+same round and layout, then the median is taken.
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+TARGETS = ["direct", "gateway", "nginx", "haproxy"]
+PROXIES = ["gateway", "nginx", "haproxy"]
+LAYOUTS = {
+    1: "Layout 1: proxy and backends on core 0, client on core 1",
+    2: "Layout 2: proxy alone on core 0, backends and client on core 1",
+}
+# Targets of issue 9, checked against the gateway's medians.
+TARGET_HTTP_US = 12.0
+TARGET_WS_US = 10.0
+TARGET_KIB = 4.6
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if abs(v) >= 1000 and digits <= 1:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def cell(values, digits=1, signed=False):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.median(values)
+    f = (lambda x: ("+" if x >= 0 else "") + fmt(x, digits)) if signed else (lambda x: fmt(x, digits))
+    if len(values) == 1:
+        return f(m)
+    return f"{f(m)} ({f(min(values))} to {f(max(values))})"
+
+
+def main():
+    raw = load(sys.argv[1])
+    with open(sys.argv[2]) as f:
+        meta = json.load(f)
+    metrics_text = ""
+    if len(sys.argv) > 3:
+        try:
+            with open(sys.argv[3]) as f:
+                metrics_text = f.read()
+        except OSError:
+            pass
+
+    load_runs = [r for r in raw if r.get("phase") == "load"]
+    mem_runs = [r for r in raw if r.get("phase") == "memory"]
+    by = defaultdict(list)  # (layout, test, target) -> runs
+    by_round = {}  # (layout, test, target, round) -> run
+    for r in load_runs:
+        by[(r["layout"], r["test"], r["target"])].append(r)
+        by_round[(r["layout"], r["test"], r["target"], r["round"])] = r
+
+    def per_round(layout, test, target, fn):
+        """fn(run, direct_run) for every round where both ran."""
+        out = []
+        for r in by[(layout, test, target)]:
+            d = by_round.get((layout, test, "direct", r["round"]))
+            if d is not None:
+                out.append(fn(r, d))
+        return out
+
+    def vals(layout, test, target, key):
+        return [r.get(key) for r in by[(layout, test, target)]]
+
+    out = []
+    w = out.append
+    w("# agent-gateway vs nginx vs HAProxy: benchmark results")
+    w("")
+    w(f"- Date: {meta['date']} ({meta['mode']} mode: {meta['rounds_done']} of {meta['rounds_planned']} load rounds, "
+      f"{meta['mem_rounds']} memory round(s), {meta['elapsed_s'] // 60} min {meta['elapsed_s'] % 60} s end to end)")
+    w(f"- Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_mib']} MiB, Linux {meta['kernel']}, "
+      f"open-file limit {meta['nofile']}")
+    w(f"- Software: agent-gateway {meta['gateway_rev']} (release build, `threads = 1`, frame observer and "
+      f"metrics on, RUST_LOG=info), nginx {meta['nginx']} (`worker_processes 1`), HAProxy {meta['haproxy']} "
+      f"(`nbthread 1`), wrk {meta['wrk']}; backends and WebSocket client from bench/loadgen")
+    w(f"- Each figure: median of the rounds, (lowest to highest) next to it. Runs: {meta['duration_s']} s measured"
+      f" ({meta['warmup_s']} s WebSocket warm-up before). Targets run in turn, order rotated every round.")
+    noisy = [r for r in load_runs if r.get("noisy")]
+    steal = [r["steal_pct"] for r in load_runs if r.get("steal_pct") is not None]
+    w(f"- Noise control: a run starts when the box is >= 90% idle; a run where other processes took more than "
+      f"{meta['foreign_max_pct']}% of a core{' (or the hypervisor stole more than that)' if steal else ''} is repeated (up to twice). Repeats: {meta['noisy_repeats']}; runs skipped for the time budget: {meta.get('skipped_runs', 0)}; "
+      f"runs kept although noisy: {len(noisy)}."
+      + (f" Hypervisor steal during the kept runs: median {fmt(med(steal))}%, highest {fmt(max(steal))}% "
+         "(also a reason to repeat above the same limit)." if steal else ""))
+    w("- CPU per operation: the proxy's utime+stime (/proc/PID/stat, all threads; nginx master+worker) over the "
+      "measured window, divided by the operations in it. A WebSocket \"message\" is one 64-byte message and its "
+      "echo (the proxy relays two frames). Time the kernel spends in softirq for loopback traffic is not "
+      "charged to any process. \"direct\" rows show the backend's own CPU instead.")
+    w("")
+
+    for layout, title in LAYOUTS.items():
+        if not any(k[0] == layout for k in by):
+            continue
+        w(f"## {title}")
+        w("")
+        w(f"### HTTP: GET /agents/hello/default, wrk -t1 -c{meta['http_conns']}, keep-alive")
+        w("")
+        w("| target | requests/s | vs direct | proxy CPU µs/request | p50 µs | p99 µs |")
+        w("|---|---|---|---|---|---|")
+        for t in TARGETS:
+            if not by[(layout, "http", t)]:
+                continue
+            ratio = per_round(layout, "http", t, lambda r, d: r["rate"] / d["rate"] if d["rate"] else None)
+            w(f"| {t} | {cell(vals(layout, 'http', t, 'rate'), 0)} | {cell(ratio, 2) if t != 'direct' else '1'} | "
+              f"{cell(vals(layout, 'http', t, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if t == 'direct' else ''} | "
+              f"{cell(vals(layout, 'http', t, 'p50_us'), 0)} | {cell(vals(layout, 'http', t, 'p99_us'), 0)} |")
+        w("")
+        w(f"### WebSocket closed loop: {meta['ws_conns']} connections, {meta['ws_size']}-byte messages, ping-pong")
+        w("")
+        w("| target | messages/s | vs direct | proxy CPU µs/message |")
+        w("|---|---|---|---|")
+        for t in TARGETS:
+            if not by[(layout, "ws_pingpong", t)]:
+                continue
+            ratio = per_round(layout, "ws_pingpong", t, lambda r, d: r["rate"] / d["rate"] if d["rate"] else None)
+            w(f"| {t} | {cell(vals(layout, 'ws_pingpong', t, 'rate'), 0)} | {cell(ratio, 2) if t != 'direct' else '1'} | "
+              f"{cell(vals(layout, 'ws_pingpong', t, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if t == 'direct' else ''} |")
+        w("")
+        w(f"### WebSocket open loop: {meta['rate']} messages/s over {meta['rate_conns']} connections, "
+          f"{meta['ws_size']}-byte messages, round-trip latency")
+        w("")
+        w("| target | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | lost | proxy CPU µs/message |")
+        w("|---|---|---|---|---|---|---|---|")
+        for t in TARGETS:
+            runs = by[(layout, "ws_rate", t)]
+            if not runs:
+                continue
+            a50 = per_round(layout, "ws_rate", t, lambda r, d: r["p50_us"] - d["p50_us"])
+            a99 = per_round(layout, "ws_rate", t, lambda r, d: r["p99_us"] - d["p99_us"])
+            lost = sum(r.get("lost", 0) for r in runs)
+            w(f"| {t} | {cell(vals(layout, 'ws_rate', t, 'p50_us'), 0)} | {cell(vals(layout, 'ws_rate', t, 'p99_us'), 0)} | "
+              f"{cell(vals(layout, 'ws_rate', t, 'p999_us'), 0)} | "
+              f"{cell(a50, 0, True) if t != 'direct' else '-'} | {cell(a99, 0, True) if t != 'direct' else '-'} | {lost} | "
+              f"{cell(vals(layout, 'ws_rate', t, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if t == 'direct' else ''} |")
+        late = [r.get("sender_late_p99_us") for r in load_runs if r["layout"] == layout and r["test"] == "ws_rate"]
+        w("")
+        backend = med(vals(layout, "ws_rate", "direct", "proxy_cpu_us_per_msg")) if layout == 1 else 0
+        loads = []
+        for t in PROXIES:
+            c = med(vals(layout, "ws_rate", t, "proxy_cpu_us_per_msg"))
+            if c is not None:
+                loads.append(f"{t} {c * meta['rate'] / 1e4:.0f}%")
+        if loads:
+            extra = (f", plus the echo backend's {backend * meta['rate'] / 1e4:.0f}% on the same core"
+                     if layout == 1 and backend else "")
+            w(f"Core 0 busy at this rate (proxy CPU per message × {meta['rate']}/s): {', '.join(loads)}{extra}. "
+              "(near 100%, queueing sets the p99).")
+        w(f"Load generator check: the sender's p99 lateness against its schedule was {cell(late, 0)} µs.")
+        w("")
+
+    if mem_runs:
+        w("## Idle WebSockets: memory per connection (layout 1)")
+        w("")
+        w("PSS (/proc/PID/smaps_rollup; nginx master+worker) after opening N sockets, each checked to echo, "
+          f"and holding them idle {meta['hold_s']} s, minus PSS before; the proxy is restarted fresh for each run. "
+          "\"alive\": sockets that still echoed after the hold (worst round).")
+        w("")
+        sizes = sorted({int(r["conns"]) for r in mem_runs})
+        head = "| target | " + " | ".join(f"KiB/connection at {n}" for n in sizes) + " | " + \
+               " | ".join(f"alive at {n}" for n in sizes) + " | PSS at " + str(sizes[-1]) + " MiB |"
+        w(head)
+        w("|" + "---|" * (2 * len(sizes) + 2))
+        for t in PROXIES:
+            cells = []
+            alive = []
+            for n in sizes:
+                rs = [r for r in mem_runs if r["target"] == t and int(r["conns"]) == n]
+                cells.append(cell([r["kib_per_conn_held"] for r in rs], 1))
+                alive.append(f"{min(r['alive_after_hold'] for r in rs)}/{n}" if rs else "-")
+            big = [r["pss_held_kib"] / 1024 for r in mem_runs if r["target"] == t and int(r["conns"]) == sizes[-1]]
+            w(f"| {t} | " + " | ".join(cells) + " | " + " | ".join(alive) + f" | {cell(big, 1)} |")
+        w("")
+
+    # The issue's targets, for the gateway.
+    w("## Issue 9 targets (gateway, medians)")
+    w("")
+    w("| target | layout 1 | layout 2 | met? |")
+    w("|---|---|---|---|")
+
+    def gw(layout, test, key):
+        return med(vals(layout, test, "gateway", key))
+
+    def verdict(values, limit):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "not measured"
+        return "yes" if max(values) <= limit else "no"
+
+    h = [gw(1, "http", "proxy_cpu_us_per_msg"), gw(2, "http", "proxy_cpu_us_per_msg")]
+    w(f"| ≤ {TARGET_HTTP_US:g} µs proxy CPU per HTTP request | {fmt(h[0])} | {fmt(h[1])} | {verdict(h, TARGET_HTTP_US)} |")
+    m = [gw(1, "ws_pingpong", "proxy_cpu_us_per_msg"), gw(2, "ws_pingpong", "proxy_cpu_us_per_msg")]
+    w(f"| ≤ {TARGET_WS_US:g} µs proxy CPU per WebSocket message (64 conns, 64 B) | {fmt(m[0])} | {fmt(m[1])} | {verdict(m, TARGET_WS_US)} |")
+    for p, label in (("p50_us", "p50"), ("p99_us", "p99")):
+        cols = []
+        ok = []
+        for layout in (1, 2):
+            g = med(per_round(layout, "ws_rate", "gateway", lambda r, d: r[p] - d[p]))
+            n = med(per_round(layout, "ws_rate", "nginx", lambda r, d: r[p] - d[p]))
+            cols.append(f"{fmt(g, 0)} vs nginx {fmt(n, 0)}" if g is not None and n is not None else "-")
+            if g is not None and n is not None:
+                ok.append(g <= n)
+        met = "not measured" if not ok else ("yes" if all(ok) else ("no" if not any(ok) else "layout " + ",".join(str(i + 1) for i, v in enumerate(ok) if v) + " only"))
+        w(f"| added {label} latency at {meta['rate']} msg/s / {meta['rate_conns']} conns ≤ nginx's (µs) | {cols[0]} | {cols[1]} | {met} |")
+    big = [r for r in mem_runs if r["target"] == "gateway" and int(r["conns"]) == 9000]
+    if big:
+        kib = med([r["kib_per_conn_held"] for r in big])
+        alive_all = all(r["alive_after_hold"] == 9000 for r in big)
+        w(f"| ≤ {TARGET_KIB:g} KiB per idle WebSocket at 9000, all alive after the hold | {fmt(kib)} KiB, "
+          f"{'all' if alive_all else 'NOT all'} alive | | {'yes' if kib <= TARGET_KIB and alive_all else 'no'} |")
+    w("")
+
+    # How this box compares with the issue's reference machine, through nginx and HAProxy.
+    w("## nginx and HAProxy here vs the issue's reference figures")
+    w("")
+    w("| figure | reference | nginx here (L1 / L2) | HAProxy here (L1 / L2) |")
+    w("|---|---|---|---|")
+    def both(t, test, key):
+        return f"{fmt(med(vals(1, test, t, key)))} / {fmt(med(vals(2, test, t, key)))}"
+    w(f"| proxy CPU µs per HTTP request | ~15 | {both('nginx', 'http', 'proxy_cpu_us_per_msg')} | {both('haproxy', 'http', 'proxy_cpu_us_per_msg')} |")
+    w(f"| proxy CPU µs per WebSocket message | ~12 | {both('nginx', 'ws_pingpong', 'proxy_cpu_us_per_msg')} | {both('haproxy', 'ws_pingpong', 'proxy_cpu_us_per_msg')} |")
+    adds = []
+    for layout in (1, 2):
+        a50 = med(per_round(layout, "ws_rate", "nginx", lambda r, d: r["p50_us"] - d["p50_us"]))
+        a99 = med(per_round(layout, "ws_rate", "nginx", lambda r, d: r["p99_us"] - d["p99_us"]))
+        adds.append(f"+{fmt(a50, 0)}/+{fmt(a99, 0)}" if a50 is not None and a99 is not None else "-")
+    w(f"| nginx added p50/p99 µs at {meta['rate']} msg/s, {meta['rate_conns']} conns | +23/+116 | {adds[0]} / {adds[1]} | |")
+    kib = {t: med([r["kib_per_conn_held"] for r in mem_runs if r["target"] == t and int(r["conns"]) == 9000]) for t in PROXIES}
+    w(f"| KiB per idle WebSocket (9000) | nginx 17.7, HAProxy 4.6 | {fmt(kib['nginx'])} | {fmt(kib['haproxy'])} |")
+    w("")
+
+    if metrics_text:
+        def total(prefix):
+            s = 0.0
+            for line in metrics_text.splitlines():
+                if line.startswith(prefix):
+                    try:
+                        s += float(line.rsplit(" ", 1)[1])
+                    except ValueError:
+                        pass
+            return s
+        w("## Gateway metrics after the load rounds (sanity check that the observer counted)")
+        w("")
+        w(f"- agent_gateway_ws_messages_total: {total('agent_gateway_ws_messages_total'):,.0f} "
+          f"(both directions); agent_gateway_http_requests_total: {total('agent_gateway_http_requests_total'):,.0f}; "
+          f"agent_gateway_ws_closes_total: {total('agent_gateway_ws_closes_total'):,.0f}")
+        w("")
+    w(f"Raw data: bench/{meta['raw']}. Regenerate: `python3 bench/report.py bench/{meta['raw']} "
+      f"bench/{meta['raw'].replace('.jsonl', '.meta.json')}`.")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

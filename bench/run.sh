@@ -1,0 +1,470 @@
+#!/usr/bin/env bash
+# Benchmarks agent-gateway side by side with nginx and HAProxy (and no proxy at all) on
+# 127.0.0.1. One command: installs what it needs, builds, runs, writes
+# bench/results/RESULTS.md and prints it. See bench/README.md.
+#
+#   bench/run.sh            full run (about 25 minutes on 2 cores)
+#   bench/run.sh --quick    smoke run (a few minutes): fewer rounds, shorter runs
+#
+# Options: --no-install (never call apt-get), --no-build (reuse target/release/agent-gateway),
+# --rounds N (override the number of load rounds).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+STARTED=$(date +%s)
+
+MODE=full
+INSTALL=1
+BUILD=1
+ROUNDS_OVERRIDE=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) MODE=quick ;;
+        --no-install) INSTALL=0 ;;
+        --no-build) BUILD=0 ;;
+        --rounds) ROUNDS_OVERRIDE="${2:?--rounds needs a number}"; shift ;;
+        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# ---- Parameters -------------------------------------------------------------------------
+if [[ $MODE == full ]]; then
+    ROUNDS=5        # load rounds; every target runs every test once per round and layout
+    DUR=5           # seconds measured per load run
+    WARMUP=1        # seconds of WebSocket traffic before measuring
+    MEM_ROUNDS=3    # idle-memory rounds
+    HOLD=10         # seconds the idle sockets are held
+    BUDGET=1740     # seconds for the whole script (29 min); rounds are cut to fit
+else
+    ROUNDS=2; DUR=2; WARMUP=0.5; MEM_ROUNDS=1; HOLD=3; BUDGET=600
+fi
+[[ -n $ROUNDS_OVERRIDE ]] && ROUNDS=$ROUNDS_OVERRIDE
+
+ECHO_PORT=${ECHO_PORT:-18001}
+HELLO_PORT=${HELLO_PORT:-18002}
+GATEWAY_PORT=${GATEWAY_PORT:-18080}
+GATEWAY_ADMIN_PORT=${GATEWAY_ADMIN_PORT:-18090}
+NGINX_PORT=${NGINX_PORT:-18081}
+HAPROXY_PORT=${HAPROXY_PORT:-18082}
+
+HTTP_CONNS=64          # wrk connections (one wrk thread)
+WS_CONNS=64            # closed-loop WebSocket connections
+WS_SIZE=64             # bytes per WebSocket message
+RATE=20000             # open-loop messages per second ...
+RATE_CONNS=100         # ... over this many connections
+MEM_SIZES="1000 9000"  # idle WebSockets held per memory run
+HAPROXY_MAXCONN=9900   # HAProxy needs 2 fds per proxied connection; the box caps at 20000
+QUIET_IDLE=90          # % idle the box must show before a run starts
+QUIET_WAIT=20          # seconds to wait for that, at most, before running anyway (flagged)
+FOREIGN_MAX=5          # % of one core of CPU by other processes during a run => repeat it
+MAX_RETRIES=2          # repeats of a noisy run before it is kept (flagged)
+
+TARGETS=(direct gateway nginx haproxy)
+PROXIES=(gateway nginx haproxy)
+TESTS=(http ws_pingpong ws_rate)
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+RUN="$HERE/.run/$STAMP"
+RESULTS="${BENCH_RESULTS:-$HERE/results}"  # BENCH_RESULTS=dir writes elsewhere (smoke tests)
+RAW="$RESULTS/raw-$STAMP-$MODE.jsonl"
+mkdir -p "$RUN" "$RESULTS"
+: >"$RAW"
+
+log() { printf '[%s +%ss] %s\n' "$(date +%T)" "$(($(date +%s) - STARTED))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---- Processes: every one we start is recorded by PID and stopped by PID -----------------
+declare -A PID=()
+
+stop_proc() {
+    local name=$1 pid=${PID[$1]:-}
+    [[ -z $pid ]] && return 0
+    local children
+    children=$(pgrep -P "$pid" 2>/dev/null || true)
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    # nginx's worker ends with its master; make sure, by its own PID.
+    for c in $children; do
+        for _ in $(seq 30); do kill -0 "$c" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$c" 2>/dev/null || true
+    done
+    unset "PID[$name]"
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for name in "${!PID[@]}"; do stop_proc "$name"; done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# ---- 1. What the harness needs ------------------------------------------------------------
+need=()
+for tool in nginx:nginx haproxy:haproxy wrk:wrk taskset:util-linux python3:python3 curl:curl; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+    ((INSTALL)) || die "missing ${need[*]} (run without --no-install)"
+    log "installing ${need[*]} (apt-get)"
+    # Services must not start on install: nothing of this harness listens beyond 127.0.0.1.
+    apt-get update -qq
+    RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >"$RUN/apt.log"
+fi
+[[ $(nproc) -ge 2 ]] || die "two cores are needed for the pinned layouts"
+
+# ---- 2. Builds ------------------------------------------------------------------------------
+BIN="$RUN/bin"
+mkdir -p "$BIN"
+if ((BUILD)); then
+    log "building the gateway (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet) || die "the gateway does not build"
+fi
+[[ -x "$ROOT/target/release/agent-gateway" ]] || die "no target/release/agent-gateway"
+# A copy: a rebuild by someone else during the run cannot swap the binary under test.
+cp "$ROOT/target/release/agent-gateway" "$BIN/agent-gateway"
+GATEWAY_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local-changes')"
+log "building the load generator and backends (bench/loadgen)"
+(cd "$HERE/loadgen" && cargo build --release --quiet) || die "bench/loadgen does not build"
+for b in echo-backend hello-backend wsload; do cp "$HERE/loadgen/target/release/$b" "$BIN/"; done
+WSLOAD="$BIN/wsload"
+
+# Sockets: as many descriptors as this box allows (9000 idle WebSockets need ~18000 in a proxy).
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+((NOFILE >= 19000)) || log "warning: only $NOFILE open files allowed; the 9000-socket run may fail"
+NGINX_WORKER_CONNECTIONS=$((NOFILE - 100))
+HZ=$(getconf CLK_TCK)
+
+# Ports: the defaults, or the first of default+1000, +2000, ... that nothing listens on.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+    local p=$1 i
+    for i in 0 1 2 3 4 5; do
+        port_taken $((p + 1000 * i)) || { echo $((p + 1000 * i)); return 0; }
+    done
+    die "no free port near $p"
+}
+for var in ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT; do
+    chosen=$(pick_port "${!var}")
+    [[ $chosen == "${!var}" ]] || log "port ${!var} is taken; $var=$chosen"
+    printf -v "$var" '%s' "$chosen"
+done
+
+# ---- 3. Configurations, rendered from bench/conf into the run folder --------------------
+render() {
+    sed -e "s|@RUN@|$RUN|g" -e "s|@ECHO_PORT@|$ECHO_PORT|g" -e "s|@HELLO_PORT@|$HELLO_PORT|g" \
+        -e "s|@GATEWAY_PORT@|$GATEWAY_PORT|g" -e "s|@GATEWAY_ADMIN_PORT@|$GATEWAY_ADMIN_PORT|g" \
+        -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
+        -e "s|@NOFILE@|$NOFILE|g" -e "s|@NGINX_WORKER_CONNECTIONS@|$NGINX_WORKER_CONNECTIONS|g" \
+        -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" "$HERE/conf/$1.tmpl" >"$RUN/$1"
+}
+render gateway.toml
+render nginx.conf
+render haproxy.cfg
+mkdir -p "$RUN/nginx-tmp"
+# The gateway refuses to route agents whose required secret (OPENROUTER_API_KEY by default) is
+# unset; the benchmark backends need none, so a placeholder stands in (it goes nowhere).
+export OPENROUTER_API_KEY="${OPENROUTER_API_KEY:-bench-placeholder-not-a-key}"
+"$BIN/agent-gateway" check -c "$RUN/gateway.toml" >"$RUN/gateway-check.txt" 2>&1 ||
+    { cat "$RUN/gateway-check.txt" >&2; die "gateway config refused"; }
+nginx -t -q -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" || die "nginx config refused"
+haproxy -c -q -f "$RUN/haproxy.cfg" || die "haproxy config refused"
+
+
+# ---- 4. Starting and checking the processes -------------------------------------------------
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+port_of() {
+    case $1 in
+        gateway) echo "$GATEWAY_PORT" ;; nginx) echo "$NGINX_PORT" ;; haproxy) echo "$HAPROXY_PORT" ;;
+    esac
+}
+
+start_backends() {
+    taskset -c 0 "$BIN/echo-backend" --listen "127.0.0.1:$ECHO_PORT" >"$RUN/echo.log" 2>&1 &
+    PID[echo]=$!
+    taskset -c 0 "$BIN/hello-backend" --listen "127.0.0.1:$HELLO_PORT" >"$RUN/hello.log" 2>&1 &
+    PID[hello]=$!
+    wait_port "$ECHO_PORT" && wait_port "$HELLO_PORT" || die "backends did not start"
+}
+
+# Proxies run on core 0, every thread (affinity is inherited from taskset).
+start_proxy() {
+    case $1 in
+        gateway)
+            RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$BIN/agent-gateway" run -c "$RUN/gateway.toml" \
+                >>"$RUN/gateway.log" 2>&1 &
+            PID[gateway]=$! ;;
+        nginx)
+            taskset -c 0 nginx -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" >>"$RUN/nginx.log" 2>&1 &
+            PID[nginx]=$! ;;
+        haproxy)
+            taskset -c 0 haproxy -db -f "$RUN/haproxy.cfg" >>"$RUN/haproxy.log" 2>&1 &
+            PID[haproxy]=$! ;;
+    esac
+    wait_port "$(port_of "$1")" || die "$1 did not start (see $RUN/$1.log)"
+    check_proxy "$1" || die "$1 does not proxy both paths (see $RUN)"
+}
+
+restart_proxy() { stop_proc "$1"; start_proxy "$1"; }
+
+# The same two requests through every proxy: a plain GET, and a WebSocket that echoes.
+check_proxy() {
+    local port body
+    port=$(port_of "$1")
+    for _ in $(seq 30); do
+        body=$(curl -fsS --max-time 2 "http://127.0.0.1:$port/agents/hello/default" 2>/dev/null || true)
+        if [[ $body == "Hello, world" ]] &&
+            timeout 10 "$WSLOAD" probe --url "ws://127.0.0.1:$port/agents/bench/probe" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}
+
+# PIDs whose CPU or memory counts as the proxy's: nginx's master and worker, else the process.
+proxy_pids() {
+    case $1 in
+        direct) [[ $2 == http ]] && echo "${PID[hello]}" || echo "${PID[echo]}" ;;
+        nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}" || true) ;;
+        *) echo "${PID[$1]}" ;;
+    esac
+}
+csv() { echo "$*" | tr ' ' ','; }
+
+# Layout 1: proxy and backends on core 0, client on core 1.
+# Layout 2: proxy alone on core 0, backends and client on core 1.
+pin_layout() {
+    local core=$(($1 == 1 ? 0 : 1))
+    taskset -a -pc "$core" "${PID[echo]}" >/dev/null
+    taskset -a -pc "$core" "${PID[hello]}" >/dev/null
+}
+
+# ---- 5. Noise control -------------------------------------------------------------------
+# /proc/stat's first line: user nice system idle iowait irq softirq steal.
+stat_line() { head -1 /proc/stat | awk '{print $2, $3, $4, $5, $6, $7, $8, $9}'; }
+
+# Percent idle of the whole box over half a second.
+idle_pct() {
+    local a b
+    a=$(stat_line); sleep 0.5; b=$(stat_line)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x); split(b, y); t = 0
+        for (i = 1; i <= 8; i++) t += y[i] - x[i]
+        printf "%.0f", (t > 0 ? 100 * ((y[4] - x[4]) + (y[5] - x[5])) / t : 100) }'
+}
+
+# Waits until the box is quiet; prints the last idle figure.
+wait_quiet() {
+    local waited=0 idle
+    while :; do
+        idle=$(idle_pct)
+        ((idle >= QUIET_IDLE)) && { echo "$idle"; return 0; }
+        ((waited >= QUIET_WAIT)) && { echo "$idle"; return 0; }
+        ((waited == 0)) && log "box busy (${idle}% idle); waiting for quiet"
+        sleep 2; waited=$((waited + 2))
+    done
+}
+
+# User ticks of every process we started (the rest of the box's user time is foreign).
+our_user_ticks() {
+    local total=0 p t extra=""
+    [[ -n ${PID[nginx]:-} ]] && extra=$(pgrep -P "${PID[nginx]}" 2>/dev/null || true)
+    for p in "${PID[@]}" $extra; do
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+box_user_ticks() { head -1 /proc/stat | awk '{print $2 + $3}'; }
+# Time the hypervisor gave to others while our vCPUs wanted to run: noise we cannot see inside.
+box_steal_ticks() { head -1 /proc/stat | awk '{print $9}'; }
+cpu_ticks() {
+    local total=0 p t
+    for p in "$@"; do
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+now() { date +%s.%N; }
+
+# ---- 6. One measured run ------------------------------------------------------------------
+# wrk's latency figures come as 771.00us, 1.23ms or 2.00s.
+to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
+    else if (v ~ /m$/) print n * 60e6; else if (v ~ /s$/) print n * 1e6; else print "null" }'; }
+
+run_once() { # layout test target -> JSON on stdout
+    local layout=$1 test=$2 target=$3 port url pids json
+    if [[ $target == direct ]]; then
+        [[ $test == http ]] && port=$HELLO_PORT || port=$ECHO_PORT
+    else
+        port=$(port_of "$target")
+    fi
+    pids=$(proxy_pids "$target" "$test")
+    case $test in
+        http)
+            url="http://127.0.0.1:$port/agents/hello/default"
+            local c0 c1 out
+            c0=$(cpu_ticks $pids)
+            timeout $((DUR + 30)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
+                wrk -t1 -c"$HTTP_CONNS" -d"${DUR}s" --latency "$url" >"$RUN/wrk.out" 2>&1 || true
+            c1=$(cpu_ticks $pids)
+            out="$RUN/wrk.out"
+            local req rps p50 p99 errs
+            req=$(awk '/requests in/ {print $1}' "$out")
+            rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+            p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
+            p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
+            errs=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' "$out")
+            [[ -n $req && -n $rps ]] || { log "wrk failed: $(tr '\n' ' ' <"$out")"; return 1; }
+            json=$(awk -v req="$req" -v rps="$rps" -v t="$((c1 - c0))" -v hz="$HZ" -v p50="$p50" -v p99="$p99" -v e="$errs" \
+                'BEGIN { printf "{\"mode\":\"http\",\"conns\":%d,\"requests\":%d,\"rate\":%s,\"p50_us\":%s,\"p99_us\":%s,\"proxy_cpu_ticks\":%d,\"proxy_cpu_us_per_msg\":%.3f,\"errors\":%d}",
+                    '"$HTTP_CONNS"', req, rps, p50, p99, t, t * 1e6 / hz / req, e }')
+            ;;
+        ws_pingpong)
+            url="ws://127.0.0.1:$port/agents/bench/c{i}"
+            json=$(timeout $((DUR + 60)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
+                "$WSLOAD" pingpong --url "$url" --conns "$WS_CONNS" --size "$WS_SIZE" \
+                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)") || return 1
+            ;;
+        ws_rate)
+            url="ws://127.0.0.1:$port/agents/bench/r{i}"
+            json=$(timeout $((DUR + 60)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
+                "$WSLOAD" rate --url "$url" --conns "$RATE_CONNS" --rate "$RATE" --size "$WS_SIZE" \
+                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)") || return 1
+            ;;
+    esac
+    echo "$json"
+}
+
+FOREIGN_RETRIES=0
+SKIPPED=0
+over_budget() { (($(date +%s) - STARTED + ${1:-0} > BUDGET)); }
+measure() { # round layout test target: runs until quiet enough (bounded), appends to RAW
+    local round=$1 layout=$2 test=$3 target=$4 attempt=0 json idle u0 o0 t0 u1 o1 t1 client foreign noisy s0 s1 steal
+    if over_budget "$MEM_RESERVE"; then SKIPPED=$((SKIPPED + 1)); return 0; fi
+    while :; do
+        attempt=$((attempt + 1))
+        idle=$(wait_quiet)
+        u0=$(box_user_ticks); o0=$(our_user_ticks); s0=$(box_steal_ticks); t0=$(now)
+        rm -f "$RUN/client.json"
+        json=$(run_once "$layout" "$test" "$target") || { log "run failed: $test $target"; json=""; }
+        u1=$(box_user_ticks); o1=$(our_user_ticks); s1=$(box_steal_ticks); t1=$(now)
+        client=$(sed -n 's/.*"client_user_us":\([0-9]*\).*/\1/p' "$RUN/client.json" 2>/dev/null || true)
+        foreign=$(awk -v du=$((u1 - u0)) -v dours=$((o1 - o0)) -v cu="${client:-0}" -v hz="$HZ" -v dt="$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" \
+            'BEGIN { f = du - dours - cu * hz / 1e6; if (f < 0) f = 0; printf "%.1f", 100 * f / (dt * hz) }')
+        steal=$(awk -v d=$((s1 - s0)) -v hz="$HZ" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", 100 * d / ((b - a) * hz) }')
+        noisy=false
+        if awk -v f="$foreign" -v s="$steal" -v m="$FOREIGN_MAX" 'BEGIN { exit !(f > m || s > m) }'; then noisy=true; fi
+        if [[ $noisy == true && $attempt -le $MAX_RETRIES ]] && ! over_budget "$MEM_RESERVE"; then
+            FOREIGN_RETRIES=$((FOREIGN_RETRIES + 1))
+            log "  other load took ${foreign}% of a core (steal ${steal}%) during $test/$target; repeating"
+            continue
+        fi
+        break
+    done
+    [[ -n $json ]] || return 0
+    echo "${json%\}},\"phase\":\"load\",\"round\":$round,\"layout\":$layout,\"test\":\"$test\",\"target\":\"$target\",\"attempt\":$attempt,\"idle_before_pct\":$idle,\"foreign_pct\":$foreign,\"steal_pct\":$steal,\"noisy\":$noisy}" >>"$RAW"
+    local summary
+    summary=$(echo "$json" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+out = []
+if "rate" in r: out.append("%.0f/s" % r["rate"])
+if r.get("mode") == "rate": out.append("p50 %.0f us, p99 %.0f us" % (r["p50_us"], r["p99_us"]))
+if sys.argv[1] != "direct" and r.get("proxy_cpu_us_per_msg") is not None: out.append("%.1f us proxy CPU/op" % r["proxy_cpu_us_per_msg"])
+print(", ".join(out))' "$target" 2>/dev/null || echo "?")
+    log "  L$layout $test $target: $summary$([[ $noisy == true ]] && echo ' (noisy, kept)')"
+}
+
+rotate() { # offset items... -> items rotated left by offset
+    local k=$1; shift
+    local -a a=("$@")
+    local n=${#a[@]} i
+    for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((i + k) % n))]}"; done
+}
+
+# ---- 7. The runs --------------------------------------------------------------------------
+log "mode $MODE: $ROUNDS load rounds of ${DUR}s runs, $MEM_ROUNDS memory rounds of ${HOLD}s holds; run folder $RUN"
+start_backends
+for p in "${PROXIES[@]}"; do start_proxy "$p"; done
+log "all targets answer on both paths"
+
+# Time left for the load rounds: the memory runs need their share of the budget.
+MEM_RESERVE=$((MEM_ROUNDS * 3 * (2 * ${HOLD%.*} + 30) + 30))
+ROUNDS_DONE=0
+round_seconds=0
+for ((round = 1; round <= ROUNDS; round++)); do
+    elapsed=$(($(date +%s) - STARTED))
+    if ((round > 1 && elapsed + round_seconds + MEM_RESERVE > BUDGET)); then
+        log "time budget: stopping after $ROUNDS_DONE load rounds"
+        break
+    fi
+    round_start=$(date +%s)
+    log "round $round/$ROUNDS"
+    for layout in 1 2; do
+        pin_layout "$layout"
+        for test in "${TESTS[@]}"; do
+            for target in $(rotate $((round - 1)) "${TARGETS[@]}"); do
+                measure "$round" "$layout" "$test" "$target"
+            done
+        done
+    done
+    ROUNDS_DONE=$round
+    round_seconds=$(($(date +%s) - round_start))
+done
+curl -fsS --max-time 2 "http://127.0.0.1:$GATEWAY_ADMIN_PORT/metrics" >"$RUN/gateway-metrics.txt" || true
+
+log "idle memory: ${MEM_SIZES// /, } sockets, $MEM_ROUNDS round(s)"
+pin_layout 1
+MEM_DONE=0
+for ((round = 1; round <= MEM_ROUNDS; round++)); do
+    for n in $MEM_SIZES; do
+        for target in $(rotate $((round - 1)) "${PROXIES[@]}"); do
+            if over_budget $((2 * ${HOLD%.*} + 40)); then log "time budget: skipping $target $n"; continue; fi
+            restart_proxy "$target"
+            idle=$(wait_quiet)
+            json=$(timeout $((${HOLD%.*} + 120)) taskset -c 1 "$WSLOAD" hold \
+                --url "ws://127.0.0.1:$(port_of "$target")/agents/bench/m{i}" --conns "$n" \
+                --hold "$HOLD" --concurrency 64 --mem-pids "$(csv $(proxy_pids "$target"))" 2>>"$RUN/hold.log") ||
+                { log "hold run failed: $target $n"; continue; }
+            echo "${json%\}},\"phase\":\"memory\",\"round\":$round,\"layout\":1,\"test\":\"idle_$n\",\"target\":\"$target\",\"idle_before_pct\":$idle}" >>"$RAW"
+            log "  $target $n idle sockets: $(echo "$json" | sed -E 's/.*"alive_after_hold":([0-9]+).*"kib_per_conn_held":([0-9.]+).*/\1 alive after the hold, \2 KiB each/')"
+        done
+    done
+    MEM_DONE=$round
+done
+for p in "${PROXIES[@]}"; do stop_proc "$p"; done
+
+# ---- 8. Report ----------------------------------------------------------------------------
+cat >"$RUN/meta.json" <<EOF
+{"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "mode": "$MODE", "nproc": $(nproc),
+ "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')",
+ "kernel": "$(uname -r)", "memory_mib": $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo),
+ "nginx": "$(nginx -v 2>&1 | sed 's/.*: //')", "haproxy": "$(haproxy -v | head -1 | awk '{print $3}')",
+ "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $2}')",
+ "gateway_rev": "$GATEWAY_REV",
+ "rounds_planned": $ROUNDS, "rounds_done": $ROUNDS_DONE, "mem_rounds": $MEM_DONE, "duration_s": $DUR,
+ "warmup_s": $WARMUP, "hold_s": $HOLD, "http_conns": $HTTP_CONNS, "ws_conns": $WS_CONNS,
+ "ws_size": $WS_SIZE, "rate": $RATE, "rate_conns": $RATE_CONNS, "nofile": $NOFILE,
+ "foreign_max_pct": $FOREIGN_MAX, "noisy_repeats": $FOREIGN_RETRIES, "skipped_runs": $SKIPPED, "hz": $HZ,
+ "elapsed_s": $(($(date +%s) - STARTED)), "raw": "results/$(basename "$RAW")"}
+EOF
+cp "$RUN/meta.json" "${RAW%.jsonl}.meta.json"
+python3 "$HERE/report.py" "$RAW" "$RUN/meta.json" "$RUN/gateway-metrics.txt" >"$RESULTS/RESULTS.md"
+cat "$RESULTS/RESULTS.md"
+rm -rf "$BIN"  # the copies of the binaries; configurations and logs stay in the run folder
+log "done in $(($(date +%s) - STARTED))s; results in bench/results/RESULTS.md, raw data in ${RAW#"$ROOT"/}"
