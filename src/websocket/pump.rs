@@ -299,8 +299,10 @@ impl Direction {
                     }
                 }
             }
-            let mut scratch = [0u8; READ_SIZE];
-            let mut read_buf = ReadBuf::new(&mut scratch);
+            // Uninitialised: zeroing 16 KiB on every read attempt would cost more than the
+            // rest of the pump's work per message.
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut read_buf = ReadBuf::uninit(&mut scratch);
             match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
                 Poll::Ready(Ok(())) => {
                     let data = read_buf.filled();
