@@ -27,7 +27,7 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// Facts about the downstream connection that the upstream is told.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientInfo {
     /// The client, as [`crate::client_address::client_ip`] decided.
     pub ip: Option<IpAddr>,

@@ -75,7 +75,8 @@ pub struct RequestCtx {
     /// without its request.
     method: String,
     path: String,
-    client_ip: Option<std::net::IpAddr>,
+    /// Who the client is, worked out once per request.
+    client: ClientInfo,
 }
 
 fn client_info(session: &Session, config: &GatewayConfig) -> ClientInfo {
@@ -119,7 +120,7 @@ impl ProxyHttp for Gateway {
             agent: None,
             method: String::new(),
             path: String::new(),
-            client_ip: None,
+            client: ClientInfo::default(),
         }
     }
 
@@ -127,7 +128,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let config = self.state.config();
         let metrics = &self.state.metrics;
-        ctx.client_ip = client_info(session, &config).ip;
+        ctx.client = client_info(session, &config);
         let req = session.req_header();
         ctx.method = req.method.as_str().to_owned();
         ctx.path = req.uri.path().to_owned();
@@ -212,8 +213,14 @@ impl ProxyHttp for Gateway {
                 .as_ref()
                 .map(|_| cors_response_headers(ctx.cors.as_ref()));
             ctx.status = Some(
-                self.serve_websocket(session, &config, &target, cors_headers.as_deref())
-                    .await?,
+                self.serve_websocket(
+                    session,
+                    &config,
+                    &target,
+                    ctx.client.clone(),
+                    cors_headers.as_deref(),
+                )
+                .await?,
             );
             return Ok(true);
         }
@@ -249,7 +256,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -268,7 +275,7 @@ impl ProxyHttp for Gateway {
         prepare_upstream_request(
             upstream_request,
             target,
-            client_info(session, config),
+            ctx.client.clone(),
             false,
             &config.secrets,
         )
@@ -392,7 +399,7 @@ impl ProxyHttp for Gateway {
                             .as_ref()
                             .map_or("-", |t| t.upstream.name.as_str())),
                     ),
-                    ("client", json!(ctx.client_ip.map(|ip| ip.to_string()))),
+                    ("client", json!(ctx.client.ip.map(|ip| ip.to_string()))),
                 ],
             );
         }
@@ -454,6 +461,7 @@ impl Gateway {
         session: &mut Session,
         config: &GatewayConfig,
         target: &Target,
+        client: ClientInfo,
         cors_headers: Option<&[(&'static str, String)]>,
     ) -> Result<u16> {
         let metrics = &self.state.metrics;
@@ -479,7 +487,6 @@ impl Gateway {
             problem.send(session).await?;
             return Ok(problem.status);
         }
-        let client = client_info(session, config);
         let _slot = match self.state.limits.admit_websocket(&config.limits, client.ip) {
             Ok(slot) => slot,
             Err(refusal) => {
