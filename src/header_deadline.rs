@@ -44,6 +44,11 @@ impl HeaderDeadline {
         }
     }
 
+    /// The wrapped stream, for a WebSocket takeover that sheds the layers.
+    pub fn inner(&self) -> &Stream {
+        &self.inner
+    }
+
     /// Whether `bytes`, following the bytes before them, complete a request head.
     fn completes_head(&mut self, bytes: &[u8]) -> bool {
         let mut window: Vec<u8> = self.tail.to_vec();

@@ -7,7 +7,7 @@ use pingora_limits::rate::Rate;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The configured limits; `None` means unlimited.
@@ -83,13 +83,14 @@ impl Default for LimitState {
     }
 }
 
-/// An open WebSocket's place in the counts, given back when dropped.
-pub struct WebSocketSlot<'a> {
-    state: &'a LimitState,
+/// An open WebSocket's place in the counts, given back when dropped. It owns its share of
+/// the state because it lives in the connection's own task, past the request that made it.
+pub struct WebSocketSlot {
+    state: Arc<LimitState>,
     ip: Option<IpAddr>,
 }
 
-impl Drop for WebSocketSlot<'_> {
+impl Drop for WebSocketSlot {
     fn drop(&mut self) {
         self.state.open_total.fetch_sub(1, Ordering::AcqRel);
         if let (Some(ip), Ok(mut per_ip)) = (self.ip, self.state.open_per_ip.lock()) {
@@ -106,10 +107,10 @@ impl Drop for WebSocketSlot<'_> {
 impl LimitState {
     /// Admits a WebSocket upgrade from `ip`, or says which limit refuses it.
     pub fn admit_websocket(
-        &self,
+        self: &Arc<Self>,
         settings: &LimitSettings,
         ip: Option<IpAddr>,
-    ) -> Result<WebSocketSlot<'_>, LimitRefusal> {
+    ) -> Result<WebSocketSlot, LimitRefusal> {
         if let (Some(per_second), Some(ip)) = (settings.upgrades_per_ip_per_second, ip) {
             let allowed = isize::try_from(per_second).unwrap_or(isize::MAX);
             if self.upgrades.observe(&ip, 1) > allowed {
@@ -135,7 +136,10 @@ impl LimitState {
             *per_ip.entry(ip).or_default() += 1;
         }
         self.open_total.fetch_add(1, Ordering::AcqRel);
-        Ok(WebSocketSlot { state: self, ip })
+        Ok(WebSocketSlot {
+            state: Arc::clone(self),
+            ip,
+        })
     }
 }
 
@@ -146,7 +150,8 @@ pub fn check_request(settings: &LimitSettings, req: &RequestHeader) -> Result<()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum::<usize>()
-        + req.uri.to_string().len();
+        + req.uri.authority().map_or(0, |a| a.as_str().len())
+        + req.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if header_bytes > settings.max_request_header_bytes {
         return Err(LimitRefusal::HeaderTooLarge);
     }
@@ -179,7 +184,7 @@ mod tests {
             websockets_total: Some(3),
             ..LimitSettings::default()
         };
-        let state = LimitState::default();
+        let state = Arc::new(LimitState::default());
         let a = Some(ip("192.0.2.1"));
         let b = Some(ip("192.0.2.2"));
         let first = state.admit_websocket(&settings, a).expect("1");
@@ -203,7 +208,7 @@ mod tests {
             upgrades_per_ip_per_second: Some(3),
             ..LimitSettings::default()
         };
-        let state = LimitState::default();
+        let state = Arc::new(LimitState::default());
         let refused = (0..10)
             .filter(|_| {
                 state

@@ -6,17 +6,21 @@ use crate::config::GatewayConfig;
 use crate::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
 use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
 use crate::limits::check_request;
+use crate::limits::WebSocketSlot;
+use crate::metrics::ConnectionMetrics;
 use crate::metrics::UNKNOWN_AGENT;
 use crate::problem::{upstream_error_kind, Problem};
 use crate::routing::{resolve, Target};
 use crate::secrets::reported_missing;
-use crate::state::GatewayState;
+use crate::state::{ConnectionGuard, GatewayState};
 use crate::websocket::pump::{pump, ConnectionOutcome, DropKind, Initiator};
+use crate::websocket::socket::Socket;
 use crate::websocket::{
     handshake, is_websocket_upgrade, negotiated_deflate, response_head_bytes, take_client_stream,
     Handshake,
 };
 use async_trait::async_trait;
+use bytes::Bytes;
 use log::{info, warn};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -205,7 +209,7 @@ impl ProxyHttp for Gateway {
             problem.send(session).await?;
             return Ok(true);
         }
-        // Kept for the access line (a WebSocket's answer is written before the logging hook).
+        // Kept for the access line and the proxying hooks.
         ctx.target = Some(target.clone());
         if websocket {
             let cors_headers = ctx
@@ -215,8 +219,8 @@ impl ProxyHttp for Gateway {
             ctx.status = Some(
                 self.serve_websocket(
                     session,
-                    &config,
-                    &target,
+                    Arc::clone(&config),
+                    target,
                     ctx.client.clone(),
                     cors_headers.as_deref(),
                 )
@@ -459,13 +463,13 @@ impl Gateway {
     async fn serve_websocket(
         &self,
         session: &mut Session,
-        config: &GatewayConfig,
-        target: &Target,
+        config: Arc<GatewayConfig>,
+        target: Target,
         client: ClientInfo,
         cors_headers: Option<&[(&'static str, String)]>,
     ) -> Result<u16> {
         let metrics = &self.state.metrics;
-        let agent = agent_label(Some(target));
+        let agent = agent_label(Some(&target));
         let upstream_name = target.upstream.name.as_str();
         let refuse = |problem: Problem, result: &str| {
             metrics.handshake(agent, result);
@@ -487,7 +491,7 @@ impl Gateway {
             problem.send(session).await?;
             return Ok(problem.status);
         }
-        let _slot = match self.state.limits.admit_websocket(&config.limits, client.ip) {
+        let slot = match self.state.limits.admit_websocket(&config.limits, client.ip) {
             Ok(slot) => slot,
             Err(refusal) => {
                 metrics.limit_refused(refusal.kind());
@@ -497,9 +501,9 @@ impl Gateway {
             }
         };
         let mut request = session.req_header().clone();
-        prepare_upstream_request(&mut request, target, client, true, &config.secrets)?;
+        prepare_upstream_request(&mut request, &target, client, true, &config.secrets)?;
         let started = Instant::now();
-        let answer = match peer_for(target).await {
+        let answer = match peer_for(&target).await {
             Ok(peer) => {
                 handshake(
                     &self.connector,
@@ -523,9 +527,9 @@ impl Gateway {
                 info!("upstream {upstream_name} refused a WebSocket upgrade with {status}");
                 if status < 500 {
                     self.state.upstream_answered_well(upstream_name);
-                } else if holds_secrets(target) {
+                } else if holds_secrets(&target) {
                     // The field's 1006: a 500 "NAME is not set" to the upgrade. Say so.
-                    let problem = self.upstream_error_answer(target, status, &body);
+                    let problem = self.upstream_error_answer(&target, status, &body);
                     if problem.kind() == "secret_missing" {
                         metrics.handshake(agent, "secret_missing");
                         problem.send(session).await?;
@@ -558,34 +562,24 @@ impl Gateway {
         let Some(mut client) = take_client_stream(session.as_downstream_mut()) else {
             return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
         };
-        let connection = metrics.connection_opened(agent);
-        let _open = self.state.connections.open();
+        let connection = UpgradedConnection {
+            metrics: metrics.connection_opened(agent),
+            _open: self.state.connections.open(),
+            _slot: slot,
+            state: Arc::clone(&self.state),
+            config,
+            target,
+            upstream: Socket::detach(stream),
+            preread,
+            deflate,
+        };
         let head = response_head_bytes(&response);
         if client.write_all(&head).await.is_err() || client.flush().await.is_err() {
             return Ok(101);
         }
-        let outcome = pump(
-            client,
-            stream,
-            &preread,
-            deflate,
-            self.state.drain_signal(),
-            &config.websocket,
-            &connection,
-        )
-        .await;
-        if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
-            let kind = match outcome.drop_kind {
-                Some(DropKind::Timeout) => "timeout",
-                Some(DropKind::Tls) => "tls",
-                _ => "dropped",
-            };
-            metrics.upstream_error(upstream_name, kind);
-        }
-        metrics.connection_closed(agent, &outcome);
-        if config.log.access_log {
-            log_outcome(config.log.json, target, &outcome);
-        }
+        // The connection lives on in a task of its own, so that Pingora's request futures,
+        // session and request header are freed now rather than held for the socket's life.
+        tokio::spawn(connection.run(Socket::detach(client)));
         Ok(101)
     }
 
@@ -604,6 +598,50 @@ impl Gateway {
                 Problem::secret_missing(secret, &hint)
             }
             None => Problem::upstream_status(&upstream.name, status, body),
+        }
+    }
+}
+
+/// An agent WebSocket after its 101: everything its own task needs, and the guards that
+/// keep it counted (drain, limits, active gauge) until the task ends.
+struct UpgradedConnection {
+    metrics: ConnectionMetrics,
+    _open: ConnectionGuard,
+    _slot: WebSocketSlot,
+    state: Arc<GatewayState>,
+    config: Arc<GatewayConfig>,
+    target: Target,
+    upstream: Socket,
+    preread: Bytes,
+    deflate: bool,
+}
+
+impl UpgradedConnection {
+    /// Pumps the two streams until the connection ends, then accounts for how it ended.
+    async fn run(self, client: Socket) {
+        let outcome = pump(
+            client,
+            self.upstream,
+            &self.preread,
+            self.deflate,
+            self.state.drain_signal(),
+            &self.config.websocket,
+            &self.metrics,
+        )
+        .await;
+        let metrics = &self.state.metrics;
+        let upstream_name = self.target.upstream.name.as_str();
+        if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
+            let kind = match outcome.drop_kind {
+                Some(DropKind::Timeout) => "timeout",
+                Some(DropKind::Tls) => "tls",
+                _ => "dropped",
+            };
+            metrics.upstream_error(upstream_name, kind);
+        }
+        metrics.connection_closed(agent_label(Some(&self.target)), &outcome);
+        if self.config.log.access_log {
+            log_outcome(self.config.log.json, &self.target, &outcome);
         }
     }
 }

@@ -20,9 +20,9 @@ pub struct GatewayState {
     config_path: PathBuf,
     pub metrics: Metrics,
     pub reports: UpstreamReports,
-    pub limits: LimitState,
+    pub limits: Arc<LimitState>,
     drain: watch::Sender<bool>,
-    pub connections: ConnectionTracker,
+    pub connections: Arc<ConnectionTracker>,
     /// The TLS listener's certificates, replaced on reload.
     tls_resolver: Option<Arc<SniResolver>>,
 }
@@ -39,9 +39,9 @@ impl GatewayState {
             config_path,
             metrics: Metrics::new(),
             reports: UpstreamReports::default(),
-            limits: LimitState::default(),
+            limits: Arc::default(),
             drain: watch::channel(false).0,
-            connections: ConnectionTracker::default(),
+            connections: Arc::default(),
         });
         state.refresh_secret_gauges();
         state
@@ -193,9 +193,10 @@ pub struct ConnectionTracker {
     closed: Notify,
 }
 
-pub struct ConnectionGuard<'a>(&'a ConnectionTracker);
+/// One open connection in the count, until dropped; owned by the connection's task.
+pub struct ConnectionGuard(Arc<ConnectionTracker>);
 
-impl Drop for ConnectionGuard<'_> {
+impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.closed.notify_waiters();
@@ -204,9 +205,9 @@ impl Drop for ConnectionGuard<'_> {
 }
 
 impl ConnectionTracker {
-    pub fn open(&self) -> ConnectionGuard<'_> {
+    pub fn open(self: &Arc<Self>) -> ConnectionGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
-        ConnectionGuard(self)
+        ConnectionGuard(Arc::clone(self))
     }
 
     pub fn count(&self) -> usize {

@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod pump;
+pub mod socket;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -82,10 +83,11 @@ pub async fn handshake(
         .await
         .or_err(ErrorType::ReadTimedout, "waiting for the upgrade answer")??;
     if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        // Copied out: the rest of `buffer` would otherwise stay allocated with the socket.
         return Ok(Handshake::Upgraded {
             response,
             stream,
-            preread: buffer.freeze(),
+            preread: Bytes::copy_from_slice(&buffer),
         });
     }
     let body = tokio::time::timeout(timeout, read_refusal_body(&mut stream, &response, buffer))

@@ -9,8 +9,8 @@
 //! [`FrameParser`], and writes Close frames of its own only between frames.
 
 use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
+use super::socket::Socket;
 use crate::metrics::{ConnectionMetrics, DirectionCounters};
-use pingora::protocols::Stream;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -241,7 +241,7 @@ impl Direction {
     fn send_or_keep(
         &mut self,
         cx: &mut Context<'_>,
-        destination: &mut Stream,
+        destination: &mut Socket,
         mut bytes: &[u8],
     ) -> Result<(), Stop> {
         while !bytes.is_empty() {
@@ -262,8 +262,8 @@ impl Direction {
     fn poll_step(
         &mut self,
         cx: &mut Context<'_>,
-        source: &mut Stream,
-        destination: &mut Stream,
+        source: &mut Socket,
+        destination: &mut Socket,
     ) -> Poll<Stop> {
         loop {
             if self.pending_pos < self.pending.len() {
@@ -338,7 +338,7 @@ impl Direction {
 /// One write; a destination that takes no bytes is gone.
 fn poll_write_some(
     cx: &mut Context<'_>,
-    destination: &mut Stream,
+    destination: &mut Socket,
     bytes: &[u8],
 ) -> Poll<Result<usize, Stop>> {
     match Pin::new(&mut *destination).poll_write(cx, bytes) {
@@ -373,8 +373,8 @@ pub type DrainSignal = watch::Receiver<bool>;
 /// `upstream_preread` holds bytes the upstream sent right behind its 101, read with the
 /// handshake; they go to the client first.
 pub async fn pump(
-    mut client: Stream,
-    mut upstream: Stream,
+    mut client: Socket,
+    mut upstream: Socket,
     upstream_preread: &[u8],
     deflate: bool,
     mut drain: DrainSignal,
@@ -545,8 +545,8 @@ fn poll_both(
     cx: &mut Context<'_>,
     c2u: &mut Direction,
     u2c: &mut Direction,
-    client: &mut Stream,
-    upstream: &mut Stream,
+    client: &mut Socket,
+    upstream: &mut Socket,
 ) -> Poll<Wake> {
     if let Poll::Ready(stop) = c2u.poll_step(cx, client, upstream) {
         return Poll::Ready(Wake::Stopped(Initiator::Client, stop));
@@ -565,7 +565,7 @@ fn poll_both(
 
 /// Writes whatever is still buffered for the destination, then the queued frame of ours,
 /// if it can go out between frames.
-async fn flush_injection(direction: &mut Direction, destination: &mut Stream) -> io::Result<()> {
+async fn flush_injection(direction: &mut Direction, destination: &mut Socket) -> io::Result<()> {
     if direction.pending_pos < direction.pending.len() {
         destination
             .write_all(&direction.pending[direction.pending_pos..])
@@ -671,8 +671,8 @@ mod tests {
         };
         let pumping = tokio::spawn(async move {
             pump(
-                Box::new(client_side),
-                Box::new(upstream_side),
+                Socket::Layered(Box::new(client_side)),
+                Socket::Layered(Box::new(upstream_side)),
                 b"",
                 false,
                 drain,
