@@ -4,6 +4,7 @@ use crate::routing::Target;
 use crate::secrets::Secret;
 use crate::upstream::UpstreamKind;
 use crate::websocket::header_has_token;
+use http::header::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::Result;
 use std::collections::BTreeMap;
@@ -15,15 +16,16 @@ pub const ROOM_HEADER: &str = "x-partykit-room";
 /// Header name prefixes a client may never choose for itself.
 const RESERVED_PREFIXES: [&str; 2] = ["x-partykit-", "x-agents-"];
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), besides those named by `Connection`.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1), besides those named by `Connection`. Names, not
+/// strings: removing by a string parses it first, for every header of every request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::UPGRADE,
 ];
 
 /// Facts about the downstream connection that the upstream is told.
@@ -41,7 +43,7 @@ pub struct ClientInfo {
 pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     target: &Target,
-    client: ClientInfo,
+    client: &ClientInfo,
     websocket: bool,
     secrets: &BTreeMap<String, Secret>,
 ) -> Result<()> {
@@ -55,8 +57,11 @@ pub fn prepare_upstream_request(
         }
     }
     if websocket {
-        req.insert_header(http::header::CONNECTION, "Upgrade")?;
-        req.insert_header(http::header::UPGRADE, "websocket")?;
+        req.insert_header(
+            http::header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        )?;
+        req.insert_header(http::header::UPGRADE, HeaderValue::from_static("websocket"))?;
     }
     let uri: http::Uri = target.upstream_path.parse().map_err(|e| {
         pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "upstream path", e)
@@ -69,30 +74,38 @@ pub fn prepare_upstream_request(
         req.insert_header(NAMESPACE_HEADER, agent.agent.slug.as_str())?;
         req.insert_header(ROOM_HEADER, agent.instance.as_str())?;
     }
-    match client.forwarded_for {
-        Some(chain) => req.insert_header("x-forwarded-for", chain)?,
+    match &client.forwarded_for {
+        Some(chain) => req.insert_header("x-forwarded-for", chain.as_str())?,
         None => {
             req.remove_header("x-forwarded-for");
         }
     }
-    req.insert_header(
-        "x-forwarded-proto",
-        if client.tls { "https" } else { "http" },
-    )?;
+    let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
+    req.insert_header("x-forwarded-proto", proto)?;
     Ok(())
 }
 
 fn remove_hop_by_hop(req: &mut RequestHeader) {
+    // `Connection: keep-alive`, `close` or `upgrade` name nothing beyond the fixed set.
     let named: Vec<String> = req
         .headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .any(|fixed| t.eq_ignore_ascii_case(fixed))
+        })
+        .map(str::to_ascii_lowercase)
         .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    for name in &named {
+        req.remove_header(name.as_str());
+    }
+    for name in &HOP_BY_HOP {
         req.remove_header(name);
     }
 }
@@ -155,7 +168,7 @@ upstream = "cloud"
             forwarded_for: Some("192.0.2.1, 10.1.2.3".to_owned()),
             tls: false,
         };
-        prepare_upstream_request(&mut req, &target, client, websocket, &config.secrets)
+        prepare_upstream_request(&mut req, &target, &client, websocket, &config.secrets)
             .expect("prepared");
         req
     }

@@ -128,14 +128,21 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// No downstream modules: Pingora's default adds a disabled compression module, whose
+    /// per-request context is pure cost (the gateway never compresses).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     /// Routes every request; refusals and WebSocket upgrades are answered here, in full.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let config = self.state.config();
         let metrics = &self.state.metrics;
         ctx.client = client_info(session, &config);
         let req = session.req_header();
-        ctx.method = req.method.as_str().to_owned();
-        ctx.path = req.uri.path().to_owned();
+        let access_log = config.log.access_log;
+        if access_log {
+            ctx.method = req.method.as_str().to_owned();
+            ctx.path = req.uri.path().to_owned();
+        }
         let websocket = is_websocket_upgrade(req);
         if let Err(refusal) = check_request(&config.limits, req) {
             metrics.limit_refused(refusal.kind());
@@ -160,7 +167,9 @@ impl ProxyHttp for Gateway {
             Some(agent) => agent.route.clone(),
             None => FALLBACK_ROUTE.to_owned(),
         };
-        ctx.agent = Some(agent_label(Some(&target)).to_owned());
+        if access_log {
+            ctx.agent = Some(agent_label(Some(&target)).to_owned());
+        }
         if let Some(policy) = target.cors.clone() {
             let origin = match request_origin(&req.headers) {
                 Ok(origin) => origin,
@@ -209,25 +218,29 @@ impl ProxyHttp for Gateway {
             problem.send(session).await?;
             return Ok(true);
         }
-        // Kept for the access line and the proxying hooks.
-        ctx.target = Some(target.clone());
         if websocket {
+            if access_log {
+                ctx.target = Some(target.clone());
+            }
             let cors_headers = ctx
                 .cors
                 .as_ref()
                 .map(|_| cors_response_headers(ctx.cors.as_ref()));
+            // Boxed: inline, its state would enlarge the future Pingora moves for every
+            // plain HTTP request too.
             ctx.status = Some(
-                self.serve_websocket(
+                Box::pin(self.serve_websocket(
                     session,
                     Arc::clone(&config),
                     target,
-                    ctx.client.clone(),
+                    &ctx.client,
                     cors_headers.as_deref(),
-                )
+                ))
                 .await?,
             );
             return Ok(true);
         }
+        ctx.target = Some(target);
         ctx.config = Some(config);
         Ok(false)
     }
@@ -279,7 +292,7 @@ impl ProxyHttp for Gateway {
         prepare_upstream_request(
             upstream_request,
             target,
-            ctx.client.clone(),
+            &ctx.client,
             false,
             &config.secrets,
         )
@@ -465,7 +478,7 @@ impl Gateway {
         session: &mut Session,
         config: Arc<GatewayConfig>,
         target: Target,
-        client: ClientInfo,
+        client: &ClientInfo,
         cors_headers: Option<&[(&'static str, String)]>,
     ) -> Result<u16> {
         let metrics = &self.state.metrics;
@@ -501,7 +514,7 @@ impl Gateway {
             }
         };
         let mut request = session.req_header().clone();
-        prepare_upstream_request(&mut request, &target, client, true, &config.secrets)?;
+        prepare_upstream_request(&mut request, &target, &client, true, &config.secrets)?;
         let started = Instant::now();
         let answer = match peer_for(&target).await {
             Ok(peer) => {

@@ -72,7 +72,7 @@ pub fn resolve(config: &GatewayConfig, path: &str, query: Option<&str>) -> Resul
         return match &config.fallback_upstream {
             Some(upstream) => Ok(Target {
                 upstream: upstream.clone(),
-                upstream_path: with_query(path.to_owned(), query),
+                upstream_path: join_path(&[path], query),
                 agent: None,
                 cors: config.cors.clone(),
             }),
@@ -95,13 +95,20 @@ fn resolve_in_route(route: &Route, tail: &str, query: Option<&str>) -> Result<Ta
         });
     };
     let instance = parsed.instance.unwrap_or(&route.default_instance);
-    let upstream_path = format!(
-        "{}/{}/{}{}",
-        route.upstream_prefix, agent.slug, instance, parsed.rest
+    let upstream_path = join_path(
+        &[
+            &route.upstream_prefix,
+            "/",
+            &agent.slug,
+            "/",
+            instance,
+            parsed.rest,
+        ],
+        query,
     );
     Ok(Target {
         upstream: agent.upstream.clone(),
-        upstream_path: with_query(upstream_path, query),
+        upstream_path,
         agent: Some(AgentTarget {
             route: route.name.clone(),
             agent: agent.clone(),
@@ -111,7 +118,11 @@ fn resolve_in_route(route: &Route, tail: &str, query: Option<&str>) -> Result<Ta
     })
 }
 
-fn with_query(mut path: String, query: Option<&str>) -> String {
+/// `parts` and `?query` in one allocation of the exact size (this runs for every request).
+fn join_path(parts: &[&str], query: Option<&str>) -> String {
+    let length = parts.iter().map(|p| p.len()).sum::<usize>() + query.map_or(0, |q| q.len() + 1);
+    let mut path = String::with_capacity(length);
+    parts.iter().for_each(|p| path.push_str(p));
     if let Some(q) = query {
         path.push('?');
         path.push_str(q);
