@@ -514,7 +514,7 @@ impl Gateway {
             }
         };
         let mut request = session.req_header().clone();
-        prepare_upstream_request(&mut request, &target, &client, true, &config.secrets)?;
+        prepare_upstream_request(&mut request, &target, client, true, &config.secrets)?;
         let started = Instant::now();
         let answer = match peer_for(&target).await {
             Ok(peer) => {
