@@ -12,8 +12,9 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "gateway", "nginx", "haproxy"]
-PROXIES = ["gateway", "nginx", "haproxy"]
+# "pingora": Pingora with default hooks (examples/bare_pingora.rs), the floor under the gateway.
+TARGETS = ["direct", "gateway", "pingora", "nginx", "haproxy"]
+PROXIES = ["gateway", "pingora", "nginx", "haproxy"]
 LAYOUTS = {
     1: "Layout 1: proxy and backends on core 0, client on core 1",
     2: "Layout 2: proxy alone on core 0, backends and client on core 1",
@@ -87,14 +88,15 @@ def main():
 
     out = []
     w = out.append
-    w("# agent-gateway vs nginx vs HAProxy: benchmark results")
+    w("# agent-gateway vs bare Pingora vs nginx vs HAProxy: benchmark results")
     w("")
     w(f"- Date: {meta['date']} ({meta['mode']} mode: {meta['rounds_done']} of {meta['rounds_planned']} load rounds, "
       f"{meta['mem_rounds']} memory round(s), {meta['elapsed_s'] // 60} min {meta['elapsed_s'] % 60} s end to end)")
     w(f"- Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_mib']} MiB, Linux {meta['kernel']}, "
       f"open-file limit {meta['nofile']}")
     w(f"- Software: agent-gateway {meta['gateway_rev']} (release build, `threads = 1`, frame observer and "
-      f"metrics on, RUST_LOG=info), nginx {meta['nginx']} (`worker_processes 1`), HAProxy {meta['haproxy']} "
+      f"metrics on, RUST_LOG=info), bare Pingora {meta.get('pingora', '?')} (\"pingora\": default hooks, one "
+      f"worker thread, the gateway's allocator), nginx {meta['nginx']} (`worker_processes 1`), HAProxy {meta['haproxy']} "
       f"(`nbthread 1`), wrk {meta['wrk']}; backends and WebSocket client from bench/loadgen")
     w(f"- Each figure: median of the rounds, (lowest to highest) next to it. Runs: {meta['duration_s']} s measured"
       f" ({meta['warmup_s']} s WebSocket warm-up before). Targets run in turn, order rotated every round.")
@@ -232,6 +234,21 @@ def main():
           f"{'all' if alive_all else 'NOT all'} alive | | {'yes' if kib <= TARGET_KIB and alive_all else 'no'} |")
     w("")
 
+    # What the gateway adds to Pingora itself.
+    w("## The gateway over bare Pingora (its floor), medians")
+    w("")
+    w("| figure | gateway L1 / L2 | bare Pingora L1 / L2 | nginx L1 / L2 |")
+    w("|---|---|---|---|")
+    def trio(test, key):
+        return " | ".join(f"{fmt(med(vals(1, test, t, key)))} / {fmt(med(vals(2, test, t, key)))}"
+                          for t in ("gateway", "pingora", "nginx"))
+    w(f"| proxy CPU µs per HTTP request | {trio('http', 'proxy_cpu_us_per_msg')} |")
+    w(f"| proxy CPU µs per WebSocket message | {trio('ws_pingpong', 'proxy_cpu_us_per_msg')} |")
+    kib9 = {t: med([r["kib_per_conn_held"] for r in mem_runs if r["target"] == t and int(r["conns"]) == 9000])
+            for t in PROXIES}
+    w(f"| KiB per idle WebSocket (9000) | {fmt(kib9['gateway'])} | {fmt(kib9['pingora'])} | {fmt(kib9['nginx'])} |")
+    w("")
+
     # How this box compares with the reference machine, through nginx and HAProxy.
     w("## nginx and HAProxy here vs the issue's reference figures")
     w("")
@@ -247,8 +264,7 @@ def main():
         a99 = med(per_round(layout, "ws_rate", "nginx", lambda r, d: r["p99_us"] - d["p99_us"]))
         adds.append(f"+{fmt(a50, 0)}/+{fmt(a99, 0)}" if a50 is not None and a99 is not None else "-")
     w(f"| nginx added p50/p99 µs at {meta['rate']} msg/s, {meta['rate_conns']} conns | +23/+116 | {adds[0]} / {adds[1]} | |")
-    kib = {t: med([r["kib_per_conn_held"] for r in mem_runs if r["target"] == t and int(r["conns"]) == 9000]) for t in PROXIES}
-    w(f"| KiB per idle WebSocket (9000) | nginx 17.7, HAProxy 4.6 | {fmt(kib['nginx'])} | {fmt(kib['haproxy'])} |")
+    w(f"| KiB per idle WebSocket (9000) | nginx 17.7, HAProxy 4.6 | {fmt(kib9['nginx'])} | {fmt(kib9['haproxy'])} |")
     w("")
 
     if metrics_text:

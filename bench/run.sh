@@ -32,10 +32,10 @@ done
 
 # ---- Parameters -------------------------------------------------------------------------
 if [[ $MODE == full ]]; then
-    ROUNDS=5        # load rounds; every target runs every test once per round and layout
+    ROUNDS=4        # load rounds; every target runs every test once per round and layout
     DUR=5           # seconds measured per load run
     WARMUP=1        # seconds of WebSocket traffic before measuring
-    MEM_ROUNDS=3    # idle-memory rounds
+    MEM_ROUNDS=2    # idle-memory rounds
     HOLD=10         # seconds the idle sockets are held
     BUDGET=1740     # seconds for the whole script (29 min); rounds are cut to fit
 else
@@ -49,6 +49,7 @@ GATEWAY_PORT=${GATEWAY_PORT:-18080}
 GATEWAY_ADMIN_PORT=${GATEWAY_ADMIN_PORT:-18090}
 NGINX_PORT=${NGINX_PORT:-18081}
 HAPROXY_PORT=${HAPROXY_PORT:-18082}
+PINGORA_PORT=${PINGORA_PORT:-18083}
 
 HTTP_CONNS=64          # wrk connections (one wrk thread)
 WS_CONNS=64            # closed-loop WebSocket connections
@@ -62,8 +63,9 @@ QUIET_WAIT=20          # seconds to wait for that, at most, before running anywa
 FOREIGN_MAX=5          # % of one core of CPU by other processes during a run => repeat it
 MAX_RETRIES=2          # repeats of a noisy run before it is kept (flagged)
 
-TARGETS=(direct gateway nginx haproxy)
-PROXIES=(gateway nginx haproxy)
+# "pingora" is Pingora with default hooks (examples/bare_pingora.rs): the gateway's floor.
+TARGETS=(direct gateway pingora nginx haproxy)
+PROXIES=(gateway pingora nginx haproxy)
 TESTS=(http ws_pingpong ws_rate)
 
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -124,11 +126,13 @@ BIN="$RUN/bin"
 mkdir -p "$BIN"
 if ((BUILD)); then
     log "building the gateway (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --quiet) || die "the gateway does not build"
+    (cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example bare_pingora) ||
+        die "the gateway does not build"
 fi
 [[ -x "$ROOT/target/release/agent-gateway" ]] || die "no target/release/agent-gateway"
-# A copy: a rebuild by someone else during the run cannot swap the binary under test.
-cp "$ROOT/target/release/agent-gateway" "$BIN/agent-gateway"
+[[ -x "$ROOT/target/release/examples/bare_pingora" ]] || die "no target/release/examples/bare_pingora"
+# Copies: a rebuild by someone else during the run cannot swap the binaries under test.
+cp "$ROOT/target/release/agent-gateway" "$ROOT/target/release/examples/bare_pingora" "$BIN/"
 GATEWAY_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local-changes')"
 log "building the load generator and backends (bench/loadgen)"
 (cd "$HERE/loadgen" && cargo build --release --quiet) || die "bench/loadgen does not build"
@@ -151,7 +155,7 @@ pick_port() {
     done
     die "no free port near $p"
 }
-for var in ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT; do
+for var in ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT PINGORA_PORT; do
     chosen=$(pick_port "${!var}")
     [[ $chosen == "${!var}" ]] || log "port ${!var} is taken; $var=$chosen"
     printf -v "$var" '%s' "$chosen"
@@ -190,6 +194,7 @@ wait_port() {
 port_of() {
     case $1 in
         gateway) echo "$GATEWAY_PORT" ;; nginx) echo "$NGINX_PORT" ;; haproxy) echo "$HAPROXY_PORT" ;;
+        pingora) echo "$PINGORA_PORT" ;;
     esac
 }
 
@@ -208,6 +213,10 @@ start_proxy() {
             RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$BIN/agent-gateway" run -c "$RUN/gateway.toml" \
                 >>"$RUN/gateway.log" 2>&1 &
             PID[gateway]=$! ;;
+        pingora)
+            taskset -c 0 "$BIN/bare_pingora" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$HELLO_PORT" \
+                "127.0.0.1:$ECHO_PORT" >>"$RUN/pingora.log" 2>&1 &
+            PID[pingora]=$! ;;
         nginx)
             taskset -c 0 nginx -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" >>"$RUN/nginx.log" 2>&1 &
             PID[nginx]=$! ;;
@@ -404,7 +413,7 @@ for p in "${PROXIES[@]}"; do start_proxy "$p"; done
 log "all targets answer on both paths"
 
 # Time left for the load rounds: the memory runs need their share of the budget.
-MEM_RESERVE=$((MEM_ROUNDS * 3 * (2 * ${HOLD%.*} + 30) + 30))
+MEM_RESERVE=$((MEM_ROUNDS * ${#PROXIES[@]} * (2 * ${HOLD%.*} + 30) + 30))
 ROUNDS_DONE=0
 round_seconds=0
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -457,6 +466,7 @@ cat >"$RUN/meta.json" <<EOF
  "nginx": "$(nginx -v 2>&1 | sed 's/.*: //')", "haproxy": "$(haproxy -v | head -1 | awk '{print $3}')",
  "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $2}')",
  "gateway_rev": "$GATEWAY_REV",
+ "pingora": "$(awk '/^name = "pingora-core"/ {getline; gsub(/[^0-9.]/, ""); print; exit}' "$ROOT/Cargo.lock")",
  "rounds_planned": $ROUNDS, "rounds_done": $ROUNDS_DONE, "mem_rounds": $MEM_DONE, "duration_s": $DUR,
  "warmup_s": $WARMUP, "hold_s": $HOLD, "http_conns": $HTTP_CONNS, "ws_conns": $WS_CONNS,
  "ws_size": $WS_SIZE, "rate": $RATE, "rate_conns": $RATE_CONNS, "nofile": $NOFILE,

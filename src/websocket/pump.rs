@@ -11,6 +11,7 @@
 use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
 use super::socket::Socket;
 use crate::metrics::{ConnectionMetrics, DirectionCounters};
+use futures_util::FutureExt;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -407,7 +408,6 @@ pub async fn pump(
         protocol_error = result.err();
     }
 
-    let mut closing_deadline: Option<tokio::time::Instant> = None;
     if let Some(error) = protocol_error {
         close_both(
             &mut c2u,
@@ -418,30 +418,50 @@ pub async fn pump(
         );
     }
 
+    // Made once, not on every wake-up: a fresh drain waiter and timer per turn of the loop
+    // would take the watch's and the timer wheel's locks twice for every frame.
+    let drain_requested = async move {
+        // The sender gone (the gateway stopping) counts as a drain too.
+        let _ = drain.wait_for(|draining| *draining).await;
+    }
+    .fuse();
+    tokio::pin!(drain_requested);
+    let idle_timeout = settings.idle_timeout.unwrap_or_default();
+    let idle_timer = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_timer);
+    let closing_timer = tokio::time::sleep(settings.close_timeout);
+    tokio::pin!(closing_timer);
+    let mut closing_started = false;
+
     loop {
-        let idle_deadline = settings
-            .idle_timeout
-            .map(|idle| tokio::time::Instant::from_std(c2u.last_read.max(u2c.last_read) + idle));
         // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
         let closing =
             gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
-        if closing && closing_deadline.is_none() {
-            closing_deadline = Some(tokio::time::Instant::now() + settings.close_timeout);
+        if closing && !closing_started {
+            closing_started = true;
+            closing_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + settings.close_timeout);
         }
         let stop = tokio::select! {
             biased;
-            changed = drain.changed(), if gateway_close.is_none() => {
-                if changed.is_err() || *drain.borrow() {
-                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down");
+            () = &mut drain_requested, if gateway_close.is_none() => {
+                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down");
+                continue;
+            }
+            () = &mut idle_timer, if settings.idle_timeout.is_some() && !closing => {
+                // Reads do not move the timer; when it fires, it is set again for the
+                // deadline of the last read, if that is still ahead.
+                let last_read = c2u.last_read.max(u2c.last_read);
+                let deadline = tokio::time::Instant::from_std(last_read + idle_timeout);
+                if deadline > tokio::time::Instant::now() {
+                    idle_timer.as_mut().reset(deadline);
+                } else {
+                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "idle timeout");
                 }
                 continue;
             }
-            _ = sleep_until_opt(idle_deadline), if !closing => {
-                // The deadline is recomputed from the last read on every turn of the loop.
-                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "idle timeout");
-                continue;
-            }
-            _ = sleep_until_opt(closing_deadline) => break,
+            () = &mut closing_timer, if closing_started => break,
             wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => wake,
         };
         let Wake::Stopped(side, stop) = stop else {
@@ -618,13 +638,6 @@ fn outcome(
         duration: started.elapsed(),
         client_to_upstream: c2u.stats,
         upstream_to_client: u2c.stats,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
