@@ -86,7 +86,7 @@ pub fn prepare_upstream_request(
 }
 
 fn remove_hop_by_hop(req: &mut RequestHeader) {
-    // `Connection: keep-alive`, `close` or `upgrade` name nothing beyond the fixed set.
+    // `keep-alive` and `upgrade` are in the fixed set below anyway.
     let named: Vec<String> = req
         .headers
         .get_all(http::header::CONNECTION)
@@ -96,7 +96,7 @@ fn remove_hop_by_hop(req: &mut RequestHeader) {
         .map(str::trim)
         .filter(|t| {
             !t.is_empty()
-                && !["keep-alive", "close", "upgrade"]
+                && !["keep-alive", "upgrade"]
                     .iter()
                     .any(|fixed| t.eq_ignore_ascii_case(fixed))
         })

@@ -150,6 +150,7 @@ pub fn check_request(settings: &LimitSettings, req: &RequestHeader) -> Result<()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum::<usize>()
+        + req.uri.scheme_str().map_or(0, |s| s.len() + 3)
         + req.uri.authority().map_or(0, |a| a.as_str().len())
         + req.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if header_bytes > settings.max_request_header_bytes {

@@ -53,8 +53,8 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
         state: state.clone(),
     };
     let mut proxy = Service::new("agent gateway".to_owned(), edge);
-    // No L4 read buffer: Pingora's HTTP session reads into its own, and the 64 KiB it would
-    // otherwise give every connection stays with an agent WebSocket for its whole life.
+    // No L4 read buffer: Pingora's HTTP session reads into its own. `Socket::detach` relies on
+    // it: bytes left in such a buffer would be lost when a WebSocket leaves Pingora's stream.
     let buffers = L4BufferSettings::default().read(0);
     proxy.add_listener(ListenerConfig::tcp(&listen).l4_buffer(buffers));
     if let (Some(tls_listen), Some(resolver)) = (&tls_listen, state.tls_resolver()) {

@@ -25,8 +25,9 @@ pub enum Socket {
 
 impl Socket {
     /// Sheds Pingora's layers from a plain TCP stream; other streams are kept as they are.
-    /// Nothing may be buffered in `stream`: the caller has flushed it, and the handshake has
-    /// consumed everything read from it.
+    /// Nothing may be buffered in `stream`: the caller has flushed it, the handshake has
+    /// consumed everything read from it, and Pingora reads it unbuffered (the listeners'
+    /// `l4_buffer` read size is 0 in `server.rs`; upstream streams have no buffer).
     pub fn detach(stream: Stream) -> Socket {
         match bare_tcp(&stream) {
             Ok(Some(tcp)) => Socket::Tcp(tcp),
@@ -53,8 +54,14 @@ fn bare_tcp(stream: &Stream) -> io::Result<Option<TcpStream>> {
     let Some(l4) = l4 else {
         return Ok(None);
     };
-    // SAFETY: the descriptor belongs to `l4`, which is borrowed for the whole of this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
+    let raw = l4.as_raw_fd();
+    if raw < 0 {
+        // Pingora's in-memory streams have no descriptor.
+        return Ok(None);
+    }
+    // SAFETY: `raw` is a valid descriptor (checked above) that belongs to `l4`, which is
+    // borrowed for the whole of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
     let tcp = std::net::TcpStream::from(fd.try_clone_to_owned()?);
     // A Unix socket would fail here: its address is not an internet one.
     tcp.peer_addr()?;
