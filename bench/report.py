@@ -86,6 +86,13 @@ def main():
     def vals(layout, test, target, key):
         return [r.get(key) for r in by[(layout, test, target)]]
 
+    def throughput_cells(layout, test, target):
+        """Rate, ratio to direct and proxy CPU per operation: the cells every load table starts with."""
+        ratio = per_round(layout, test, target, lambda r, d: r["rate"] / d["rate"] if d["rate"] else None)
+        direct = target == "direct"
+        return (f"{cell(vals(layout, test, target, 'rate'), 0)} | {'1' if direct else cell(ratio, 2)} | "
+                f"{cell(vals(layout, test, target, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if direct else ''}")
+
     out = []
     w = out.append
     w("# agent-gateway vs bare Pingora vs nginx vs HAProxy: benchmark results")
@@ -125,9 +132,7 @@ def main():
         for t in TARGETS:
             if not by[(layout, "http", t)]:
                 continue
-            ratio = per_round(layout, "http", t, lambda r, d: r["rate"] / d["rate"] if d["rate"] else None)
-            w(f"| {t} | {cell(vals(layout, 'http', t, 'rate'), 0)} | {cell(ratio, 2) if t != 'direct' else '1'} | "
-              f"{cell(vals(layout, 'http', t, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if t == 'direct' else ''} | "
+            w(f"| {t} | {throughput_cells(layout, 'http', t)} | "
               f"{cell(vals(layout, 'http', t, 'p50_us'), 0)} | {cell(vals(layout, 'http', t, 'p99_us'), 0)} |")
         w("")
         w(f"### WebSocket closed loop: {meta['ws_conns']} connections, {meta['ws_size']}-byte messages, ping-pong")
@@ -137,9 +142,7 @@ def main():
         for t in TARGETS:
             if not by[(layout, "ws_pingpong", t)]:
                 continue
-            ratio = per_round(layout, "ws_pingpong", t, lambda r, d: r["rate"] / d["rate"] if d["rate"] else None)
-            w(f"| {t} | {cell(vals(layout, 'ws_pingpong', t, 'rate'), 0)} | {cell(ratio, 2) if t != 'direct' else '1'} | "
-              f"{cell(vals(layout, 'ws_pingpong', t, 'proxy_cpu_us_per_msg'), 1)}{' (backend)' if t == 'direct' else ''} |")
+            w(f"| {t} | {throughput_cells(layout, 'ws_pingpong', t)} |")
         w("")
         w(f"### WebSocket open loop: {meta['rate']} messages/s over {meta['rate_conns']} connections, "
           f"{meta['ws_size']}-byte messages, round-trip latency")
