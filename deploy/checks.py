@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-# The metrics contract of the admin listener's /metrics (README.md, "Metrics").
+# The metrics contract of the admin listener's /metrics (docs/metrics.md).
 COUNTERS = {
     "agent_gateway_ws_closes_total",
     "agent_gateway_ws_messages_total",

@@ -13,7 +13,7 @@ bin=target/release/agent-gateway
 # when no real key is set.
 export OPENROUTER_API_KEY="${OPENROUTER_API_KEY:-local-placeholder}"
 "$bin" check -c gateway.toml >/dev/null
-"$bin" backend --listen 127.0.0.1:8787 &
+target/release/reference-backend --listen 127.0.0.1:8787 &
 backend=$!
 trap 'kill "$backend" 2>/dev/null || true' EXIT INT TERM
 "$bin" run -c gateway.toml

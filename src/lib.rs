@@ -1,26 +1,18 @@
 //! agent-gateway: an edge reverse proxy for AI agents behind `/agents/{agent}/{instance}`
 //! WebSocket URLs, on Cloudflare's Pingora.
+//!
+//! The folders follow the request: [`edge`] decides about the client (address, limits,
+//! CORS, TLS), [`routing`] maps the path to an agent and its [`upstream`], [`secrets`] says
+//! whether the agent can be served, [`proxy`] is the Pingora adapter that performs those
+//! decisions, and [`websocket`] carries an upgraded connection. [`config`] is read once per
+//! load, [`runtime`] wires the server, and [`telemetry`] reports.
 
-pub mod admin;
-pub mod agent_name;
-pub mod agent_path;
-pub mod backend;
-pub mod client_address;
 pub mod config;
-pub mod cors;
-pub mod forwarding;
-pub mod header_deadline;
-pub mod lifecycle;
-pub mod limits;
-pub mod logging;
-pub mod metrics;
-pub mod probe;
-pub mod problem;
+pub mod edge;
 pub mod proxy;
 pub mod routing;
+pub mod runtime;
 pub mod secrets;
-pub mod server;
-pub mod state;
-pub mod tls;
+pub mod telemetry;
 pub mod upstream;
 pub mod websocket;

@@ -1,6 +1,6 @@
 use agent_gateway::config::{GatewayConfig, Route};
+use agent_gateway::runtime::server;
 use agent_gateway::upstream::UpstreamKind;
-use agent_gateway::{backend, server};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,12 +41,6 @@ enum Command {
         #[arg(long)]
         warn_secrets: bool,
     },
-    /// Start the reference local agent backend (partyserver contract, echo and broadcast).
-    Backend {
-        /// Address to listen on; port 0 picks a free one (the address is printed).
-        #[arg(short, long, default_value = "127.0.0.1:8787")]
-        listen: String,
-    },
 }
 
 fn main() -> ExitCode {
@@ -54,7 +48,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, upgrade } => match GatewayConfig::load(&config) {
             Ok(loaded) => {
-                agent_gateway::logging::init(&loaded.log.level, loaded.log.json);
+                agent_gateway::telemetry::logging::init(&loaded.log.level, loaded.log.json);
                 server::run(loaded, config, upgrade);
                 ExitCode::SUCCESS
             }
@@ -67,25 +61,8 @@ fn main() -> ExitCode {
             config,
             warn_secrets,
         } => {
-            agent_gateway::logging::init("warn", false);
+            agent_gateway::telemetry::logging::init("warn", false);
             check(&config, warn_secrets)
-        }
-        Command::Backend { listen } => {
-            agent_gateway::logging::init("info", false);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(backend::serve(&listen)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: reference backend on {listen}: {e}");
-                    ExitCode::FAILURE
-                }
-            }
         }
     }
 }
@@ -165,7 +142,8 @@ fn print_route(
     agents.sort_by(|a, b| a.name.cmp(&b.name));
     let mut missing = 0;
     for agent in agents {
-        let spellings = agent_gateway::agent_name::example_spellings(&agent.name).join("|");
+        let spellings =
+            agent_gateway::routing::agent_name::example_spellings(&agent.name).join("|");
         writeln!(out, "  {}", agent.name)?;
         writeln!(
             out,

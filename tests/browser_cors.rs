@@ -13,7 +13,7 @@
 
 mod common;
 
-use agent_gateway::backend::fingerprint;
+use agent_gateway::secrets::fingerprint;
 use common::*;
 use serde_json::Value;
 use std::collections::HashMap;

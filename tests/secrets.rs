@@ -107,7 +107,7 @@ async fn key_from_a_file_is_forwarded_and_clients_cannot_inject_their_own() {
     let seen = answer.json()["headers"]["x-openrouter-key"]
         .as_str()
         .map(str::to_owned);
-    let expected = agent_gateway::backend::fingerprint(SECRET);
+    let expected = agent_gateway::secrets::fingerprint(SECRET);
     assert_eq!(
         seen.as_deref(),
         Some(expected.as_str()),

@@ -5,11 +5,11 @@
 
 mod file;
 
-use crate::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
-use crate::agent_path::parse_agent_path;
-use crate::client_address::Cidr;
-use crate::cors::{CorsPolicy, CorsSpec, CorsSpecError};
-use crate::limits::LimitSettings;
+use crate::edge::client_address::Cidr;
+use crate::edge::cors::{CorsPolicy, CorsSpec, CorsSpecError};
+use crate::edge::limits::LimitSettings;
+use crate::routing::agent_name::{fold_key, is_valid_agent_name, sdk_slug};
+use crate::routing::agent_path::parse_agent_path;
 use crate::secrets::{Secret, SecretSource, DEFAULT_REQUIRED};
 use crate::upstream::{
     Node, Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
@@ -67,7 +67,7 @@ pub struct GatewayConfig {
 #[derive(Debug)]
 pub struct TlsListener {
     pub listen: String,
-    pub certificates: Arc<crate::tls::CertStore>,
+    pub certificates: Arc<crate::edge::tls::CertStore>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,7 +349,7 @@ impl Ctx<'_> {
                 let slug = match &agent.slug {
                     Some(s) => {
                         let ok = !s.get_ref().is_empty()
-                            && s.get_ref().len() <= crate::agent_name::MAX_AGENT_NAME_LEN
+                            && s.get_ref().len() <= crate::routing::agent_name::MAX_AGENT_NAME_LEN
                             && s.get_ref()
                                 .bytes()
                                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -514,7 +514,7 @@ impl Ctx<'_> {
             .iter()
             .map(|(c, k)| (c.as_path(), k.as_path()))
             .collect();
-        let store = crate::tls::CertStore::load(&pairs).map_err(|why| {
+        let store = crate::edge::tls::CertStore::load(&pairs).map_err(|why| {
             self.error(
                 &section.certificates,
                 format!("cannot use the certificates: {why}"),

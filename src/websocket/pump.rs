@@ -10,7 +10,7 @@
 
 use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
 use super::socket::Socket;
-use crate::metrics::{ConnectionMetrics, DirectionCounters};
+use crate::telemetry::metrics::{ConnectionMetrics, DirectionCounters};
 use futures_util::FutureExt;
 use std::future::poll_fn;
 use std::io;
@@ -663,7 +663,7 @@ fn mask_key() -> [u8; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
     use crate::websocket::frame::tests::frame;
     use tokio::io::AsyncReadExt;
 

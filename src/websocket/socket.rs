@@ -6,7 +6,7 @@
 //! Pingora offers no way to unwrap its `Stream`, so the socket is duplicated and the layered
 //! original dropped. TLS ends keep Pingora's stream, which holds the session.
 
-use crate::header_deadline::HeaderDeadline;
+use crate::edge::header_deadline::HeaderDeadline;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use std::io;

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-gateway");
+pub const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_reference-backend");
 /// Upper bound on any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 pub const TEST_KEY: &str = "sk-test-not-a-real-key-0123456789";
@@ -60,9 +61,9 @@ pub fn start_backend(key: Option<&str>) -> Proc {
 
 /// Starts the reference backend on `address` (port 0: any free port).
 pub fn start_backend_at(address: SocketAddr, key: Option<&str>) -> Proc {
-    let mut command = Command::new(BIN);
+    let mut command = Command::new(BACKEND_BIN);
     command
-        .args(["backend", "--listen", &address.to_string()])
+        .args(["--listen", &address.to_string()])
         .env_remove("OPENROUTER_API_KEY")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

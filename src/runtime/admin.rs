@@ -2,7 +2,7 @@
 //! table. Bound to loopback by default and never served on the public listener.
 
 use crate::config::GatewayConfig;
-use crate::state::{secret_presence, GatewayState};
+use crate::runtime::state::{secret_presence, GatewayState};
 use crate::upstream::UpstreamKind;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};

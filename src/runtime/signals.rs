@@ -11,7 +11,7 @@
 //! Pingora's own watcher would start its shutdown on SIGTERM straight away and then drop
 //! the pumps' tasks with the runtimes; this one drains first.
 
-use crate::state::GatewayState;
+use crate::runtime::state::GatewayState;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! What the upstream receives: the request header rewritten for the target.
 
-use crate::routing::Target;
+use crate::routing::resolve::Target;
 use crate::secrets::Secret;
 use crate::upstream::UpstreamKind;
 use crate::websocket::header_has_token;
@@ -31,9 +31,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Facts about the downstream connection that the upstream is told.
 #[derive(Debug, Clone, Default)]
 pub struct ClientInfo {
-    /// The client, as [`crate::client_address::client_ip`] decided.
+    /// The client, as [`crate::edge::client_address::client_ip`] decided.
     pub ip: Option<IpAddr>,
-    /// The `X-Forwarded-For` to send, from [`crate::client_address::forwarded_for`].
+    /// The `X-Forwarded-For` to send, from [`crate::edge::client_address::forwarded_for`].
     pub forwarded_for: Option<String>,
     pub tls: bool,
 }
@@ -136,7 +136,7 @@ pub fn is_other_upgrade(req: &RequestHeader) -> bool {
 mod tests {
     use super::*;
     use crate::config::GatewayConfig;
-    use crate::routing::resolve;
+    use crate::routing::resolve::resolve;
     use std::path::Path;
 
     const CONFIG: &str = r#"

@@ -1,16 +1,19 @@
 //! The Pingora hooks. They stay thin: decisions are made by [`crate::routing`],
-//! [`crate::forwarding`] and [`crate::websocket`], which are plain code with their own tests.
+//! [`crate::proxy::upstream_request`] and [`crate::websocket`], which are plain code with their own tests.
 
-use crate::client_address::{client_ip, forwarded_for};
+pub mod problem;
+pub mod upstream_request;
+
 use crate::config::GatewayConfig;
-use crate::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
-use crate::forwarding::{is_other_upgrade, prepare_upstream_request, ClientInfo};
-use crate::limits::{check_request, WebSocketSlot};
-use crate::metrics::{ConnectionMetrics, UNKNOWN_AGENT};
-use crate::problem::{upstream_error_kind, Problem};
-use crate::routing::{resolve, Target};
+use crate::edge::client_address::{client_ip, forwarded_for};
+use crate::edge::cors::{decide, request_origin, CorsDecision, CorsPolicy, CorsRequest};
+use crate::edge::limits::{check_request, WebSocketSlot};
+use crate::proxy::problem::{upstream_error_kind, Problem};
+use crate::proxy::upstream_request::{is_other_upgrade, prepare_upstream_request, ClientInfo};
+use crate::routing::resolve::{resolve, Target};
+use crate::runtime::state::{ConnectionGuard, GatewayState};
 use crate::secrets::reported_missing;
-use crate::state::{ConnectionGuard, GatewayState};
+use crate::telemetry::metrics::{ConnectionMetrics, UNKNOWN_AGENT};
 use crate::websocket::pump::{pump, ConnectionOutcome, DropKind, Initiator};
 use crate::websocket::socket::Socket;
 use crate::websocket::{
@@ -393,7 +396,7 @@ impl ProxyHttp for Gateway {
         }
         let config = self.state.config();
         if config.log.access_log {
-            crate::logging::record(
+            crate::telemetry::logging::record(
                 config.log.json,
                 "access",
                 &[
@@ -714,7 +717,7 @@ async fn relay_refusal(
 /// user's identifier.
 fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
     let instance = target.agent.as_ref().map_or("", |a| a.instance.as_str());
-    crate::logging::record(
+    crate::telemetry::logging::record(
         json,
         "websocket",
         &[

@@ -12,7 +12,9 @@
 //!   says `{"type":"close","code":4001,"reason":"..."}`.
 //! - Plain HTTP requests get a JSON description of what arrived (method, path, headers).
 
+use agent_gateway::secrets::fingerprint;
 use bytes::BytesMut;
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -27,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-pub const SECRET_ENV: &str = "OPENROUTER_API_KEY";
+const SECRET_ENV: &str = "OPENROUTER_API_KEY";
 
 type Outbox = mpsc::UnboundedSender<Message>;
 
@@ -44,9 +46,38 @@ struct Instances {
     next_id: AtomicU64,
 }
 
+/// The reference local agent backend: the partyserver contract, echo and broadcast. For
+/// tests and `scripts/run-local.sh`; not part of the gateway binary.
+#[derive(Parser)]
+#[command(name = "reference-backend", version)]
+struct Cli {
+    /// Address to listen on; port 0 picks a free one (the address is printed).
+    #[arg(short, long, default_value = "127.0.0.1:8787")]
+    listen: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(&cli.listen)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: reference backend on {}: {e}", cli.listen);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Serves on `listen` until the process ends. Prints the bound address on stdout once
 /// listening: that line is the readiness signal scripts and tests wait for.
-pub async fn serve(listen: &str) -> std::io::Result<()> {
+async fn serve(listen: &str) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     println!("reference backend listening on http://{address}");
@@ -252,13 +283,6 @@ fn is_credential(name: &str) -> bool {
     ["key", "secret", "token", "authorization", "cookie"]
         .iter()
         .any(|word| name.contains(word))
-}
-
-/// What the backend reports of a credential: its length and FNV-1a hash, enough for a test
-/// to check that the right value arrived without anyone printing it.
-pub fn fingerprint(value: &str) -> String {
-    let hash = crate::upstream::stable_hash(value.as_bytes());
-    format!("redacted len={} fnv={hash:016x}", value.len())
 }
 
 /// The Durable Object class a path would reach, as partyserver names it in its error.

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod probe;
+
 /// The secret agent routes require unless they say otherwise.
 pub const DEFAULT_REQUIRED: &str = "OPENROUTER_API_KEY";
 
@@ -50,7 +52,7 @@ impl SecretSource {
         if trimmed.is_empty() {
             return None;
         }
-        crate::logging::register_secret(trimmed);
+        crate::telemetry::logging::register_secret(trimmed);
         Some(SecretValue(trimmed.to_owned()))
     }
 
@@ -61,6 +63,13 @@ impl SecretSource {
             SecretSource::File(path) => format!("the file {}", path.display()),
         }
     }
+}
+
+/// What may be shown of a credential: its length and FNV-1a hash, enough for a test to check
+/// that the right value arrived without anyone printing it.
+pub fn fingerprint(value: &str) -> String {
+    let hash = crate::upstream::stable_hash(value.as_bytes());
+    format!("redacted len={} fnv={hash:016x}", value.len())
 }
 
 /// A secret the configuration names, with its value as last read.

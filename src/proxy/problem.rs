@@ -1,8 +1,8 @@
 //! The gateway's own error answers: an HTTP status and a short JSON body naming the problem.
 
-use crate::cors::OriginHeaderError;
-use crate::limits::LimitRefusal;
-use crate::routing::Refusal;
+use crate::edge::cors::OriginHeaderError;
+use crate::edge::limits::LimitRefusal;
+use crate::routing::resolve::Refusal;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;

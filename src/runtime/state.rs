@@ -3,10 +3,10 @@
 //! agent WebSockets a drain waits for.
 
 use crate::config::{ConfigError, GatewayConfig};
-use crate::limits::LimitState;
-use crate::metrics::Metrics;
+use crate::edge::limits::LimitState;
+use crate::edge::tls::SniResolver;
 use crate::secrets::UpstreamReports;
-use crate::tls::SniResolver;
+use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use std::path::PathBuf;

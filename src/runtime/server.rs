@@ -1,13 +1,13 @@
 //! Server wiring: the Pingora server, the public proxy service, the admin service, the secret
 //! probes, and the signal watcher that drains before Pingora shuts down.
 
-use crate::admin::Admin;
 use crate::config::GatewayConfig;
-use crate::header_deadline::HeaderDeadline;
-use crate::lifecycle::GatewaySignals;
-use crate::probe::SecretProbes;
+use crate::edge::header_deadline::HeaderDeadline;
 use crate::proxy::Gateway;
-use crate::state::GatewayState;
+use crate::runtime::admin::Admin;
+use crate::runtime::signals::GatewaySignals;
+use crate::runtime::state::GatewayState;
+use crate::secrets::probe::SecretProbes;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;

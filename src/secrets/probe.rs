@@ -2,8 +2,8 @@
 //! secret is found before a user finds it, and a restored one is noticed without traffic.
 
 use crate::proxy::upgrade_connector;
+use crate::runtime::state::GatewayState;
 use crate::secrets::reported_missing;
-use crate::state::GatewayState;
 use crate::upstream::{Upstream, UpstreamKind};
 use crate::websocket::{handshake, Handshake};
 use async_trait::async_trait;
@@ -84,10 +84,10 @@ impl SecretProbes {
                     // A local backend refuses requests without routing headers before it
                     // looks at its secrets; the probe has an agent namespace of its own.
                     request.insert_header(
-                        crate::forwarding::NAMESPACE_HEADER,
+                        crate::proxy::upstream_request::NAMESPACE_HEADER,
                         "agent-gateway-probe",
                     )?;
-                    request.insert_header(crate::forwarding::ROOM_HEADER, "probe")?;
+                    request.insert_header(crate::proxy::upstream_request::ROOM_HEADER, "probe")?;
                 }
                 handshake(connector, &peer, &request, upstream.read_timeout).await
             };

@@ -1,9 +1,9 @@
 //! Agent-name routing: from a request path to the agent, instance and upstream it names.
 
-use crate::agent_name::fold_key;
-use crate::agent_path::{parse_agent_path, strip_route_prefix, PathError};
 use crate::config::{Agent, GatewayConfig, Route};
-use crate::cors::CorsPolicy;
+use crate::edge::cors::CorsPolicy;
+use crate::routing::agent_name::fold_key;
+use crate::routing::agent_path::{parse_agent_path, strip_route_prefix, PathError};
 use crate::upstream::Upstream;
 use std::sync::Arc;
 

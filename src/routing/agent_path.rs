@@ -1,6 +1,6 @@
 //! Parsing `/{prefix}/{agent}/{instance}[/rest]` request paths.
 //!
-//! What is accepted, exactly (the README repeats this):
+//! What is accepted, exactly (docs/configuration.md repeats this):
 //! - the agent segment: ASCII letters, digits, `-` and `_`, at most 128 bytes;
 //! - the instance segment: any non-empty run of bytes that are not `/`, passed upstream byte for
 //!   byte (percent-encoding included), except that it may not be `.` or `..` (also
@@ -10,7 +10,7 @@
 //!   normalising hop behind the gateway can turn it into a path for another agent;
 //! - a missing instance (`/agents/CoderAgent` or `/agents/CoderAgent/`) means the route's default.
 
-use crate::agent_name::MAX_AGENT_NAME_LEN;
+use crate::routing::agent_name::MAX_AGENT_NAME_LEN;
 
 /// A request path split at the route prefix.
 #[derive(Debug, PartialEq, Eq)]
