@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+echo "== module structure: no import cycle, no file over 600 lines before its tests"
+python3 scripts/check-module-cycles.py
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"

@@ -1,6 +1,7 @@
-use agent_gateway::config::{GatewayConfig, Route};
+use agent_gateway::config::GatewayConfig;
+use agent_gateway::routing::table::RoutingTable;
 use agent_gateway::runtime::server;
-use agent_gateway::upstream::UpstreamKind;
+use agent_gateway::secrets::SecretStore;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -75,131 +76,17 @@ fn check(path: &Path, warn_secrets: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let table = RoutingTable::of(&config, &SecretStore::read(&config));
     let mut out = std::io::stdout().lock();
-    let missing = match print_table(&mut out, path, &config) {
-        Ok(missing) => missing,
+    let written = writeln!(out, "{}: ok", path.display()).and_then(|()| table.write_text(&mut out));
+    if written.is_err() {
         // The reader went away (`check | head`): nothing more to say.
-        Err(_) => return ExitCode::SUCCESS,
-    };
+        return ExitCode::SUCCESS;
+    }
+    let missing = table.missing_secrets();
     if missing > 0 && !warn_secrets {
         eprintln!("error: {missing} required secret(s) missing (see above); --warn-secrets reports without failing");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
-}
-
-/// Prints the routing table; returns how many required secrets the gateway lacks.
-fn print_table(
-    out: &mut impl Write,
-    path: &Path,
-    config: &GatewayConfig,
-) -> std::io::Result<usize> {
-    writeln!(out, "{}: ok", path.display())?;
-    writeln!(
-        out,
-        "listen {}, admin {}",
-        config.listen, config.admin_listen
-    )?;
-    if let Some(tls) = &config.tls {
-        writeln!(out, "tls {}", tls.listen)?;
-    }
-    let mut missing = 0;
-    for route in &config.routes {
-        missing += print_route(out, config, route)?;
-    }
-    if let Some(fallback) = &config.fallback_upstream {
-        writeln!(out)?;
-        writeln!(
-            out,
-            "paths outside every prefix: {} (path unchanged)",
-            describe(fallback)
-        )?;
-    }
-    Ok(missing)
-}
-
-/// Prints a route's agents and the secrets they need (names only); returns how many of those
-/// secrets the gateway should hold and does not.
-fn print_route(
-    out: &mut impl Write,
-    config: &GatewayConfig,
-    route: &Route,
-) -> std::io::Result<usize> {
-    writeln!(out)?;
-    writeln!(
-        out,
-        "route {} ({}, default instance {:?}{})",
-        route.name,
-        route.prefix,
-        route.default_instance,
-        if route.cors.is_some() {
-            ", CORS policy"
-        } else {
-            ""
-        }
-    )?;
-    let mut agents: Vec<_> = route.agents.values().collect();
-    agents.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut missing = 0;
-    for agent in agents {
-        let spellings =
-            agent_gateway::routing::agent_name::example_spellings(&agent.name).join("|");
-        writeln!(out, "  {}", agent.name)?;
-        writeln!(
-            out,
-            "    accepts   {}/{{{spellings}}}/{{instance}}  (any case; '-' and '_' ignored)",
-            route.prefix
-        )?;
-        writeln!(
-            out,
-            "    upstream  {}/{}/{{instance}} on {}",
-            route.upstream_prefix,
-            agent.slug,
-            describe(&agent.upstream)
-        )?;
-        for secret in &agent.required_secrets {
-            let source = config.secrets.get(secret).map(|s| &s.source);
-            let state = if !agent.upstream.is_local() {
-                format!(
-                    "kept by the Worker ({})",
-                    agent.upstream.secret_hint(secret, None)
-                )
-            } else if config
-                .secrets
-                .get(secret)
-                .is_some_and(|s| s.value.is_some())
-            {
-                format!(
-                    "present ({})",
-                    source.map_or_else(String::new, |s| s.describe())
-                )
-            } else {
-                missing += 1;
-                format!("MISSING: {}", agent.upstream.secret_hint(secret, source))
-            };
-            writeln!(out, "    secret    {secret}: {state}")?;
-        }
-    }
-    Ok(missing)
-}
-
-fn describe(upstream: &agent_gateway::upstream::Upstream) -> String {
-    match &upstream.kind {
-        UpstreamKind::Worker {
-            address, host, tls, ..
-        } => format!(
-            "{} (worker {}://{address}, Host {host})",
-            upstream.name,
-            if *tls { "https" } else { "http" }
-        ),
-        UpstreamKind::Local { nodes } => format!(
-            "{} (local, nodes {})",
-            upstream.name,
-            nodes
-                .iter()
-                .map(|n| n.address.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-    }
 }

@@ -8,158 +8,158 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::Spanned;
 
-pub type SpannedString = Spanned<String>;
+pub(crate) type SpannedString = Spanned<String>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     #[serde(default)]
-    pub server: ServerSection,
+    pub(crate) server: ServerSection,
     #[serde(default)]
-    pub admin: AdminSection,
+    pub(crate) admin: AdminSection,
     #[serde(default)]
-    pub websocket: WebSocketSection,
+    pub(crate) websocket: WebSocketSection,
     /// The default CORS and Origin policy of every route that has none of its own.
-    pub cors: Option<CorsSection>,
+    pub(crate) cors: Option<CorsSection>,
     /// TLS termination: a second public listener.
-    pub tls: Option<TlsSection>,
+    pub(crate) tls: Option<TlsSection>,
     #[serde(default)]
-    pub limits: LimitsSection,
+    pub(crate) limits: LimitsSection,
     #[serde(default)]
-    pub log: LogSection,
+    pub(crate) log: LogSection,
     /// Upstream for requests outside every route prefix; without it they answer 404.
-    pub fallback_upstream: Option<SpannedString>,
+    pub(crate) fallback_upstream: Option<SpannedString>,
     #[serde(default)]
-    pub routes: Vec<RouteSection>,
+    pub(crate) routes: Vec<RouteSection>,
     #[serde(default)]
-    pub upstreams: BTreeMap<String, UpstreamSection>,
+    pub(crate) upstreams: BTreeMap<String, UpstreamSection>,
     /// Where each secret comes from; a secret named only in `require` is read from the
     /// environment variable of its name.
     #[serde(default)]
-    pub secrets: BTreeMap<String, SecretSection>,
+    pub(crate) secrets: BTreeMap<String, SecretSection>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SecretSection {
-    pub env: Option<SpannedString>,
-    pub file: Option<SpannedString>,
+pub(crate) struct SecretSection {
+    pub(crate) env: Option<SpannedString>,
+    pub(crate) file: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerSection {
-    pub listen: Option<SpannedString>,
-    pub threads: Option<Spanned<i64>>,
-    pub drain_grace: Option<SpannedString>,
-    pub upgrade_sock: Option<SpannedString>,
+pub(crate) struct ServerSection {
+    pub(crate) listen: Option<SpannedString>,
+    pub(crate) threads: Option<Spanned<i64>>,
+    pub(crate) drain_grace: Option<SpannedString>,
+    pub(crate) upgrade_sock: Option<SpannedString>,
     /// Proxies (CIDR) whose X-Forwarded-For is believed.
-    pub trusted_proxies: Option<Vec<SpannedString>>,
+    pub(crate) trusted_proxies: Option<Vec<SpannedString>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    pub listen: SpannedString,
-    pub certificates: Spanned<Vec<CertificateSection>>,
+pub(crate) struct TlsSection {
+    pub(crate) listen: SpannedString,
+    pub(crate) certificates: Spanned<Vec<CertificateSection>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CertificateSection {
-    pub cert: SpannedString,
-    pub key: SpannedString,
+pub(crate) struct CertificateSection {
+    pub(crate) cert: SpannedString,
+    pub(crate) key: SpannedString,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsSection {
-    pub upgrades_per_ip_per_second: Option<Spanned<i64>>,
-    pub websockets_per_ip: Option<Spanned<i64>>,
-    pub websockets_total: Option<Spanned<i64>>,
-    pub max_request_header_bytes: Option<Spanned<i64>>,
-    pub max_request_body_bytes: Option<Spanned<i64>>,
-    pub header_timeout: Option<SpannedString>,
+pub(crate) struct LimitsSection {
+    pub(crate) upgrades_per_ip_per_second: Option<Spanned<i64>>,
+    pub(crate) websockets_per_ip: Option<Spanned<i64>>,
+    pub(crate) websockets_total: Option<Spanned<i64>>,
+    pub(crate) max_request_header_bytes: Option<Spanned<i64>>,
+    pub(crate) max_request_body_bytes: Option<Spanned<i64>>,
+    pub(crate) header_timeout: Option<SpannedString>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogSection {
-    pub format: Option<SpannedString>,
-    pub level: Option<SpannedString>,
-    pub access_log: Option<bool>,
+pub(crate) struct LogSection {
+    pub(crate) format: Option<SpannedString>,
+    pub(crate) level: Option<SpannedString>,
+    pub(crate) access_log: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminSection {
-    pub listen: Option<SpannedString>,
-    pub ready_requires_secrets: Option<bool>,
+pub(crate) struct AdminSection {
+    pub(crate) listen: Option<SpannedString>,
+    pub(crate) ready_requires_secrets: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WebSocketSection {
-    pub idle_timeout: Option<SpannedString>,
-    pub close_timeout: Option<SpannedString>,
-    pub upstream_lost_code: Option<Spanned<i64>>,
-    pub max_message_bytes: Option<Spanned<i64>>,
+pub(crate) struct WebSocketSection {
+    pub(crate) idle_timeout: Option<SpannedString>,
+    pub(crate) close_timeout: Option<SpannedString>,
+    pub(crate) upstream_lost_code: Option<Spanned<i64>>,
+    pub(crate) max_message_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteSection {
-    pub name: Option<SpannedString>,
-    pub prefix: Option<SpannedString>,
-    pub upstream_prefix: Option<SpannedString>,
-    pub default_instance: Option<SpannedString>,
+pub(crate) struct RouteSection {
+    pub(crate) name: Option<SpannedString>,
+    pub(crate) prefix: Option<SpannedString>,
+    pub(crate) upstream_prefix: Option<SpannedString>,
+    pub(crate) default_instance: Option<SpannedString>,
     /// Replaces the global `[cors]` policy for this route, whole.
-    pub cors: Option<CorsSection>,
+    pub(crate) cors: Option<CorsSection>,
     /// Secrets this route's agents need; defaults to OPENROUTER_API_KEY.
-    pub require: Option<Vec<SpannedString>>,
+    pub(crate) require: Option<Vec<SpannedString>>,
     #[serde(default)]
-    pub agents: Vec<AgentSection>,
+    pub(crate) agents: Vec<AgentSection>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CorsSection {
+pub(crate) struct CorsSection {
     #[serde(default)]
-    pub allowed_origins: Vec<SpannedString>,
+    pub(crate) allowed_origins: Vec<SpannedString>,
     #[serde(default)]
-    pub allowed_origin_patterns: Vec<SpannedString>,
-    pub allowed_methods: Option<Spanned<Vec<String>>>,
-    pub allowed_headers: Option<Spanned<Vec<String>>>,
-    pub exposed_headers: Option<Spanned<Vec<String>>>,
-    pub allow_credentials: Option<Spanned<bool>>,
-    pub max_age: Option<SpannedString>,
-    pub allow_missing_origin: Option<bool>,
+    pub(crate) allowed_origin_patterns: Vec<SpannedString>,
+    pub(crate) allowed_methods: Option<Spanned<Vec<String>>>,
+    pub(crate) allowed_headers: Option<Spanned<Vec<String>>>,
+    pub(crate) exposed_headers: Option<Spanned<Vec<String>>>,
+    pub(crate) allow_credentials: Option<Spanned<bool>>,
+    pub(crate) max_age: Option<SpannedString>,
+    pub(crate) allow_missing_origin: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AgentSection {
-    pub name: SpannedString,
-    pub upstream: SpannedString,
-    pub slug: Option<SpannedString>,
+pub(crate) struct AgentSection {
+    pub(crate) name: SpannedString,
+    pub(crate) upstream: SpannedString,
+    pub(crate) slug: Option<SpannedString>,
 }
 
 /// One table for both kinds, so that a field given to the wrong kind gets a sentence of its
 /// own ("`nodes` is for local upstreams") instead of serde's generic complaint.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamSection {
-    pub kind: SpannedString,
-    pub nodes: Option<Spanned<Vec<SpannedString>>>,
-    pub address: Option<SpannedString>,
-    pub host: Option<SpannedString>,
-    pub tls: Option<Spanned<bool>>,
-    pub ca_file: Option<SpannedString>,
-    pub connect_timeout: Option<SpannedString>,
-    pub read_timeout: Option<SpannedString>,
-    pub require: Option<Vec<SpannedString>>,
+pub(crate) struct UpstreamSection {
+    pub(crate) kind: SpannedString,
+    pub(crate) nodes: Option<Spanned<Vec<SpannedString>>>,
+    pub(crate) address: Option<SpannedString>,
+    pub(crate) host: Option<SpannedString>,
+    pub(crate) tls: Option<Spanned<bool>>,
+    pub(crate) ca_file: Option<SpannedString>,
+    pub(crate) connect_timeout: Option<SpannedString>,
+    pub(crate) read_timeout: Option<SpannedString>,
+    pub(crate) require: Option<Vec<SpannedString>>,
     /// Secret name -> request header that carries it upstream (local upstreams only).
-    pub forward_secrets: Option<Spanned<BTreeMap<String, SpannedString>>>,
-    pub probe_path: Option<SpannedString>,
-    pub probe_interval: Option<SpannedString>,
+    pub(crate) forward_secrets: Option<Spanned<BTreeMap<String, SpannedString>>>,
+    pub(crate) probe_path: Option<SpannedString>,
+    pub(crate) probe_interval: Option<SpannedString>,
 }

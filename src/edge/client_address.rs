@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 /// A network in CIDR form, for `trusted_proxies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
+pub(crate) struct Cidr {
     network: IpAddr,
     prefix: u8,
 }
@@ -27,7 +27,7 @@ impl std::str::FromStr for Cidr {
 }
 
 impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let bits = |ip: IpAddr| -> u128 {
             match ip {
                 IpAddr::V4(v4) => u128::from(u32::from(v4)),
@@ -48,7 +48,7 @@ impl Cidr {
 
 /// The client's address: the socket peer, unless the peer is a trusted proxy, in which case
 /// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
-pub fn client_ip(
+pub(crate) fn client_ip(
     peer: Option<IpAddr>,
     forwarded_for: Option<&str>,
     trusted: &[Cidr],
@@ -74,7 +74,7 @@ pub fn client_ip(
 
 /// The `X-Forwarded-For` to send upstream: the incoming chain plus the peer when the peer is
 /// a trusted proxy; just the peer otherwise, so a client cannot plant addresses.
-pub fn forwarded_for(peer: IpAddr, incoming: Option<&str>, trusted: &[Cidr]) -> String {
+pub(crate) fn forwarded_for(peer: IpAddr, incoming: Option<&str>, trusted: &[Cidr]) -> String {
     match incoming {
         Some(chain) if trusted.iter().any(|c| c.contains(peer)) => format!("{chain}, {peer}"),
         _ => peer.to_string(),

@@ -26,7 +26,7 @@ enum OriginRule {
 }
 
 #[derive(Debug)]
-pub struct CorsPolicy {
+pub(crate) struct CorsPolicy {
     rules: Vec<OriginRule>,
     patterns: Vec<Regex>,
     allowed_methods: String,
@@ -39,20 +39,20 @@ pub struct CorsPolicy {
 
 /// The policy as written in the configuration, before validation.
 #[derive(Debug, Default, Clone)]
-pub struct CorsSpec {
-    pub allowed_origins: Vec<String>,
-    pub allowed_origin_patterns: Vec<String>,
-    pub allowed_methods: Vec<String>,
-    pub allowed_headers: Vec<String>,
-    pub exposed_headers: Vec<String>,
-    pub allow_credentials: bool,
-    pub max_age: Option<Duration>,
-    pub allow_missing_origin: bool,
+pub(crate) struct CorsSpec {
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) allowed_origin_patterns: Vec<String>,
+    pub(crate) allowed_methods: Vec<String>,
+    pub(crate) allowed_headers: Vec<String>,
+    pub(crate) exposed_headers: Vec<String>,
+    pub(crate) allow_credentials: bool,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) allow_missing_origin: bool,
 }
 
 /// Which entry of the spec is wrong, and why.
 #[derive(Debug, PartialEq, Eq)]
-pub enum CorsSpecError {
+pub(crate) enum CorsSpecError {
     Origin { index: usize, why: String },
     Pattern { index: usize, why: String },
     Token { field: &'static str, index: usize },
@@ -61,17 +61,17 @@ pub enum CorsSpecError {
 
 /// What the policy says of a request's `Origin`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginVerdict {
+pub(crate) enum OriginVerdict {
     /// No `Origin` header: a non-browser client.
     Missing,
     Allowed,
     Refused,
 }
 
-pub const DEFAULT_METHODS: [&str; 3] = ["GET", "POST", "OPTIONS"];
+pub(crate) const DEFAULT_METHODS: [&str; 3] = ["GET", "POST", "OPTIONS"];
 
 impl CorsPolicy {
-    pub fn new(spec: &CorsSpec) -> Result<Self, CorsSpecError> {
+    pub(crate) fn new(spec: &CorsSpec) -> Result<Self, CorsSpecError> {
         let rules = spec
             .allowed_origins
             .iter()
@@ -124,7 +124,7 @@ impl CorsPolicy {
     }
 
     /// Whether the (single) `Origin` value is allowed.
-    pub fn verdict(&self, origin: Option<&str>) -> OriginVerdict {
+    pub(crate) fn verdict(&self, origin: Option<&str>) -> OriginVerdict {
         match origin {
             None => OriginVerdict::Missing,
             Some(origin) if self.allows(origin) => OriginVerdict::Allowed,
@@ -133,7 +133,7 @@ impl CorsPolicy {
     }
 
     /// Whether a WebSocket upgrade with this verdict may go upstream.
-    pub fn admits_upgrade(&self, verdict: OriginVerdict) -> bool {
+    pub(crate) fn admits_upgrade(&self, verdict: OriginVerdict) -> bool {
         match verdict {
             OriginVerdict::Allowed => true,
             OriginVerdict::Missing => self.allow_missing_origin,
@@ -148,7 +148,7 @@ impl CorsPolicy {
     }
 
     /// Headers for a response to an allowed origin (actual requests and 101s).
-    pub fn response_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
+    pub(crate) fn response_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
         let wildcard = !self.allow_credentials && self.rules.contains(&OriginRule::Any);
         let mut headers = vec![(
             "access-control-allow-origin",
@@ -171,7 +171,7 @@ impl CorsPolicy {
     }
 
     /// Headers for the gateway's answer to a preflight from an allowed origin.
-    pub fn preflight_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
+    pub(crate) fn preflight_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
         let mut headers = self.response_headers(origin);
         headers.push(("access-control-allow-methods", self.allowed_methods.clone()));
         if !self.allowed_headers.is_empty() {
@@ -186,7 +186,7 @@ impl CorsPolicy {
 
 /// What the gateway does with a request under a policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CorsDecision {
+pub(crate) enum CorsDecision {
     /// Forward it; `allowed_origin` gets the CORS response headers.
     Forward { allowed_origin: Option<String> },
     /// A preflight from an allowed origin: the gateway answers 204 with these headers.
@@ -200,14 +200,14 @@ pub enum CorsDecision {
 
 /// The request's facts the policy decides on.
 #[derive(Debug, Clone, Copy)]
-pub struct CorsRequest<'a> {
-    pub origin: Option<&'a str>,
-    pub websocket: bool,
+pub(crate) struct CorsRequest<'a> {
+    pub(crate) origin: Option<&'a str>,
+    pub(crate) websocket: bool,
     /// `OPTIONS` with `Access-Control-Request-Method`.
-    pub preflight: bool,
+    pub(crate) preflight: bool,
 }
 
-pub fn decide(policy: &CorsPolicy, request: CorsRequest<'_>) -> CorsDecision {
+pub(crate) fn decide(policy: &CorsPolicy, request: CorsRequest<'_>) -> CorsDecision {
     let verdict = policy.verdict(request.origin);
     let allowed_origin = match (verdict, request.origin) {
         (OriginVerdict::Allowed, Some(origin)) => Some(origin.to_owned()),
@@ -235,14 +235,14 @@ pub fn decide(policy: &CorsPolicy, request: CorsRequest<'_>) -> CorsDecision {
 
 /// Why a request's `Origin` header cannot be read as one origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginHeaderError {
+pub(crate) enum OriginHeaderError {
     /// Several `Origin` headers: which one a later hop reads is anyone's guess.
     Several,
     NotText,
 }
 
 /// The single `Origin` of a request, if any.
-pub fn request_origin(headers: &http::HeaderMap) -> Result<Option<&str>, OriginHeaderError> {
+pub(crate) fn request_origin(headers: &http::HeaderMap) -> Result<Option<&str>, OriginHeaderError> {
     let mut values = headers.get_all(http::header::ORIGIN).iter();
     let Some(first) = values.next() else {
         return Ok(None);

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const TIMEOUT_ANSWER: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 69\r\nconnection: close\r\n\r\n{\"error\":\"request_timeout\",\"detail\":\"the request head came too slowly\"}";
 
-pub struct HeaderDeadline {
+pub(crate) struct HeaderDeadline {
     inner: Stream,
     /// Armed until the first head has been read.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -35,7 +35,7 @@ pub struct HeaderDeadline {
 }
 
 impl HeaderDeadline {
-    pub fn new(inner: Stream, limit: Duration, timeouts: IntCounter) -> Self {
+    pub(crate) fn new(inner: Stream, limit: Duration, timeouts: IntCounter) -> Self {
         HeaderDeadline {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
@@ -45,7 +45,7 @@ impl HeaderDeadline {
     }
 
     /// The wrapped stream, for a WebSocket takeover that sheds the layers.
-    pub fn inner(&self) -> &Stream {
+    pub(crate) fn inner(&self) -> &Stream {
         &self.inner
     }
 

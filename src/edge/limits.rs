@@ -12,14 +12,14 @@ use std::time::Duration;
 
 /// The configured limits; `None` means unlimited.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitSettings {
-    pub upgrades_per_ip_per_second: Option<u32>,
-    pub websockets_per_ip: Option<usize>,
-    pub websockets_total: Option<usize>,
-    pub max_request_header_bytes: usize,
-    pub max_request_body_bytes: Option<u64>,
+pub(crate) struct LimitSettings {
+    pub(crate) upgrades_per_ip_per_second: Option<u32>,
+    pub(crate) websockets_per_ip: Option<usize>,
+    pub(crate) websockets_total: Option<usize>,
+    pub(crate) max_request_header_bytes: usize,
+    pub(crate) max_request_body_bytes: Option<u64>,
     /// How long a connection's first request head may take to arrive (slowloris).
-    pub header_timeout: Option<Duration>,
+    pub(crate) header_timeout: Option<Duration>,
 }
 
 impl Default for LimitSettings {
@@ -36,7 +36,7 @@ impl Default for LimitSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitRefusal {
+pub(crate) enum LimitRefusal {
     UpgradeRate,
     WebSocketsPerIp,
     WebSocketsTotal,
@@ -45,7 +45,7 @@ pub enum LimitRefusal {
 }
 
 impl LimitRefusal {
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             LimitRefusal::UpgradeRate | LimitRefusal::WebSocketsPerIp => 429,
             LimitRefusal::WebSocketsTotal => 503,
@@ -55,7 +55,7 @@ impl LimitRefusal {
     }
 
     /// The `limit` label and the JSON `error`.
-    pub fn kind(self) -> &'static str {
+    pub(crate) fn kind(self) -> &'static str {
         match self {
             LimitRefusal::UpgradeRate => "upgrade_rate",
             LimitRefusal::WebSocketsPerIp => "websockets_per_ip",
@@ -67,7 +67,7 @@ impl LimitRefusal {
 }
 
 /// Counters that outlive reloads; the limits themselves come from the configuration in force.
-pub struct LimitState {
+pub(crate) struct LimitState {
     upgrades: Rate,
     open_per_ip: Mutex<HashMap<IpAddr, usize>>,
     open_total: AtomicUsize,
@@ -85,7 +85,7 @@ impl Default for LimitState {
 
 /// An open WebSocket's place in the counts, given back when dropped. It owns its share of
 /// the state because it lives in the connection's own task, past the request that made it.
-pub struct WebSocketSlot {
+pub(crate) struct WebSocketSlot {
     state: Arc<LimitState>,
     ip: Option<IpAddr>,
 }
@@ -106,7 +106,7 @@ impl Drop for WebSocketSlot {
 
 impl LimitState {
     /// Admits a WebSocket upgrade from `ip`, or says which limit refuses it.
-    pub fn admit_websocket(
+    pub(crate) fn admit_websocket(
         self: &Arc<Self>,
         settings: &LimitSettings,
         ip: Option<IpAddr>,
@@ -144,7 +144,10 @@ impl LimitState {
 }
 
 /// Checks a request's header size and declared body size.
-pub fn check_request(settings: &LimitSettings, req: &RequestHeader) -> Result<(), LimitRefusal> {
+pub(crate) fn check_request(
+    settings: &LimitSettings,
+    req: &RequestHeader,
+) -> Result<(), LimitRefusal> {
     let header_bytes: usize = req
         .headers
         .iter()

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Certificates by the names they serve.
-pub struct CertStore {
+pub(crate) struct CertStore {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// (".example.com", key) for `*.example.com`.
     wildcards: Vec<(String, Arc<CertifiedKey>)>,
@@ -34,7 +34,7 @@ impl fmt::Debug for CertStore {
 
 impl CertStore {
     /// Loads each (certificate chain, private key) pair of PEM files; the first is the default.
-    pub fn load(pairs: &[(&Path, &Path)]) -> Result<Self, String> {
+    pub(crate) fn load(pairs: &[(&Path, &Path)]) -> Result<Self, String> {
         pingora::tls::install_default_crypto_provider();
         let provider = CryptoProvider::get_default().ok_or("no TLS crypto provider")?;
         let mut store: Option<CertStore> = None;
@@ -126,18 +126,18 @@ fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
 
 /// The listener's certificate resolver; [`Self::replace`] swaps the store on reload.
 #[derive(Debug)]
-pub struct SniResolver {
+pub(crate) struct SniResolver {
     store: ArcSwap<CertStore>,
 }
 
 impl SniResolver {
-    pub fn new(store: Arc<CertStore>) -> Self {
+    pub(crate) fn new(store: Arc<CertStore>) -> Self {
         SniResolver {
             store: ArcSwap::new(store),
         }
     }
 
-    pub fn replace(&self, store: Arc<CertStore>) {
+    pub(crate) fn replace(&self, store: Arc<CertStore>) {
         self.store.store(store);
     }
 }

@@ -11,32 +11,32 @@ use serde_json::{json, Value};
 
 /// An error answer, before it is written.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Problem {
-    pub status: u16,
-    pub body: Value,
+pub(crate) struct Problem {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
 }
 
 impl Problem {
-    pub fn new(status: u16, body: Value) -> Self {
+    pub(crate) fn new(status: u16, body: Value) -> Self {
         Problem { status, body }
     }
 
     /// The `error` field, used as the handshake result label.
-    pub fn kind(&self) -> &str {
+    pub(crate) fn kind(&self) -> &str {
         self.body
             .get("error")
             .and_then(Value::as_str)
             .unwrap_or("error")
     }
 
-    pub fn upstream_unavailable(upstream: &str, why: &str) -> Self {
+    pub(crate) fn upstream_unavailable(upstream: &str, why: &str) -> Self {
         Problem::new(
             502,
             json!({"error": "upstream_unavailable", "upstream": upstream, "detail": why}),
         )
     }
 
-    pub fn upstream_timeout(upstream: &str) -> Self {
+    pub(crate) fn upstream_timeout(upstream: &str) -> Self {
         Problem::new(
             504,
             json!({"error": "upstream_timeout", "upstream": upstream, "detail": "the upstream did not answer in time"}),
@@ -44,7 +44,7 @@ impl Problem {
     }
 
     /// The answer for an upstream failure of Pingora's error type `etype`.
-    pub fn for_upstream_error(upstream: &str, etype: &ErrorType) -> Self {
+    pub(crate) fn for_upstream_error(upstream: &str, etype: &ErrorType) -> Self {
         match etype {
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 Problem::upstream_timeout(upstream)
@@ -62,8 +62,16 @@ impl Problem {
         }
     }
 
+    /// The gateway itself failed, not the upstream or the client.
+    pub(crate) fn internal() -> Self {
+        Problem::new(
+            500,
+            json!({"error": "internal", "detail": "the gateway failed to proxy the request"}),
+        )
+    }
+
     /// The gateway is draining: new agent WebSockets are refused so clients reconnect elsewhere.
-    pub fn draining() -> Self {
+    pub(crate) fn draining() -> Self {
         Problem::new(
             503,
             json!({"error": "draining", "detail": "the gateway is shutting down; reconnect"}),
@@ -71,7 +79,7 @@ impl Problem {
     }
 
     /// An `Origin` the policy does not allow (or none, where one is required).
-    pub fn origin_refused(origin: Option<&str>) -> Self {
+    pub(crate) fn origin_refused(origin: Option<&str>) -> Self {
         match origin {
             Some(origin) => Problem::new(
                 403,
@@ -85,7 +93,7 @@ impl Problem {
     }
 
     /// A secret the agent needs is missing; the hint says where to set it, never its value.
-    pub fn secret_missing(secret: &str, hint: &str) -> Self {
+    pub(crate) fn secret_missing(secret: &str, hint: &str) -> Self {
         Problem::new(
             503,
             json!({"error": "secret_missing", "secret": secret, "hint": hint}),
@@ -93,7 +101,7 @@ impl Problem {
     }
 
     /// An upstream's own small 500 on a route that needs secrets, with its text kept.
-    pub fn upstream_status(upstream: &str, status: u16, body: &[u8]) -> Self {
+    pub(crate) fn upstream_status(upstream: &str, status: u16, body: &[u8]) -> Self {
         Problem::new(
             503,
             json!({
@@ -105,7 +113,7 @@ impl Problem {
         )
     }
 
-    pub fn limit(refusal: LimitRefusal) -> Self {
+    pub(crate) fn limit(refusal: LimitRefusal) -> Self {
         let detail = match refusal {
             LimitRefusal::UpgradeRate => {
                 "too many WebSocket upgrades from this address; retry in a second"
@@ -123,7 +131,7 @@ impl Problem {
         )
     }
 
-    pub fn bad_origin_header(error: OriginHeaderError) -> Self {
+    pub(crate) fn bad_origin_header(error: OriginHeaderError) -> Self {
         let detail = match error {
             OriginHeaderError::Several => "a request may carry one Origin header",
             OriginHeaderError::NotText => "the Origin header is not valid text",
@@ -134,7 +142,7 @@ impl Problem {
         )
     }
 
-    pub fn response(&self) -> Result<(ResponseHeader, Bytes)> {
+    pub(crate) fn response(&self) -> Result<(ResponseHeader, Bytes)> {
         let body = Bytes::from(self.body.to_string());
         let mut header = ResponseHeader::build(self.status, Some(3))?;
         header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -144,7 +152,7 @@ impl Problem {
     }
 
     /// Writes the answer on `session` and ends the response.
-    pub async fn send(&self, session: &mut Session) -> Result<()> {
+    pub(crate) async fn send(&self, session: &mut Session) -> Result<()> {
         let (header, body) = self.response()?;
         session
             .write_response_header(Box::new(header), false)
@@ -173,7 +181,7 @@ impl From<&Refusal> for Problem {
 }
 
 /// The `kind` label of `agent_gateway_upstream_errors_total` for a Pingora error type.
-pub fn upstream_error_kind(etype: &ErrorType) -> &'static str {
+pub(crate) fn upstream_error_kind(etype: &ErrorType) -> &'static str {
     match etype {
         ErrorType::ConnectRefused => "connect_refused",
         ErrorType::ConnectTimedout => "connect_timeout",

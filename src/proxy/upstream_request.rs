@@ -1,18 +1,14 @@
 //! What the upstream receives: the request header rewritten for the target.
 
 use crate::routing::resolve::Target;
-use crate::secrets::Secret;
-use crate::upstream::UpstreamKind;
-use crate::websocket::header_has_token;
+use crate::secrets::SecretStore;
+use crate::upstream::{UpstreamKind, NAMESPACE_HEADER, ROOM_HEADER};
+use crate::websocket::handshake::header_has_token;
 use http::header::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::Result;
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-/// Routing headers of the partyserver contract; the gateway alone may set them.
-pub const NAMESPACE_HEADER: &str = "x-partykit-namespace";
-pub const ROOM_HEADER: &str = "x-partykit-room";
 /// Header name prefixes a client may never choose for itself.
 const RESERVED_PREFIXES: [&str; 2] = ["x-partykit-", "x-agents-"];
 
@@ -30,29 +26,29 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Facts about the downstream connection that the upstream is told.
 #[derive(Debug, Clone, Default)]
-pub struct ClientInfo {
+pub(crate) struct ClientInfo {
     /// The client, as [`crate::edge::client_address::client_ip`] decided.
-    pub ip: Option<IpAddr>,
+    pub(crate) ip: Option<IpAddr>,
     /// The `X-Forwarded-For` to send, from [`crate::edge::client_address::forwarded_for`].
-    pub forwarded_for: Option<String>,
-    pub tls: bool,
+    pub(crate) forwarded_for: Option<String>,
+    pub(crate) tls: bool,
 }
 
 /// Rewrites `req` for `target`: path, Host, routing headers, forwarding headers, and no
 /// hop-by-hop or client-chosen routing headers. `websocket` keeps the upgrade headers.
-pub fn prepare_upstream_request(
+pub(crate) fn prepare_upstream_request(
     req: &mut RequestHeader,
     target: &Target,
     client: &ClientInfo,
     websocket: bool,
-    secrets: &BTreeMap<String, Secret>,
+    secrets: &SecretStore,
 ) -> Result<()> {
     remove_hop_by_hop(req);
     remove_reserved(req);
     // A client may never supply the header a secret travels in, whether or not it is set.
     for (secret, header) in &target.upstream.forward_secrets {
         req.remove_header(header);
-        if let Some(value) = secrets.get(secret).and_then(|s| s.value.as_ref()) {
+        if let Some(value) = secrets.get(secret) {
             req.insert_header(header.clone(), value.expose())?;
         }
     }
@@ -127,7 +123,7 @@ fn remove_reserved(req: &mut RequestHeader) {
 }
 
 /// Whether a request asks for an upgrade the gateway does not proxy (anything but websocket).
-pub fn is_other_upgrade(req: &RequestHeader) -> bool {
+pub(crate) fn is_other_upgrade(req: &RequestHeader) -> bool {
     req.headers.contains_key(http::header::UPGRADE)
         && !header_has_token(&req.headers, http::header::UPGRADE, "websocket")
 }
@@ -135,28 +131,11 @@ pub fn is_other_upgrade(req: &RequestHeader) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GatewayConfig;
+    use crate::config::fixtures::{parse, CODER_AND_CHAT, UPSTREAMS};
     use crate::routing::resolve::resolve;
-    use std::path::Path;
-
-    const CONFIG: &str = r#"
-[upstreams.local]
-kind = "local"
-nodes = ["127.0.0.1:1"]
-[upstreams.cloud]
-kind = "worker"
-address = "agents.example.com:443"
-[[routes]]
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-[[routes.agents]]
-name = "Chat"
-upstream = "cloud"
-"#;
 
     fn prepared(path: &str, headers: &[(&str, &str)], websocket: bool) -> RequestHeader {
-        let config = GatewayConfig::parse(CONFIG, Path::new("t.toml")).expect("config");
+        let config = parse(&format!("{UPSTREAMS}[[routes]]{CODER_AND_CHAT}"));
         let target = resolve(&config, path, Some("_pk=1")).expect("target");
         let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("req");
         for (k, v) in headers {
@@ -168,8 +147,14 @@ upstream = "cloud"
             forwarded_for: Some("192.0.2.1, 10.1.2.3".to_owned()),
             tls: false,
         };
-        prepare_upstream_request(&mut req, &target, &client, websocket, &config.secrets)
-            .expect("prepared");
+        prepare_upstream_request(
+            &mut req,
+            &target,
+            &client,
+            websocket,
+            &SecretStore::read(&config),
+        )
+        .expect("prepared");
         req
     }
 

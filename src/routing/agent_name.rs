@@ -5,7 +5,7 @@
 //! binding name. Matching uses [`fold_key`]; the path sent upstream uses [`sdk_slug`].
 
 /// The key two spellings of one agent name share: ASCII lowercase with `-` and `_` removed.
-pub fn fold_key(name: &str) -> String {
+pub(crate) fn fold_key(name: &str) -> String {
     name.bytes()
         .filter(|b| *b != b'-' && *b != b'_')
         .map(|b| char::from(b.to_ascii_lowercase()))
@@ -19,7 +19,7 @@ pub fn fold_key(name: &str) -> String {
 /// - a name that is all capitals is lowercased and `_` becomes `-`;
 /// - otherwise every capital becomes `-` plus its lowercase, one leading `-` is dropped,
 ///   `_` becomes `-` and one trailing `-` is dropped.
-pub fn sdk_slug(binding: &str) -> String {
+pub(crate) fn sdk_slug(binding: &str) -> String {
     let has_cased = binding.bytes().any(|b| b.is_ascii_alphabetic());
     let all_capitals = has_cased && !binding.bytes().any(|b| b.is_ascii_lowercase());
     if all_capitals {
@@ -46,7 +46,7 @@ pub fn sdk_slug(binding: &str) -> String {
 
 /// Whether `name` may name an agent: a binding name is an identifier, so ASCII letters,
 /// digits, `-` and `_`, starting with a letter.
-pub fn is_valid_agent_name(name: &str) -> bool {
+pub(crate) fn is_valid_agent_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic())
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -54,7 +54,7 @@ pub fn is_valid_agent_name(name: &str) -> bool {
 }
 
 /// A few spellings that reach `name`, for the routing table `check` prints.
-pub fn example_spellings(name: &str) -> Vec<String> {
+pub(crate) fn example_spellings(name: &str) -> Vec<String> {
     let slug = sdk_slug(name);
     let mut spellings = vec![
         name.to_owned(),
@@ -69,7 +69,7 @@ pub fn example_spellings(name: &str) -> Vec<String> {
 }
 
 /// Longest agent name or URL agent segment accepted.
-pub const MAX_AGENT_NAME_LEN: usize = 128;
+pub(crate) const MAX_AGENT_NAME_LEN: usize = 128;
 
 #[cfg(test)]
 mod tests {

@@ -14,17 +14,17 @@ use crate::routing::agent_name::MAX_AGENT_NAME_LEN;
 
 /// A request path split at the route prefix.
 #[derive(Debug, PartialEq, Eq)]
-pub struct AgentPath<'a> {
-    pub agent: &'a str,
+pub(crate) struct AgentPath<'a> {
+    pub(crate) agent: &'a str,
     /// `None` when the client named no instance.
-    pub instance: Option<&'a str>,
+    pub(crate) instance: Option<&'a str>,
     /// Everything after the instance, starting with `/`, or empty.
-    pub rest: &'a str,
+    pub(crate) rest: &'a str,
 }
 
 /// Why a path under a route prefix cannot be routed.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub enum PathError {
+pub(crate) enum PathError {
     MissingAgent,
     InvalidAgentSegment,
     InvalidInstanceSegment,
@@ -34,7 +34,7 @@ pub enum PathError {
 
 impl PathError {
     /// A short sentence for the JSON error body.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             PathError::MissingAgent => {
                 "the path names no agent: expected {prefix}/{agent}/{instance}"
@@ -51,7 +51,7 @@ impl PathError {
     }
 
     /// A stable machine-readable name, used in error bodies and metric labels.
-    pub fn kind(self) -> &'static str {
+    pub(crate) fn kind(self) -> &'static str {
         match self {
             PathError::MissingAgent => "missing_agent",
             PathError::InvalidAgentSegment => "invalid_agent_segment",
@@ -63,13 +63,13 @@ impl PathError {
 }
 
 /// Whether `path` falls under `prefix` (which has no trailing `/`), returning what follows it.
-pub fn strip_route_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn strip_route_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let tail = path.strip_prefix(prefix)?;
     (tail.is_empty() || tail.starts_with('/')).then_some(tail)
 }
 
 /// Parses what follows the route prefix (empty or starting with `/`).
-pub fn parse_agent_path(tail: &str) -> Result<AgentPath<'_>, PathError> {
+pub(crate) fn parse_agent_path(tail: &str) -> Result<AgentPath<'_>, PathError> {
     if has_control_byte(tail) {
         return Err(PathError::ControlByte);
     }

@@ -3,3 +3,4 @@
 pub mod agent_name;
 pub mod agent_path;
 pub mod resolve;
+pub mod table;

@@ -5,31 +5,43 @@ use crate::edge::cors::CorsPolicy;
 use crate::routing::agent_name::fold_key;
 use crate::routing::agent_path::{parse_agent_path, strip_route_prefix, PathError};
 use crate::upstream::Upstream;
+use pingora::prelude::HttpPeer;
 use std::sync::Arc;
 
 /// Where a request goes.
 #[derive(Debug, Clone)]
-pub struct Target {
-    pub upstream: Arc<Upstream>,
+pub(crate) struct Target {
+    pub(crate) upstream: Arc<Upstream>,
     /// Path and query to send upstream.
-    pub upstream_path: String,
+    pub(crate) upstream_path: String,
     /// Set for agent routes; `None` for the fallback upstream.
-    pub agent: Option<AgentTarget>,
+    pub(crate) agent: Option<AgentTarget>,
     /// The CORS and Origin policy that applies; `None`: no CORS handling.
-    pub cors: Option<Arc<CorsPolicy>>,
+    pub(crate) cors: Option<Arc<CorsPolicy>>,
 }
 
 #[derive(Debug, Clone)]
-pub struct AgentTarget {
-    pub route: String,
-    pub agent: Arc<Agent>,
+pub(crate) struct AgentTarget {
+    pub(crate) route: String,
+    pub(crate) agent: Arc<Agent>,
     /// As the client sent it (percent-encoding included).
-    pub instance: String,
+    pub(crate) instance: String,
 }
 
 impl Target {
+    /// A Pingora peer for this request's node.
+    pub(crate) async fn peer(&self) -> pingora::Result<HttpPeer> {
+        let address = self.address().ok_or_else(|| {
+            pingora::Error::explain(
+                pingora::ErrorType::ConnectNoRoute,
+                format!("upstream {} has no node", self.upstream.name),
+            )
+        })?;
+        self.upstream.peer(address).await
+    }
+
     /// The node address for this request: an agent instance always lands on its home node.
-    pub fn address(&self) -> Option<&str> {
+    pub(crate) fn address(&self) -> Option<&str> {
         match &self.agent {
             Some(a) => self.upstream.address_for(&[&a.agent.slug, &a.instance]),
             None => self.upstream.address_for(&[&self.upstream_path]),
@@ -39,7 +51,7 @@ impl Target {
 
 /// Why a request cannot be routed; each maps to one status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     BadPath {
         route: String,
         error: PathError,
@@ -54,7 +66,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The route the request fell under, if any.
-    pub fn route(&self) -> Option<&str> {
+    pub(crate) fn route(&self) -> Option<&str> {
         match self {
             Refusal::BadPath { route, .. } | Refusal::UnknownAgent { route, .. } => Some(route),
             Refusal::NoRoute => None,
@@ -63,7 +75,11 @@ impl Refusal {
 }
 
 /// Resolves `path` (without query) and `query` against the routing table.
-pub fn resolve(config: &GatewayConfig, path: &str, query: Option<&str>) -> Result<Target, Refusal> {
+pub(crate) fn resolve(
+    config: &GatewayConfig,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Target, Refusal> {
     let Some((route, tail)) = config
         .routes
         .iter()

@@ -1,9 +1,9 @@
 //! The admin listener: metrics, health, readiness, drain, reload and the resolved routing
 //! table. Bound to loopback by default and never served on the public listener.
 
-use crate::config::GatewayConfig;
-use crate::runtime::state::{secret_presence, GatewayState};
-use crate::upstream::UpstreamKind;
+use crate::routing::table::RoutingTable;
+use crate::runtime::state::GatewayState;
+use crate::secrets::presence::presence;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 const ENDPOINTS: &str = "GET /metrics, /healthz, /readyz, /config; POST /drain, /reload";
 
-pub struct Admin {
+pub(crate) struct Admin {
     state: Arc<GatewayState>,
 }
 
 impl Admin {
-    pub fn new(state: Arc<GatewayState>) -> Self {
+    pub(crate) fn new(state: Arc<GatewayState>) -> Self {
         Admin { state }
     }
 }
@@ -65,7 +65,7 @@ impl ServeHttp for Admin {
             },
             (Method::GET, "/config") => json_response(StatusCode::OK, describe(&self.state)),
             (Method::POST, "/drain") => {
-                self.state.start_drain();
+                self.state.drain.start();
                 json_response(StatusCode::ACCEPTED, json!({"draining": true}))
             }
             (Method::POST, "/reload") => match self.state.reload("POST /reload") {
@@ -91,58 +91,17 @@ impl ServeHttp for Admin {
 
 /// The resolved routing table, secrets by name and presence only.
 fn describe(state: &GatewayState) -> Value {
-    let config: Arc<GatewayConfig> = state.config();
-    let routes: Vec<Value> = config
-        .routes
-        .iter()
-        .map(|route| {
-            let mut agents: Vec<Value> = route
-                .agents
-                .values()
-                .map(|a| {
-                    json!({
-                        "name": a.name,
-                        "slug": a.slug,
-                        "upstream": a.upstream.name,
-                        "upstream_path": format!("{}/{}/{{instance}}", route.upstream_prefix, a.slug),
-                        "required_secrets": a.required_secrets,
-                    })
-                })
-                .collect();
-            agents.sort_by_key(|a| a["name"].as_str().unwrap_or_default().to_owned());
-            json!({
-                "name": route.name,
-                "prefix": route.prefix,
-                "default_instance": route.default_instance,
-                "cors": route.cors.is_some(),
-                "agents": agents,
-            })
-        })
-        .collect();
-    let upstreams: Vec<Value> = config
-        .upstreams
-        .values()
-        .map(|u| match &u.kind {
-            UpstreamKind::Worker { address, host, tls, .. } => {
-                json!({"name": u.name, "kind": "worker", "address": address, "host": host, "tls": tls})
-            }
-            UpstreamKind::Local { nodes } => json!({
-                "name": u.name, "kind": "local",
-                "nodes": nodes.iter().map(|n| n.address.as_str()).collect::<Vec<_>>(),
-            }),
-        })
-        .collect();
-    let secrets: Vec<Value> = secret_presence(&config, &state.reports)
+    let active = state.config();
+    let mut fields = RoutingTable::of(&active, &active.secrets).to_json();
+    let secrets: Vec<Value> = presence(&active, &active.secrets, &state.reports)
         .into_iter()
-        .map(|(secret, upstream, present)| json!({"secret": secret, "upstream": upstream, "present": present}))
+        .map(|p| json!({"secret": p.secret, "upstream": p.upstream, "present": p.present}))
         .collect();
-    json!({
-        "listen": config.listen,
-        "routes": routes,
-        "upstreams": upstreams,
-        "fallback_upstream": config.fallback_upstream.as_ref().map(|u| u.name.as_str()),
-        "secrets": secrets,
-        "draining": state.draining(),
-        "open_websockets": state.connections.count(),
-    })
+    fields.insert("secrets".to_owned(), Value::Array(secrets));
+    fields.insert("draining".to_owned(), json!(state.drain.draining()));
+    fields.insert(
+        "open_websockets".to_owned(),
+        json!(state.connections.count()),
+    );
+    Value::Object(fields)
 }

@@ -1,13 +1,13 @@
 //! Server wiring: the Pingora server, the public proxy service, the admin service, the secret
 //! probes, and the signal watcher that drains before Pingora shuts down.
 
+use super::probes::SecretProbes;
 use crate::config::GatewayConfig;
 use crate::edge::header_deadline::HeaderDeadline;
 use crate::proxy::Gateway;
 use crate::runtime::admin::Admin;
 use crate::runtime::signals::GatewaySignals;
 use crate::runtime::state::GatewayState;
-use crate::secrets::probe::SecretProbes;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;

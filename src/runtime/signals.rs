@@ -17,8 +17,8 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
-pub struct GatewaySignals {
-    pub state: Arc<GatewayState>,
+pub(crate) struct GatewaySignals {
+    pub(crate) state: Arc<GatewayState>,
 }
 
 #[async_trait]
@@ -42,7 +42,7 @@ impl ShutdownSignalWatch for GatewaySignals {
                     let _ = self.state.reload("SIGHUP");
                 }
                 _ = terminate.recv() => {
-                    self.state.start_drain();
+                    self.state.drain.start();
                     let grace = self.state.config().drain_grace;
                     let left = self.state.connections.wait_idle(grace).await;
                     if left > 0 {
@@ -51,7 +51,7 @@ impl ShutdownSignalWatch for GatewaySignals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = quit.recv() => {
-                    self.state.start_drain();
+                    self.state.drain.start();
                     return ShutdownSignal::GracefulUpgrade;
                 }
                 _ = interrupt.recv() => return ShutdownSignal::FastShutdown,

@@ -14,7 +14,7 @@ static SECRET_VALUES: RwLock<Vec<String>> = RwLock::new(Vec::new());
 const REDACTED: &str = "[redacted]";
 
 /// Registers a secret's value for scrubbing.
-pub fn register_secret(value: &str) {
+pub(crate) fn register_secret(value: &str) {
     if let Ok(mut values) = SECRET_VALUES.write() {
         if !values.iter().any(|v| v == value) {
             values.push(value.to_owned());
@@ -23,7 +23,7 @@ pub fn register_secret(value: &str) {
 }
 
 /// `text` with every registered secret value replaced.
-pub fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
     let Ok(values) = SECRET_VALUES.read() else {
         return REDACTED.into();
     };
@@ -90,7 +90,7 @@ pub fn init(level: &str, json: bool) {
 }
 
 /// Writes one access or connection line to stdout: JSON, or `key=value` pairs.
-pub fn record(json: bool, kind: &str, fields: &[(&str, serde_json::Value)]) {
+pub(crate) fn record(json: bool, kind: &str, fields: &[(&str, serde_json::Value)]) {
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

@@ -1,32 +1,17 @@
 //! Prometheus metrics, exported on the admin listener only.
 //!
-//! Label values come from the configuration (agent, route and upstream names) or from fixed
-//! sets, never from raw client input: an agent the configuration does not know is
-//! `agent="unknown"`, and instance names are never labels. Handles for an agent's
-//! WebSocket series are resolved once per connection, so the pump's hot path is an atomic
-//! add, not a label lookup.
+//! Label values come from the configuration (route, upstream and secret names) or from fixed
+//! sets, never from raw client input. The WebSocket families live beside the pump
+//! ([`crate::websocket::metrics`]) and are registered here with the rest.
 
-use crate::websocket::frame::ProtocolError;
-use crate::websocket::pump::ConnectionOutcome;
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
+use crate::secrets::presence::SecretPresence;
+use crate::websocket::metrics::{counter, gauge, histogram, status_label, WebSocketMetrics};
+use prometheus::core::Collector;
+use prometheus::{Encoder, HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder};
 
-/// The `agent` label of requests that name no configured agent.
-pub const UNKNOWN_AGENT: &str = "unknown";
-pub const DIRECTION_CLIENT_TO_UPSTREAM: &str = "client_to_upstream";
-pub const DIRECTION_UPSTREAM_TO_CLIENT: &str = "upstream_to_client";
-
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    ws_closes: IntCounterVec,
-    ws_active: IntGaugeVec,
-    ws_duration: HistogramVec,
-    ws_messages: IntCounterVec,
-    ws_bytes: IntCounterVec,
-    ws_protocol_errors: IntCounterVec,
-    ws_handshakes: IntCounterVec,
+    pub(crate) websocket: WebSocketMetrics,
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -36,78 +21,11 @@ pub struct Metrics {
     limit_refusals: IntCounterVec,
 }
 
-/// Live counters of one direction of one connection.
-#[derive(Clone)]
-pub struct DirectionCounters {
-    pub messages: IntCounter,
-    pub bytes: IntCounter,
-}
-
-/// An open agent WebSocket: counted active until dropped.
-pub struct ConnectionMetrics {
-    pub client_to_upstream: DirectionCounters,
-    pub upstream_to_client: DirectionCounters,
-    active: IntGauge,
-}
-
-impl Drop for ConnectionMetrics {
-    fn drop(&mut self) {
-        self.active.dec();
-    }
-}
-
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    // Names and labels are constants of this file; a failure here is a programming error
-    // caught by the unit tests, at start-up.
-    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
-}
-
-fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("valid histogram definition")
-}
-
 impl Metrics {
     /// Creates and registers every series family. Called once at start-up.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = Registry::new();
         let metrics = Metrics {
-            ws_closes: counter(
-                "agent_gateway_ws_closes_total",
-                "Agent WebSocket connections ended, by who sent the first Close (or dropped first) and its code (1006: dropped without Close).",
-                &["agent", "initiator", "code"],
-            ),
-            ws_active: IntGaugeVec::new(
-                Opts::new("agent_gateway_ws_connections_active", "Agent WebSocket connections open now."),
-                &["agent"],
-            )
-            .expect("valid gauge definition"),
-            ws_duration: histogram(
-                "agent_gateway_ws_connection_duration_seconds",
-                "Lifetime of agent WebSocket connections.",
-                &["agent"],
-                vec![0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0],
-            ),
-            ws_messages: counter(
-                "agent_gateway_ws_messages_total",
-                "Complete WebSocket data messages proxied.",
-                &["agent", "direction"],
-            ),
-            ws_bytes: counter(
-                "agent_gateway_ws_bytes_total",
-                "WebSocket bytes proxied after the handshake, frame headers included.",
-                &["agent", "direction"],
-            ),
-            ws_protocol_errors: counter(
-                "agent_gateway_ws_protocol_errors_total",
-                "WebSocket protocol violations seen; each closes its connection with 1002.",
-                &["agent", "kind"],
-            ),
-            ws_handshakes: counter(
-                "agent_gateway_ws_handshakes_total",
-                "WebSocket upgrade requests, by result: 101, the HTTP status answered, or why the gateway refused.",
-                &["agent", "result"],
-            ),
             http_requests: counter(
                 "agent_gateway_http_requests_total",
                 "HTTP requests answered, WebSocket upgrades included, by route and status.",
@@ -129,14 +47,11 @@ impl Metrics {
                 "Requests refused by the CORS and Origin policy.",
                 &["route"],
             ),
-            secret_present: IntGaugeVec::new(
-                Opts::new(
-                    "agent_gateway_secret_present",
-                    "Whether a secret an upstream's agents need is present (1) or missing (0), as far as the gateway can tell.",
-                ),
+            secret_present: gauge(
+                "agent_gateway_secret_present",
+                "Whether a secret an upstream's agents need is present (1) or missing (0), as far as the gateway can tell.",
                 &["secret", "upstream"],
-            )
-            .expect("valid gauge definition"),
+            ),
             config_reloads: counter(
                 "agent_gateway_config_reloads_total",
                 "Configuration reloads (SIGHUP or POST /reload), by result.",
@@ -148,30 +63,21 @@ impl Metrics {
                 &["limit"],
             ),
             registry,
+            websocket: WebSocketMetrics::new(),
         };
         // Both results exist from the start, so that increase() sees the first failure.
         for result in ["success", "failure"] {
             metrics.config_reloads.with_label_values(&[result]);
         }
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "agent_gateway_build_info",
-                "Build of the running gateway; always 1.",
-            ),
+        let build_info = gauge(
+            "agent_gateway_build_info",
+            "Build of the running gateway; always 1.",
             &["version"],
-        )
-        .expect("valid gauge definition");
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for collector in [
-            Box::new(metrics.ws_closes.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(metrics.ws_active.clone()),
-            Box::new(metrics.ws_duration.clone()),
-            Box::new(metrics.ws_messages.clone()),
-            Box::new(metrics.ws_bytes.clone()),
-            Box::new(metrics.ws_protocol_errors.clone()),
-            Box::new(metrics.ws_handshakes.clone()),
+        let own: [Box<dyn Collector>; 8] = [
             Box::new(metrics.http_requests.clone()),
             Box::new(metrics.upstream_duration.clone()),
             Box::new(metrics.upstream_errors.clone()),
@@ -180,7 +86,8 @@ impl Metrics {
             Box::new(metrics.config_reloads.clone()),
             Box::new(metrics.limit_refusals.clone()),
             Box::new(build_info),
-        ] {
+        ];
+        for collector in own.into_iter().chain(metrics.websocket.collectors()) {
             metrics
                 .registry
                 .register(collector)
@@ -190,7 +97,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every family.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 1024);
         let families = self.registry.gather();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
@@ -199,90 +106,50 @@ impl Metrics {
         out
     }
 
-    /// A WebSocket connection to `agent` has been upgraded.
-    pub fn connection_opened(&self, agent: &str) -> ConnectionMetrics {
-        let direction = |d: &str| DirectionCounters {
-            messages: self.ws_messages.with_label_values(&[agent, d]),
-            bytes: self.ws_bytes.with_label_values(&[agent, d]),
-        };
-        let active = self.ws_active.with_label_values(&[agent]);
-        active.inc();
-        ConnectionMetrics {
-            client_to_upstream: direction(DIRECTION_CLIENT_TO_UPSTREAM),
-            upstream_to_client: direction(DIRECTION_UPSTREAM_TO_CLIENT),
-            active,
-        }
-    }
-
-    /// Records how a connection ended. Its message and byte counts were added live.
-    pub fn connection_closed(&self, agent: &str, outcome: &ConnectionOutcome) {
-        let code = close_code_label(outcome.code);
-        self.ws_closes
-            .with_label_values(&[agent, outcome.initiator.label(), &code])
-            .inc();
-        self.ws_duration
-            .with_label_values(&[agent])
-            .observe(outcome.duration.as_secs_f64());
-        if let Some(error) = outcome.protocol_error {
-            self.protocol_error(agent, error);
-        }
-    }
-
-    fn protocol_error(&self, agent: &str, error: ProtocolError) {
-        self.ws_protocol_errors
-            .with_label_values(&[agent, error.kind()])
-            .inc();
-    }
-
-    /// `result` is "101", an HTTP status, or a refusal reason from a fixed set.
-    pub fn handshake(&self, agent: &str, result: &str) {
-        self.ws_handshakes.with_label_values(&[agent, result]).inc();
-    }
-
-    pub fn http_request(&self, route: &str, status: u16) {
+    pub(crate) fn http_request(&self, route: &str, status: u16) {
         let status = status_label(status);
         self.http_requests
             .with_label_values(&[route, &status])
             .inc();
     }
 
-    pub fn upstream_answered(&self, upstream: &str, seconds: f64) {
+    pub(crate) fn upstream_answered(&self, upstream: &str, seconds: f64) {
         self.upstream_duration
             .with_label_values(&[upstream])
             .observe(seconds);
     }
 
-    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+    pub(crate) fn upstream_error(&self, upstream: &str, kind: &str) {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
     }
 
-    pub fn limit_refused(&self, limit: &str) {
+    pub(crate) fn limit_refused(&self, limit: &str) {
         self.limit_counter(limit).inc();
     }
 
     /// The refusal counter of one limit, for code that counts without a request at hand.
-    pub fn limit_counter(&self, limit: &str) -> prometheus::IntCounter {
+    pub(crate) fn limit_counter(&self, limit: &str) -> prometheus::IntCounter {
         self.limit_refusals.with_label_values(&[limit])
     }
 
-    pub fn config_reloaded(&self, success: bool) {
+    pub(crate) fn config_reloaded(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// Replaces the secret gauges: series for secrets no longer required disappear.
-    pub fn set_secret_presence(&self, presence: &[(String, String, bool)]) {
+    pub(crate) fn set_secret_presence(&self, presence: &[SecretPresence]) {
         self.secret_present.reset();
-        for (secret, upstream, present) in presence {
+        for p in presence {
             self.secret_present
-                .with_label_values(&[secret, upstream])
-                .set(i64::from(*present));
+                .with_label_values(&[&p.secret, &p.upstream])
+                .set(i64::from(p.present));
         }
     }
 
-    pub fn origin_refused(&self, route: &str) {
+    pub(crate) fn origin_refused(&self, route: &str) {
         self.origin_refusals.with_label_values(&[route]).inc();
     }
 }
@@ -293,46 +160,17 @@ impl Default for Metrics {
     }
 }
 
-/// The `code` label: registered codes (1000-1015) and the registered and private ranges
-/// (3000-4999) as the number; anything else `other`, so a client cannot mint label values.
-pub fn close_code_label(code: u16) -> std::borrow::Cow<'static, str> {
-    match code {
-        1000..=1015 | 3000..=4999 => code.to_string().into(),
-        _ => "other".into(),
-    }
-}
-
-/// HTTP statuses as labels: the number for real statuses, `other` for anything odd.
-fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
-    match status {
-        100..=599 => status.to_string().into(),
-        _ => "other".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::websocket::pump::{DirectionStats, DropKind, Initiator};
+    use crate::websocket::outcome::{ConnectionOutcome, DirectionStats, DropKind, Initiator};
     use std::time::Duration;
-
-    #[test]
-    fn close_codes_keep_registered_and_application_ranges() {
-        assert_eq!(close_code_label(1000), "1000");
-        assert_eq!(close_code_label(1006), "1006");
-        assert_eq!(close_code_label(1014), "1014");
-        assert_eq!(close_code_label(4001), "4001");
-        assert_eq!(close_code_label(3000), "3000");
-        assert_eq!(close_code_label(2000), "other");
-        assert_eq!(close_code_label(999), "other");
-        assert_eq!(close_code_label(5000), "other");
-    }
 
     #[test]
     fn exposition_has_the_families_and_counts() {
         let metrics = Metrics::new();
         {
-            let connection = metrics.connection_opened("CoderAgent");
+            let connection = metrics.websocket.connection_opened("CoderAgent");
             connection.client_to_upstream.messages.inc_by(3);
             let text = String::from_utf8(metrics.render()).expect("utf-8");
             assert!(
@@ -340,7 +178,7 @@ mod tests {
                 "{text}"
             );
         }
-        metrics.connection_closed(
+        metrics.websocket.connection_closed(
             "CoderAgent",
             &ConnectionOutcome {
                 initiator: Initiator::Upstream,

@@ -13,33 +13,46 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Routing headers of the partyserver contract, which `local` upstreams expect from their
+/// caller; the gateway alone may set them.
+pub(crate) const NAMESPACE_HEADER: &str = "x-partykit-namespace";
+pub(crate) const ROOM_HEADER: &str = "x-partykit-room";
+
+/// A connector for upstream connections that are upgraded or closed, never pooled: an
+/// upgraded stream never returns to a pool.
+pub(crate) fn upgrade_connector() -> pingora::connectors::TransportConnector {
+    let mut options = pingora::connectors::ConnectorOptions::new(0);
+    options.keepalive_pool_size = 0;
+    pingora::connectors::TransportConnector::new(Some(options))
+}
 
 #[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
-    pub kind: UpstreamKind,
-    pub connect_timeout: Duration,
+pub(crate) struct Upstream {
+    pub(crate) name: String,
+    pub(crate) kind: UpstreamKind,
+    pub(crate) connect_timeout: Duration,
     /// How long an HTTP response (or a WebSocket handshake answer) may take.
-    pub read_timeout: Duration,
+    pub(crate) read_timeout: Duration,
     /// Secrets every request to this upstream needs, besides its routes' own.
-    pub require: Vec<String>,
+    pub(crate) require: Vec<String>,
     /// (secret, header): secrets the gateway sends along, local upstreams only. A header of
     /// that name sent by a client is always removed first.
-    pub forward_secrets: Vec<(String, http::HeaderName)>,
+    pub(crate) forward_secrets: Vec<(String, http::HeaderName)>,
     /// A path probed periodically to learn whether the upstream has its secrets.
-    pub probe: Option<Probe>,
+    pub(crate) probe: Option<Probe>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Probe {
-    pub path: String,
-    pub interval: Duration,
+pub(crate) struct Probe {
+    pub(crate) path: String,
+    pub(crate) interval: Duration,
 }
 
 #[derive(Debug)]
-pub enum UpstreamKind {
+pub(crate) enum UpstreamKind {
     Worker {
         /// `host:port` to connect to.
         address: String,
@@ -62,42 +75,20 @@ pub struct Node {
 
 impl Upstream {
     /// Everything this upstream needs from the gateway's secrets.
-    pub fn gateway_held_secrets(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn gateway_held_secrets(&self) -> impl Iterator<Item = &str> {
         self.forward_secrets
             .iter()
             .map(|(secret, _)| secret.as_str())
     }
 
-    /// Where a secret must be set for this upstream, for answers and `check`.
-    pub fn secret_hint(
-        &self,
-        secret: &str,
-        source: Option<&crate::secrets::SecretSource>,
-    ) -> String {
-        match (&self.kind, source) {
-            (UpstreamKind::Worker { .. }, _) => format!(
-                "the Worker behind upstream {} needs it: wrangler secret put {secret}",
-                self.name
-            ),
-            (UpstreamKind::Local { .. }, Some(source)) => format!(
-                "set {} for the gateway, then reload it (SIGHUP or POST /reload)",
-                source.describe()
-            ),
-            (UpstreamKind::Local { .. }, None) => format!(
-                "set {secret} where the agent backend of upstream {} reads it",
-                self.name
-            ),
-        }
-    }
-
     /// Whether the gateway must set the routing headers itself.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self.kind, UpstreamKind::Local { .. })
     }
 
     /// The address to connect to for an agent instance (`key` is `(slug, instance)`), or the
     /// fallback route's whole path when there is no instance.
-    pub fn address_for(&self, key: &[&str]) -> Option<&str> {
+    pub(crate) fn address_for(&self, key: &[&str]) -> Option<&str> {
         match &self.kind {
             UpstreamKind::Worker { address, .. } => Some(address),
             UpstreamKind::Local { nodes } => home_node(nodes, key).map(|n| n.address.as_str()),
@@ -106,7 +97,7 @@ impl Upstream {
 
     /// A Pingora peer for `address`, with this upstream's TLS and timeouts. The name is resolved
     /// here, per connection, so that DNS changes are followed without a reload.
-    pub async fn peer(&self, address: &str) -> Result<HttpPeer> {
+    pub(crate) async fn peer(&self, address: &str) -> Result<HttpPeer> {
         let socket = tokio::net::lookup_host(address)
             .await
             .or_err_with(ErrorType::ConnectNoRoute, || {
@@ -171,7 +162,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Reads every certificate of a PEM file, checking each parses, for a per-upstream CA.
-pub fn load_ca_file(path: &Path) -> std::result::Result<Arc<CaType>, String> {
+pub(crate) fn load_ca_file(path: &Path) -> std::result::Result<Arc<CaType>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let mut certs = Vec::new();

@@ -473,7 +473,7 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub mod tests {
     use super::*;
 
     /// Encodes one frame, masking it when `mask` is given.

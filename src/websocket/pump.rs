@@ -9,8 +9,9 @@
 //! [`FrameParser`], and writes Close frames of its own only between frames.
 
 use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
+use super::metrics::{ConnectionMetrics, DirectionCounters};
+use super::outcome::{ConnectionOutcome, DirectionStats, DropKind, Initiator};
 use super::socket::Socket;
-use crate::telemetry::metrics::{ConnectionMetrics, DirectionCounters};
 use futures_util::FutureExt;
 use std::future::poll_fn;
 use std::io;
@@ -24,93 +25,17 @@ use tokio::sync::watch;
 /// no read buffer at all, only what a slow destination has not taken yet.
 const READ_SIZE: usize = 16 * 1024;
 
-/// Who ended a connection, or sent the first Close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initiator {
-    Client,
-    Upstream,
-    Gateway,
-}
-
-impl Initiator {
-    pub fn label(self) -> &'static str {
-        match self {
-            Initiator::Client => "client",
-            Initiator::Upstream => "upstream",
-            Initiator::Gateway => "gateway",
-        }
-    }
-}
-
-/// How a TCP (or TLS) stream ended without a Close frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropKind {
-    Eof,
-    Reset,
-    Timeout,
-    Tls,
-    Other,
-}
-
-impl DropKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            DropKind::Eof => "eof",
-            DropKind::Reset => "reset",
-            DropKind::Timeout => "timeout",
-            DropKind::Tls => "tls",
-            DropKind::Other => "other",
-        }
-    }
-
-    fn of(error: &io::Error) -> DropKind {
-        match error.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => DropKind::Reset,
-            io::ErrorKind::TimedOut => DropKind::Timeout,
-            io::ErrorKind::UnexpectedEof => DropKind::Eof,
-            io::ErrorKind::InvalidData => DropKind::Tls,
-            _ => DropKind::Other,
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DirectionStats {
-    pub bytes: u64,
-    pub frames: u64,
-    pub messages: u64,
-}
-
-/// How one upgraded connection ended: what the close metrics and the connection log report.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionOutcome {
-    pub initiator: Initiator,
-    /// The Close code sent first; 1005 for an empty Close, 1006 when a side dropped first.
-    pub code: u16,
-    pub reason_len: usize,
-    /// Whether the other party answered the first Close with its own.
-    pub answered: bool,
-    /// Set when the initiator dropped its stream without a Close.
-    pub drop_kind: Option<DropKind>,
-    pub protocol_error: Option<ProtocolError>,
-    pub duration: Duration,
-    pub client_to_upstream: DirectionStats,
-    pub upstream_to_client: DirectionStats,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PumpSettings {
+pub(crate) struct PumpSettings {
     /// Close both sides with 1001 after this long without a byte either way.
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     /// How long a closing connection may take to finish its Close handshake.
-    pub close_timeout: Duration,
+    pub(crate) close_timeout: Duration,
     /// Largest data message either side may send; over it, both get Close 1009.
-    pub max_message_bytes: Option<u64>,
+    pub(crate) max_message_bytes: Option<u64>,
     /// The code the client gets when the upstream drops: 1011 (understood by every client
     /// library) or 1014 (Bad Gateway, which some, tungstenite among them, report as 1002).
-    pub upstream_lost_code: u16,
+    pub(crate) upstream_lost_code: u16,
 }
 
 /// One direction: bytes read from `source`, parsed, written to the other side.
@@ -367,13 +292,13 @@ fn record(
 }
 
 /// Requests from outside the pump: the drain of the whole gateway.
-pub type DrainSignal = watch::Receiver<bool>;
+pub(crate) type DrainSignal = watch::Receiver<bool>;
 
 /// Pumps `client` and `upstream` until the connection ends, and says how it ended.
 ///
 /// `upstream_preread` holds bytes the upstream sent right behind its 101, read with the
 /// handshake; they go to the client first.
-pub async fn pump(
+pub(crate) async fn pump(
     mut client: Socket,
     mut upstream: Socket,
     upstream_preread: &[u8],
@@ -663,8 +588,8 @@ fn mask_key() -> [u8; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::metrics::Metrics;
     use crate::websocket::frame::tests::frame;
+    use crate::websocket::metrics::WebSocketMetrics;
     use tokio::io::AsyncReadExt;
 
     /// Through pipes of 64 bytes, nearly every write is partial: what the destination has not
@@ -673,7 +598,7 @@ mod tests {
     async fn a_slow_destination_gets_every_byte_in_order() {
         let (client_side, mut client) = tokio::io::duplex(64);
         let (upstream_side, mut upstream) = tokio::io::duplex(64);
-        let metrics = Metrics::new();
+        let metrics = WebSocketMetrics::new();
         let connection = metrics.connection_opened("test");
         let (_drain_sender, drain) = watch::channel(false);
         let settings = PumpSettings {

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub enum Socket {
+pub(crate) enum Socket {
     /// A plain TCP connection, out of Pingora's layers.
     Tcp(TcpStream),
     /// Anything else (TLS, or a stream not from a TCP socket), as Pingora gave it.
@@ -28,7 +28,7 @@ impl Socket {
     /// Nothing may be buffered in `stream`: the caller has flushed it, the handshake has
     /// consumed everything read from it, and Pingora reads it unbuffered (the listeners'
     /// `l4_buffer` read size is 0 in `server.rs`; upstream streams have no buffer).
-    pub fn detach(stream: Stream) -> Socket {
+    pub(crate) fn detach(stream: Stream) -> Socket {
         match bare_tcp(&stream) {
             Ok(Some(tcp)) => Socket::Tcp(tcp),
             Ok(None) => Socket::Layered(stream),

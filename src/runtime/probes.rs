@@ -1,11 +1,10 @@
 //! Secret probes: a configured path on an upstream, asked periodically, so that a missing
 //! secret is found before a user finds it, and a restored one is noticed without traffic.
 
-use crate::proxy::upgrade_connector;
-use crate::runtime::state::GatewayState;
-use crate::secrets::reported_missing;
-use crate::upstream::{Upstream, UpstreamKind};
-use crate::websocket::{handshake, Handshake};
+use super::state::GatewayState;
+use crate::secrets::reports::reported_missing;
+use crate::upstream::{upgrade_connector, Upstream, UpstreamKind, NAMESPACE_HEADER, ROOM_HEADER};
+use crate::websocket::handshake::{handshake, Handshake};
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
@@ -16,8 +15,8 @@ use std::time::Duration;
 /// How often the probe loop wakes to see which probes are due (and picks up reloads).
 const TICK: Duration = Duration::from_secs(1);
 
-pub struct SecretProbes {
-    pub state: Arc<GatewayState>,
+pub(crate) struct SecretProbes {
+    pub(crate) state: Arc<GatewayState>,
 }
 
 #[async_trait]
@@ -83,11 +82,8 @@ impl SecretProbes {
                 if upstream.is_local() {
                     // A local backend refuses requests without routing headers before it
                     // looks at its secrets; the probe has an agent namespace of its own.
-                    request.insert_header(
-                        crate::proxy::upstream_request::NAMESPACE_HEADER,
-                        "agent-gateway-probe",
-                    )?;
-                    request.insert_header(crate::proxy::upstream_request::ROOM_HEADER, "probe")?;
+                    request.insert_header(NAMESPACE_HEADER, "agent-gateway-probe")?;
+                    request.insert_header(ROOM_HEADER, "probe")?;
                 }
                 handshake(connector, &peer, &request, upstream.read_timeout).await
             };

@@ -1,0 +1,222 @@
+//! Serving an admitted WebSocket upgrade: the handshake with the upstream, the answer to the
+//! client, and the connection's life after the 101 in a task of its own.
+
+use super::admission::{agent_label, Admitted};
+use super::problem::{upstream_error_kind, Problem};
+use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
+use super::upstream_request::{prepare_upstream_request, ClientInfo};
+use crate::edge::limits::WebSocketSlot;
+use crate::routing::resolve::Target;
+use crate::runtime::drain::ConnectionGuard;
+use crate::runtime::state::{ActiveConfig, GatewayState};
+use crate::websocket::handshake::{
+    handshake, negotiated_deflate, response_head_bytes, take_client_stream, Handshake,
+};
+use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
+use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
+use crate::websocket::pump::pump;
+use crate::websocket::socket::Socket;
+use bytes::Bytes;
+use log::{info, warn};
+use pingora::connectors::TransportConnector;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+
+/// What the client was answered: the HTTP status and the handshake counter's result.
+pub(crate) struct Answered {
+    pub(crate) status: u16,
+    pub(crate) result: HandshakeResult,
+}
+
+impl Answered {
+    fn refused(problem: &Problem, result: HandshakeResult) -> Self {
+        Answered {
+            status: problem.status,
+            result,
+        }
+    }
+}
+
+/// Performs the upgrade with the upstream; on 101, takes both streams over and hands them to
+/// a task of their own. Returns what the client was answered.
+pub(crate) async fn serve_websocket(
+    state: &Arc<GatewayState>,
+    connector: &TransportConnector,
+    session: &mut Session,
+    active: Arc<ActiveConfig>,
+    admitted: Admitted,
+    client: &ClientInfo,
+) -> Result<Answered> {
+    let metrics = &state.metrics;
+    let target = admitted.target;
+    let upstream_name = target.upstream.name.as_str();
+    let slot = match state.limits.admit_websocket(&active.limits, client.ip) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            metrics.limit_refused(refusal.kind());
+            let problem = Problem::limit(refusal);
+            problem.send(session).await?;
+            return Ok(Answered::refused(
+                &problem,
+                HandshakeResult::Status(problem.status),
+            ));
+        }
+    };
+    let mut request = session.req_header().clone();
+    prepare_upstream_request(&mut request, &target, client, true, &active.secrets)?;
+    let started = Instant::now();
+    let answer = match target.peer().await {
+        Ok(peer) => handshake(connector, &peer, &request, target.upstream.read_timeout).await,
+        Err(e) => Err(e),
+    };
+    let (mut response, stream, preread) = match answer {
+        Ok(Handshake::Upgraded {
+            response,
+            stream,
+            preread,
+        }) => (response, stream, preread),
+        Ok(Handshake::Refused { response, body }) => {
+            let status = response.status.as_u16();
+            metrics.upstream_answered(upstream_name, started.elapsed().as_secs_f64());
+            info!("upstream {upstream_name} refused a WebSocket upgrade with {status}");
+            if status < 500 {
+                state.upstream_answered_well(upstream_name);
+            } else if holds_secrets(&target) {
+                // The field's 1006: a 500 "NAME is not set" to the upgrade. Say so.
+                let problem = upstream_error_answer(state, &target, status, &body);
+                if problem.kind() == "secret_missing" {
+                    problem.send(session).await?;
+                    return Ok(Answered::refused(&problem, HandshakeResult::SecretMissing));
+                }
+            }
+            relay_refusal(session, response, body).await?;
+            return Ok(Answered {
+                status,
+                result: HandshakeResult::Status(status),
+            });
+        }
+        Err(e) => {
+            metrics.upstream_error(upstream_name, upstream_error_kind(e.etype()));
+            let problem = Problem::for_upstream_error(upstream_name, e.etype());
+            warn!("WebSocket upgrade via upstream {upstream_name} failed: {e}");
+            problem.send(session).await?;
+            return Ok(Answered::refused(&problem, HandshakeResult::UpstreamError));
+        }
+    };
+    metrics.upstream_answered(upstream_name, started.elapsed().as_secs_f64());
+    state.upstream_answered_well(upstream_name);
+    if let Some(cors) = &admitted.cors {
+        apply_cors(&mut response, &cors.response_headers())?;
+    }
+    let upgraded = Answered {
+        status: 101,
+        result: HandshakeResult::Upgraded,
+    };
+    let deflate = negotiated_deflate(&response);
+    let Some(mut client_stream) = take_client_stream(session.as_downstream_mut()) else {
+        return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
+    };
+    let connection = UpgradedConnection {
+        metrics: metrics.websocket.connection_opened(agent_label(&target)),
+        _open: state.connections.open(),
+        _slot: slot,
+        state: Arc::clone(state),
+        active,
+        target,
+        upstream: Socket::detach(stream),
+        preread,
+        deflate,
+    };
+    let head = response_head_bytes(&response);
+    if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
+        return Ok(upgraded);
+    }
+    // The connection lives on in a task of its own, so that Pingora's request futures,
+    // session and request header are freed now rather than held for the socket's life.
+    tokio::spawn(connection.run(Socket::detach(client_stream)));
+    Ok(upgraded)
+}
+
+/// An agent WebSocket after its 101: everything its own task needs, and the guards that
+/// keep it counted (drain, limits, active gauge) until the task ends.
+struct UpgradedConnection {
+    metrics: ConnectionMetrics,
+    _open: ConnectionGuard,
+    _slot: WebSocketSlot,
+    state: Arc<GatewayState>,
+    active: Arc<ActiveConfig>,
+    target: Target,
+    upstream: Socket,
+    preread: Bytes,
+    deflate: bool,
+}
+
+impl UpgradedConnection {
+    /// Pumps the two streams until the connection ends, then accounts for how it ended.
+    async fn run(self, client: Socket) {
+        let outcome = pump(
+            client,
+            self.upstream,
+            &self.preread,
+            self.deflate,
+            self.state.drain.signal(),
+            &self.active.websocket,
+            &self.metrics,
+        )
+        .await;
+        let metrics = &self.state.metrics;
+        if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
+            let kind = match outcome.drop_kind {
+                Some(DropKind::Timeout) => "timeout",
+                Some(DropKind::Tls) => "tls",
+                _ => "dropped",
+            };
+            metrics.upstream_error(&self.target.upstream.name, kind);
+        }
+        metrics
+            .websocket
+            .connection_closed(agent_label(&self.target), &outcome);
+        if self.active.log.access_log {
+            log_outcome(self.active.log.json, &self.target, &outcome);
+        }
+    }
+}
+
+/// One connection line per WebSocket at close. The instance is hashed: its name can be a
+/// user's identifier.
+fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
+    let instance = target.agent.as_ref().map_or("", |a| a.instance.as_str());
+    crate::telemetry::logging::record(
+        json,
+        "websocket",
+        &[
+            ("agent", json!(agent_label(target))),
+            (
+                "instance_hash",
+                json!(format!(
+                    "{:016x}",
+                    crate::upstream::stable_hash(instance.as_bytes())
+                )),
+            ),
+            ("upstream", json!(target.upstream.name)),
+            ("initiator", json!(outcome.initiator.label())),
+            ("code", json!(outcome.code)),
+            ("reason_len", json!(outcome.reason_len)),
+            ("answered", json!(outcome.answered)),
+            ("drop", json!(outcome.drop_kind.map(|k| k.label()))),
+            (
+                "protocol_error",
+                json!(outcome.protocol_error.map(|e| e.kind())),
+            ),
+            ("duration_ms", json!(outcome.duration.as_millis() as u64)),
+            ("bytes_in", json!(outcome.client_to_upstream.bytes)),
+            ("bytes_out", json!(outcome.upstream_to_client.bytes)),
+            ("frames_in", json!(outcome.client_to_upstream.frames)),
+            ("frames_out", json!(outcome.upstream_to_client.frames)),
+        ],
+    );
+}
