@@ -58,13 +58,15 @@ def main():
     raw = load(sys.argv[1])
     with open(sys.argv[2]) as f:
         meta = json.load(f)
+    # The gateway's /metrics scraped after the load rounds: the third argument, or the file
+    # run.sh keeps beside the raw data.
+    metrics_path = sys.argv[3] if len(sys.argv) > 3 else sys.argv[1].replace(".jsonl", ".gateway-metrics.txt")
     metrics_text = ""
-    if len(sys.argv) > 3:
-        try:
-            with open(sys.argv[3]) as f:
-                metrics_text = f.read()
-        except OSError:
-            pass
+    try:
+        with open(metrics_path) as f:
+            metrics_text = f.read()
+    except OSError:
+        pass
 
     load_runs = [r for r in raw if r.get("phase") == "load"]
     mem_runs = [r for r in raw if r.get("phase") == "memory"]
@@ -287,7 +289,7 @@ def main():
           f"agent_gateway_ws_closes_total: {total('agent_gateway_ws_closes_total'):,.0f}")
         w("")
     w(f"Raw data: bench/{meta['raw']}. Regenerate: `python3 bench/report.py bench/{meta['raw']} "
-      f"bench/{meta['raw'].replace('.jsonl', '.meta.json')}`.")
+      f"bench/{meta['raw'].replace('.jsonl', '.meta.json')} > bench/results/RESULTS.md`.")
     print("\n".join(out))
 
 

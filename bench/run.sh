@@ -474,7 +474,9 @@ cat >"$RUN/meta.json" <<EOF
  "elapsed_s": $(($(date +%s) - STARTED)), "raw": "results/$(basename "$RAW")"}
 EOF
 cp "$RUN/meta.json" "${RAW%.jsonl}.meta.json"
-python3 "$HERE/report.py" "$RAW" "$RUN/meta.json" "$RUN/gateway-metrics.txt" >"$RESULTS/RESULTS.md"
+# Kept beside the raw data, so that RESULTS.md can be generated again from results/ alone.
+cp "$RUN/gateway-metrics.txt" "${RAW%.jsonl}.gateway-metrics.txt" 2>/dev/null || true
+python3 "$HERE/report.py" "$RAW" "${RAW%.jsonl}.meta.json" >"$RESULTS/RESULTS.md"
 cat "$RESULTS/RESULTS.md"
 rm -rf "$BIN"  # the copies of the binaries; configurations and logs stay in the run folder
 log "done in $(($(date +%s) - STARTED))s; results in bench/results/RESULTS.md, raw data in ${RAW#"$ROOT"/}"

@@ -9,6 +9,9 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== module structure: no import cycle, no file over 600 lines before its tests"
 python3 scripts/check-module-cycles.py
+echo "== bench/results/RESULTS.md is what bench/report.py makes of the raw data"
+raw=$(ls bench/results/raw-*-full.jsonl | sort | tail -n 1)
+python3 bench/report.py "$raw" "${raw%.jsonl}.meta.json" | diff -u bench/results/RESULTS.md -
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"

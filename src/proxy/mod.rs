@@ -134,39 +134,22 @@ impl ProxyHttp for Gateway {
             Admission::Refuse(refused) => {
                 self.count_refusal(&refused);
                 refused.problem.send(session).await?;
-                Ok(true)
             }
-            Admission::Preflight { headers, .. } => {
-                send_preflight(session, &headers).await?;
-                Ok(true)
-            }
+            Admission::Preflight { headers, .. } => send_preflight(session, &headers).await?,
             Admission::Upgrade(admitted) => {
-                let agent = admission::agent_label(&admitted.target).to_owned();
                 // Boxed: inline, its state would enlarge the future Pingora moves for every
                 // plain HTTP request too.
-                let answered = Box::pin(serve_websocket(
-                    &self.state,
-                    &self.connector,
-                    session,
-                    Arc::clone(&active),
-                    admitted,
-                    &ctx.client,
-                ))
-                .await?;
-                self.state
-                    .metrics
-                    .websocket
-                    .handshake(&agent, answered.result);
-                ctx.status = Some(answered.status);
-                Ok(true)
+                let upgrade = self.upgrade(session, &ctx.client, active, admitted);
+                ctx.status = Some(Box::pin(upgrade).await?);
             }
             Admission::Forward(admitted) => {
                 ctx.cors = admitted.cors;
                 ctx.target = Some(admitted.target);
                 ctx.active = Some(active);
-                Ok(false)
+                return Ok(false);
             }
         }
+        Ok(true)
     }
 
     /// Runs on the response header before it goes downstream. The gateway's CORS policy is
@@ -330,6 +313,31 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// Serves an admitted upgrade and counts its handshake; returns the status answered.
+    async fn upgrade(
+        &self,
+        session: &mut Session,
+        client: &ClientInfo,
+        active: Arc<ActiveConfig>,
+        admitted: admission::Admitted,
+    ) -> Result<u16> {
+        let agent = admission::agent_label(&admitted.target).to_owned();
+        let answered = serve_websocket(
+            &self.state,
+            &self.connector,
+            session,
+            active,
+            admitted,
+            client,
+        )
+        .await?;
+        self.state
+            .metrics
+            .websocket
+            .handshake(&agent, answered.result);
+        Ok(answered.status)
+    }
+
     /// The counters a refusal moves besides the request counter.
     fn count_refusal(&self, refused: &Refused) {
         let metrics = &self.state.metrics;
