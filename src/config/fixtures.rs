@@ -24,6 +24,15 @@ name = "Chat"
 upstream = "cloud"
 "#;
 
+/// `UPSTREAMS` and one route of `CODER_AND_CHAT` that requires `secret`, read from a file
+/// that does not exist: missing for the local agent, the Worker's own business for the other.
+pub(crate) fn requiring_missing(secret: &str, before: &str) -> GatewayConfig {
+    parse(&format!(
+        "{before}{UPSTREAMS}[secrets.{secret}]\nfile = \"/nonexistent/{secret}\"\n\
+         [[routes]]\nrequire = [\"{secret}\"]\n{CODER_AND_CHAT}"
+    ))
+}
+
 /// Parses a test configuration that must be valid.
 pub(crate) fn parse(text: &str) -> GatewayConfig {
     match GatewayConfig::parse(text, Path::new("t.toml")) {

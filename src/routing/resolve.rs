@@ -149,28 +149,13 @@ fn join_path(parts: &[&str], query: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use crate::config::fixtures::{parse, CODER_AND_CHAT, UPSTREAMS};
 
     fn config(extra: &str) -> GatewayConfig {
-        let text = format!(
-            r#"{extra}
-[upstreams.local]
-kind = "local"
-nodes = ["127.0.0.1:1"]
-
-[[routes]]
-default_instance = "main"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-
-[[routes.agents]]
-name = "MyMCPAgent"
-upstream = "local"
-"#
-        );
-        GatewayConfig::parse(&text, Path::new("t.toml")).expect("valid config")
+        parse(&format!(
+            "{extra}{UPSTREAMS}[[routes]]\ndefault_instance = \"main\"\n{CODER_AND_CHAT}\
+             [[routes.agents]]\nname = \"MyMCPAgent\"\nupstream = \"local\"\n"
+        ))
     }
 
     #[test]
@@ -207,7 +192,7 @@ upstream = "local"
             Err(Refusal::UnknownAgent {
                 route: "agents".into(),
                 asked: "Nope".into(),
-                known: vec!["CoderAgent".into(), "MyMCPAgent".into()]
+                known: vec!["Chat".into(), "CoderAgent".into(), "MyMCPAgent".into()]
             })
         );
         assert_eq!(

@@ -290,18 +290,10 @@ fn route_row(config: &GatewayConfig, secrets: &SecretStore, route: &Route) -> Ro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::fixtures::{parse, CODER_AND_CHAT, UPSTREAMS};
-
-    const CONFIG: &str = r#"
-[secrets.AGENT_GATEWAY_TABLE_TEST_UNSET]
-file = "/nonexistent/agent-gateway-table-test"
-[[routes]]
-require = ["AGENT_GATEWAY_TABLE_TEST_UNSET"]
-"#;
+    use crate::config::fixtures::requiring_missing;
 
     fn table() -> RoutingTable {
-        let text = format!("fallback_upstream = \"cloud\"\n{UPSTREAMS}{CONFIG}{CODER_AND_CHAT}");
-        let config = parse(&text);
+        let config = requiring_missing("TABLE_TEST_UNSET", "fallback_upstream = \"cloud\"\n");
         let secrets = SecretStore::read(&config);
         RoutingTable::of(&config, &secrets)
     }
@@ -315,8 +307,8 @@ require = ["AGENT_GATEWAY_TABLE_TEST_UNSET"]
         for expected in [
             "route agents (/agents, default instance \"default\")",
             "    upstream  /agents/coder-agent/{instance} on local (local, nodes 127.0.0.1:1)",
-            "    secret    AGENT_GATEWAY_TABLE_TEST_UNSET: MISSING: set the file /nonexistent/agent-gateway-table-test",
-            "    secret    AGENT_GATEWAY_TABLE_TEST_UNSET: kept by the Worker (the Worker behind upstream cloud needs it",
+            "    secret    TABLE_TEST_UNSET: MISSING: set the file /nonexistent/TABLE_TEST_UNSET",
+            "    secret    TABLE_TEST_UNSET: kept by the Worker (the Worker behind upstream cloud needs it",
             "paths outside every prefix: cloud (worker https://agents.example.com:443, Host agents.example.com)",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");

@@ -123,17 +123,10 @@ pub(crate) fn presence(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::fixtures::{parse, CODER_AND_CHAT, UPSTREAMS};
-
-    const CONFIG: &str = r#"
-[secrets.AGENT_GATEWAY_PRESENCE_TEST_UNSET]
-file = "/nonexistent/agent-gateway-presence-test"
-[[routes]]
-require = ["AGENT_GATEWAY_PRESENCE_TEST_UNSET"]
-"#;
+    use crate::config::fixtures::requiring_missing;
 
     fn config() -> GatewayConfig {
-        parse(&format!("{UPSTREAMS}{CONFIG}{CODER_AND_CHAT}"))
+        requiring_missing("PRESENCE_TEST_UNSET", "")
     }
 
     #[test]
@@ -142,11 +135,9 @@ require = ["AGENT_GATEWAY_PRESENCE_TEST_UNSET"]
         let store = SecretStore::read(&config);
         let route = &config.routes[0];
         let missing = first_missing(&config, &store, &route.agents["coderagent"]).expect("missing");
-        assert_eq!(missing.secret, "AGENT_GATEWAY_PRESENCE_TEST_UNSET");
+        assert_eq!(missing.secret, "PRESENCE_TEST_UNSET");
         assert!(
-            missing
-                .hint
-                .contains("/nonexistent/agent-gateway-presence-test"),
+            missing.hint.contains("/nonexistent/PRESENCE_TEST_UNSET"),
             "{}",
             missing.hint
         );
@@ -165,7 +156,7 @@ require = ["AGENT_GATEWAY_PRESENCE_TEST_UNSET"]
             names(presence(&config, &store, &reports)),
             vec![("cloud".to_owned(), true), ("local".to_owned(), false)]
         );
-        reports.report_missing("cloud", "AGENT_GATEWAY_PRESENCE_TEST_UNSET");
+        reports.report_missing("cloud", "PRESENCE_TEST_UNSET");
         assert_eq!(
             names(presence(&config, &store, &reports)),
             vec![("cloud".to_owned(), false), ("local".to_owned(), false)]
