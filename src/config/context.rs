@@ -3,6 +3,7 @@
 //! paths in the file start from.
 
 use super::ConfigError;
+use crate::upstream::NamedFile;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -32,7 +33,19 @@ impl Ctx<'_> {
 
     /// The line `span` starts on, for messages that point back at an earlier entry.
     pub(crate) fn line(&self, span: &Range<usize>) -> usize {
-        line_column(self.text, span.start).0
+        self.line_column(span.start).0
+    }
+
+    pub(crate) fn line_column(&self, offset: usize) -> (usize, usize) {
+        line_column(self.text, offset)
+    }
+
+    /// A file named by `value`, relative to the configuration's folder, and where it was named.
+    pub(crate) fn named_file(&self, value: &Spanned<String>) -> NamedFile {
+        NamedFile {
+            path: self.relative(value.get_ref()),
+            at: line_column(self.text, value.span().start),
+        }
     }
 
     /// Paths in the file are relative to the file's folder.

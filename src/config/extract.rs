@@ -15,10 +15,9 @@ use super::{
 use crate::edge::client_address::Cidr;
 use crate::edge::cors::{CorsPolicy, CorsSpec, CorsSpecError};
 use crate::edge::limits::LimitSettings;
-use crate::edge::tls::CertStore;
 use crate::websocket::pump::PumpSettings;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use toml::Spanned;
 
@@ -202,7 +201,7 @@ impl Ctx<'_> {
         }
     }
 
-    /// `[tls]`: its own listener, and the certificates, read now so a bad one fails the load.
+    /// `[tls]`: its own listener, and the certificate files (read by `GatewayConfig::load`).
     pub(crate) fn extract_tls(
         &self,
         section: &TlsSection,
@@ -223,28 +222,14 @@ impl Ctx<'_> {
                 "list at least one [[tls.certificates]] with `cert` and `key`",
             ));
         }
-        let paths: Vec<(PathBuf, PathBuf)> = certificates
-            .iter()
-            .map(|c| {
-                (
-                    self.relative(c.cert.get_ref()),
-                    self.relative(c.key.get_ref()),
-                )
-            })
-            .collect();
-        let pairs: Vec<(&Path, &Path)> = paths
-            .iter()
-            .map(|(c, k)| (c.as_path(), k.as_path()))
-            .collect();
-        let store = CertStore::load(&pairs).map_err(|why| {
-            self.error(
-                &section.certificates,
-                format!("cannot use the certificates: {why}"),
-            )
-        })?;
         Ok(TlsListener {
             listen: address,
-            certificates: Arc::new(store),
+            certificate_files: certificates
+                .iter()
+                .map(|c| (self.named_file(&c.cert), self.named_file(&c.key)))
+                .collect(),
+            named_at: self.line_column(section.certificates.span().start),
+            certificates: None,
         })
     }
 
@@ -326,7 +311,7 @@ pub(crate) fn add_required_secrets(secrets: &mut BTreeMap<String, SecretSource>,
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::{error_of, parse, GOOD};
+    use crate::config::tests::{error_of, load_error_of, parse, GOOD};
     use crate::config::SecretSource;
     use std::path::Path;
     use std::time::Duration;
@@ -495,10 +480,15 @@ mod tests {
             err.contains("list at least one [[tls.certificates]]"),
             "{err}"
         );
-        let err = error_of(&tls(
+        let named = tls(
             "127.0.0.1:8443",
             "[{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]",
-        ));
+        );
+        assert!(
+            parse(&named).is_ok(),
+            "parsing must not read the certificates"
+        );
+        let err = load_error_of(&named);
         assert!(err.contains("cannot use the certificates: "), "{err}");
     }
 }

@@ -8,9 +8,8 @@ use super::{ConfigError, DEFAULT_PROBE_INTERVAL};
 use crate::upstream::{
     Node, Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
 };
-use pingora::protocols::tls::CaType;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use toml::Spanned;
 
 pub(crate) type Upstreams = BTreeMap<String, Arc<Upstream>>;
@@ -208,32 +207,22 @@ impl Ctx<'_> {
         };
         let ca = match &section.ca_file {
             Some(f) if !tls => return Err(self.error(f, "`ca_file` needs `tls = true`")),
-            Some(f) => Some(self.ca_file(f)?),
+            Some(f) => Some(self.named_file(f)),
             None => None,
         };
         Ok(UpstreamKind::Worker {
             address,
             host,
             tls,
-            ca,
-        })
-    }
-
-    /// Read now, so that a bad file fails the load instead of the first connection.
-    fn ca_file(&self, value: &SpannedString) -> Result<Arc<CaType>, ConfigError> {
-        let path = self.relative(value.get_ref());
-        crate::upstream::load_ca_file(&path).map_err(|why| {
-            self.error(
-                value,
-                format!("cannot use {} as a CA file: {why}", path.display()),
-            )
+            ca_file: ca,
+            ca: OnceLock::new(),
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::{error_of, parse, GOOD};
+    use crate::config::tests::{error_of, load_error_of, parse, GOOD};
     use crate::upstream::{Probe, UpstreamKind};
     use std::time::Duration;
 
@@ -284,17 +273,18 @@ mod tests {
                 address,
                 host,
                 tls,
-                ca,
+                ca_file,
+                ..
             } => {
                 assert_eq!(address, "10.0.0.1:80");
                 assert_eq!(host, "agents.internal");
-                assert!(!*tls && ca.is_none());
+                assert!(!*tls && ca_file.is_none());
             }
             other => panic!("expected a worker, got {other:?}"),
         }
         let err = error_of(&GOOD.replace(WORKER, "address = \"a:1\"\nhost = \"a b\""));
         assert!(err.contains("`host` must be a host name"), "{err}");
-        let err = error_of(&GOOD.replace(
+        let err = load_error_of(&GOOD.replace(
             WORKER,
             "address = \"a:1\"\nca_file = \"/nonexistent/ca.pem\"",
         ));

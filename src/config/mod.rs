@@ -16,7 +16,8 @@ mod values;
 use crate::edge::client_address::Cidr;
 use crate::edge::cors::CorsPolicy;
 use crate::edge::limits::LimitSettings;
-use crate::upstream::Upstream;
+use crate::edge::tls::CertStore;
+use crate::upstream::{load_ca_file, NamedFile, Upstream, UpstreamKind};
 use crate::websocket::pump::PumpSettings;
 use context::Ctx;
 use file::ConfigFile;
@@ -89,7 +90,12 @@ pub struct GatewayConfig {
 #[derive(Debug)]
 pub(crate) struct TlsListener {
     pub(crate) listen: String,
-    pub(crate) certificates: Arc<crate::edge::tls::CertStore>,
+    /// (certificate chain, private key) PEM files.
+    pub(crate) certificate_files: Vec<(NamedFile, NamedFile)>,
+    /// Where `certificates` stands in the configuration file, for errors.
+    pub(crate) named_at: (usize, usize),
+    /// The certificates, read by [`GatewayConfig::load`] after parsing.
+    pub(crate) certificates: Option<Arc<CertStore>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,13 +170,55 @@ impl std::error::Error for ConfigError {}
 
 impl GatewayConfig {
     /// Reads and validates the file at `path`.
+    /// Reading is a step of its own after parsing, so that parsing does no I/O: the
+    /// certificates and CA files the configuration names are read here, and a file that
+    /// cannot be used fails the load, not the first connection.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             position: None,
             message: format!("cannot read the configuration file: {e}"),
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.read_named_files(path)?;
+        Ok(config)
+    }
+
+    fn read_named_files(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let error = |at: (usize, usize), message: String| ConfigError {
+            file: path.to_owned(),
+            position: Some(at),
+            message,
+        };
+        for upstream in self.upstreams.values() {
+            if let UpstreamKind::Worker {
+                ca_file: Some(file),
+                ca,
+                ..
+            } = &upstream.kind
+            {
+                let loaded = load_ca_file(&file.path).map_err(|why| {
+                    error(
+                        file.at,
+                        format!("cannot use {} as a CA file: {why}", file.path.display()),
+                    )
+                })?;
+                // Set once: this configuration was parsed just now and is read once.
+                let _ = ca.set(loaded);
+            }
+        }
+        if let Some(tls) = &mut self.tls {
+            let pairs: Vec<(&Path, &Path)> = tls
+                .certificate_files
+                .iter()
+                .map(|(cert, key)| (cert.path.as_path(), key.path.as_path()))
+                .collect();
+            let store = CertStore::load(&pairs).map_err(|why| {
+                error(tls.named_at, format!("cannot use the certificates: {why}"))
+            })?;
+            tls.certificates = Some(Arc::new(store));
+        }
+        Ok(())
     }
 
     /// Validates `text` as if read from `path` (used for error positions and relative paths).
@@ -275,6 +323,33 @@ slug = "chat-v2"
         parse(text)
             .expect_err("config should be refused")
             .to_string()
+    }
+
+    /// The error of loading `text` from a file: what the files it names add to parsing.
+    pub(crate) fn load_error_of(text: &str) -> String {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("written");
+        let error = GatewayConfig::load(&path).expect_err("config should be refused");
+        assert_eq!(error.file, path);
+        match error.position {
+            Some((line, column)) => format!("gateway.toml:{line}:{column}: {}", error.message),
+            None => format!("gateway.toml: {}", error.message),
+        }
+    }
+
+    #[test]
+    fn parsing_reads_no_named_file_and_loading_does() {
+        let text = GOOD.replace(
+            "address = \"agents.example.com\"",
+            "address = \"a:1\"\nca_file = \"/nonexistent/ca.pem\"",
+        );
+        assert!(parse(&text).is_ok(), "parsing must not read the CA file");
+        let err = load_error_of(&text);
+        assert!(
+            err.starts_with("gateway.toml:12:11: cannot use /nonexistent/ca.pem as a CA file: "),
+            "{err}"
+        );
     }
 
     #[test]

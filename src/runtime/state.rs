@@ -57,7 +57,8 @@ impl GatewayState {
         let tls_resolver = config
             .tls
             .as_ref()
-            .map(|t| Arc::new(SniResolver::new(t.certificates.clone())));
+            .and_then(|t| t.certificates.clone())
+            .map(|store| Arc::new(SniResolver::new(store)));
         let state = Arc::new(GatewayState {
             tls_resolver,
             active: ArcSwap::from_pointee(ActiveConfig::new(config)),
@@ -92,8 +93,9 @@ impl GatewayState {
             }
         };
         let needs_restart = restart_needed(&self.config(), &new);
-        if let (Some(resolver), Some(tls)) = (&self.tls_resolver, &new.tls) {
-            resolver.replace(tls.certificates.clone());
+        let certificates = new.tls.as_ref().and_then(|t| t.certificates.clone());
+        if let (Some(resolver), Some(store)) = (&self.tls_resolver, certificates) {
+            resolver.replace(store);
         }
         for field in &needs_restart {
             log::warn!("reload ({trigger}): {field} changed; it takes effect only after a restart");

@@ -9,8 +9,8 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
 use pingora::{Error, ErrorType, OrErr, Result};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +51,14 @@ pub(crate) struct Probe {
     pub(crate) interval: Duration,
 }
 
+/// A file the configuration names: read after parsing, and reported at `at`, its line and
+/// column in the configuration file, when it cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NamedFile {
+    pub(crate) path: PathBuf,
+    pub(crate) at: (usize, usize),
+}
+
 #[derive(Debug)]
 pub(crate) enum UpstreamKind {
     Worker {
@@ -59,8 +67,10 @@ pub(crate) enum UpstreamKind {
         /// Host header and TLS server name.
         host: String,
         tls: bool,
-        /// Trust anchors replacing the platform's, for tests and private CAs.
-        ca: Option<Arc<CaType>>,
+        /// A PEM file of trust anchors replacing the platform's, for tests and private CAs.
+        ca_file: Option<NamedFile>,
+        /// Its certificates, read by `GatewayConfig::load` after parsing.
+        ca: OnceLock<Arc<CaType>>,
     },
     Local {
         nodes: Vec<Node>,
@@ -113,7 +123,7 @@ impl Upstream {
         let mut peer = match &self.kind {
             UpstreamKind::Worker { host, tls, ca, .. } => {
                 let mut peer = HttpPeer::new(socket, *tls, host.clone());
-                peer.options.ca = ca.clone();
+                peer.options.ca = ca.get().cloned();
                 peer
             }
             UpstreamKind::Local { .. } => HttpPeer::new(socket, false, String::new()),
