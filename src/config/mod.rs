@@ -234,7 +234,8 @@ impl GatewayConfig {
 
 impl Ctx<'_> {
     /// One extractor per section. They run in this order, which decides the fault reported
-    /// for a file with several: keep it.
+    /// for a file with several: keep it. Files the configuration names (CA files,
+    /// certificates) are read after all of them, by [`GatewayConfig::load`].
     fn validate(&self, file: ConfigFile) -> Result<GatewayConfig, ConfigError> {
         let (listen, admin_listen) = self.extract_listeners(&file.server, &file.admin)?;
         let websocket = self.extract_websocket(&file.websocket)?;

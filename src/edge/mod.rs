@@ -5,4 +5,5 @@ pub mod client_address;
 pub mod cors;
 pub mod header_deadline;
 pub mod limits;
+pub mod request_id;
 pub mod tls;

@@ -2,9 +2,9 @@
 //! upstream, as one pure function of the configuration, the request head and a few facts
 //! about the connection. The `request_filter` hook performs what [`admit`] decided.
 //!
-//! The order is the order of the checks: request limits, routing, the Origin header and the
-//! CORS policy (which answers preflights), secret presence, then, for WebSocket upgrades,
-//! drain and the HTTP version.
+//! The order is the order of the checks: request limits, routing, the opening handshake of a
+//! WebSocket upgrade, the Origin header and the CORS policy (which answers preflights), secret
+//! presence, then, for WebSocket upgrades, drain and the HTTP version.
 
 use super::problem::Problem;
 use crate::config::GatewayConfig;
@@ -13,7 +13,7 @@ use crate::edge::limits::{check_request, LimitRefusal};
 use crate::routing::resolve::{resolve, Target};
 use crate::secrets::presence::first_missing;
 use crate::secrets::SecretStore;
-use crate::websocket::handshake::is_websocket_upgrade;
+use crate::websocket::handshake::{check_upgrade_request, is_websocket_upgrade};
 use crate::websocket::metrics::{HandshakeResult, UNKNOWN_AGENT};
 use pingora::http::RequestHeader;
 use serde_json::json;
@@ -85,6 +85,9 @@ pub(crate) struct Refused {
     pub(crate) route: String,
     /// The `agent` label: the configured agent, or "unknown".
     pub(crate) agent: String,
+    /// The upstream the request was headed for, when only the connection stopped it
+    /// (drain, HTTP/2), for the access line.
+    pub(crate) upstream: Option<String>,
     pub(crate) websocket: bool,
 }
 
@@ -99,6 +102,7 @@ pub(crate) enum RefusalReason {
     SecretMissing,
     Draining,
     WebSocketOverHttp2,
+    InvalidUpgrade,
 }
 
 impl Refused {
@@ -115,7 +119,8 @@ impl Refused {
             RefusalReason::Routing
             | RefusalReason::BadOriginHeader
             | RefusalReason::Draining
-            | RefusalReason::WebSocketOverHttp2 => HandshakeResult::Status(self.problem.status),
+            | RefusalReason::WebSocketOverHttp2
+            | RefusalReason::InvalidUpgrade => HandshakeResult::Status(self.problem.status),
         })
     }
 }
@@ -153,6 +158,7 @@ pub(crate) fn admit(
             reason,
             route: route.to_owned(),
             agent: agent.to_owned(),
+            upstream: None,
             websocket,
         })
     };
@@ -178,6 +184,10 @@ pub(crate) fn admit(
         .as_ref()
         .map_or(FALLBACK_ROUTE, |a| a.route.as_str());
     let agent = agent_label(&target);
+    if let Some(Err(why)) = websocket.then(|| check_upgrade_request(request)) {
+        let problem = Problem::invalid_upgrade(why);
+        return refuse(problem, RefusalReason::InvalidUpgrade, route, agent);
+    }
     let cors = match target.cors.clone() {
         None => None,
         Some(policy) => {
@@ -224,15 +234,28 @@ pub(crate) fn admit(
         let problem = Problem::secret_missing(missing.secret, &missing.hint);
         return refuse(problem, RefusalReason::SecretMissing, route, agent);
     }
-    if websocket && connection.draining {
-        return refuse(Problem::draining(), RefusalReason::Draining, route, agent);
-    }
-    if websocket && connection.http2 {
+    let refused_by_connection = if !websocket {
+        None
+    } else if connection.draining {
+        Some((Problem::draining(), RefusalReason::Draining))
+    } else if connection.http2 {
         let problem = Problem::new(
             400,
             json!({"error": "websocket_over_http2", "detail": "agent WebSockets need HTTP/1.1"}),
         );
-        return refuse(problem, RefusalReason::WebSocketOverHttp2, route, agent);
+        Some((problem, RefusalReason::WebSocketOverHttp2))
+    } else {
+        None
+    };
+    if let Some((problem, reason)) = refused_by_connection {
+        return Admission::Refuse(Refused {
+            problem,
+            reason,
+            route: route.to_owned(),
+            agent: agent.to_owned(),
+            upstream: Some(target.upstream.name.clone()),
+            websocket,
+        });
     }
     let admitted = Admitted {
         route: route.to_owned(),
@@ -287,9 +310,23 @@ allowed_origins = ["https://app.example.com"]
         admit(&config, &secrets, &request, connection)
     }
 
-    const UPGRADE: [(&str, &str); 3] = [
+    /// A valid opening handshake, without an Origin.
+    const HANDSHAKE: [(&str, &str); 4] = [
         ("upgrade", "websocket"),
         ("connection", "Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    fn with_handshake<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        HANDSHAKE.iter().chain(extra).copied().collect()
+    }
+
+    const UPGRADE: [(&str, &str); 5] = [
+        HANDSHAKE[0],
+        HANDSHAKE[1],
+        HANDSHAKE[2],
+        HANDSHAKE[3],
         ("origin", "https://app.example.com"),
     ];
 
@@ -341,11 +378,7 @@ allowed_origins = ["https://app.example.com"]
 
     #[test]
     fn a_refused_origin_and_a_doubled_origin_header() {
-        let headers = [
-            ("upgrade", "websocket"),
-            ("connection", "Upgrade"),
-            ("origin", "https://evil.example"),
-        ];
+        let headers = with_handshake(&[("origin", "https://evil.example")]);
         let r = refused(decide_for(
             "GET",
             "/agents/CoderAgent/a",
@@ -404,7 +437,7 @@ allowed_origins = ["https://app.example.com"]
 
     #[test]
     fn a_missing_secret_is_refused_before_any_upstream() {
-        let upgrade = [("upgrade", "websocket"), ("connection", "Upgrade")];
+        let upgrade = HANDSHAKE;
         let r = refused(decide_for(
             "GET",
             "/locked/Vault/a",
@@ -486,5 +519,57 @@ allowed_origins = ["https://app.example.com"]
             Admission::Forward(admitted) => assert_eq!(admitted.target.upstream.name, "cloud"),
             other => panic!("expected a forward, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_invalid_opening_handshake_is_refused_before_anything_else_of_the_upgrade() {
+        let refused_for = |method: &str, headers: &[(&str, &str)]| {
+            refused(decide_for(
+                method,
+                "/agents/CoderAgent/a",
+                headers,
+                ConnectionFacts::default(),
+            ))
+        };
+        let r = refused_for(
+            "GET",
+            &[("upgrade", "websocket"), ("connection", "Upgrade")],
+        );
+        assert_eq!(
+            (r.problem.status, r.reason),
+            (426, RefusalReason::InvalidUpgrade)
+        );
+        assert_eq!(r.handshake_result(), Some(HandshakeResult::Status(426)));
+        let (head, _) = r.problem.response("id-1").expect("response");
+        assert_eq!(
+            head.headers
+                .get("sec-websocket-version")
+                .map(|v| v.as_bytes()),
+            Some(&b"13"[..])
+        );
+        let r = refused_for("POST", &HANDSHAKE);
+        assert_eq!(
+            (r.problem.status, r.problem.kind()),
+            (400, "invalid_upgrade")
+        );
+        let bad_key = [
+            HANDSHAKE[0],
+            HANDSHAKE[1],
+            HANDSHAKE[2],
+            ("sec-websocket-key", "c2hvcnQ="),
+        ];
+        let r = refused_for("GET", &bad_key);
+        assert_eq!(
+            (r.problem.status, r.reason),
+            (400, RefusalReason::InvalidUpgrade)
+        );
+        // The handshake comes before the Origin policy: no key and a bad Origin is a 400.
+        let both = [
+            HANDSHAKE[0],
+            HANDSHAKE[1],
+            HANDSHAKE[2],
+            ("origin", "https://evil.example"),
+        ];
+        assert_eq!(refused_for("GET", &both).problem.status, 400);
     }
 }

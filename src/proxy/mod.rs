@@ -10,6 +10,7 @@ pub mod websocket_session;
 
 use crate::config::GatewayConfig;
 use crate::edge::client_address::{client_ip, forwarded_for};
+use crate::edge::request_id::{request_id, trace_id, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use crate::routing::resolve::Target;
 use crate::runtime::state::{ActiveConfig, GatewayState};
 use crate::upstream::upgrade_connector;
@@ -77,15 +78,17 @@ fn client_info(session: &Session, config: &GatewayConfig) -> ClientInfo {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
-    let incoming = session
-        .req_header()
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
+    let headers = &session.req_header().headers;
+    let incoming = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let trusted = &config.trusted_proxies;
+    let from_trusted_proxy = peer.is_some_and(|p| trusted.iter().any(|c| c.contains(p)));
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     ClientInfo {
-        ip: client_ip(peer, incoming, &config.trusted_proxies),
-        forwarded_for: peer.map(|p| forwarded_for(p, incoming, &config.trusted_proxies)),
+        ip: client_ip(peer, incoming, trusted),
+        forwarded_for: peer.map(|p| forwarded_for(p, incoming, trusted)),
         tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        request_id: request_id(from_trusted_proxy, header(REQUEST_ID_HEADER)),
+        trace_id: trace_id(header(TRACEPARENT_HEADER)).map(str::to_owned),
     }
 }
 
@@ -108,9 +111,9 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Runs once per downstream session, before any request. Pingora's default adds its
-    /// (disabled) compression module, whose per-request context is pure cost here: the
-    /// gateway never compresses. This adds nothing.
+    /// Runs once, when the proxy is built, to set up the modules of every downstream
+    /// session. Pingora's default adds its (disabled) compression module, whose per-request
+    /// context is pure cost here: the gateway never compresses. This adds nothing.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     /// Runs first for every request, with the request head read. Admission decides; this
@@ -133,9 +136,14 @@ impl ProxyHttp for Gateway {
         match admission {
             Admission::Refuse(refused) => {
                 self.count_refusal(&refused);
-                refused.problem.send(session).await?;
+                refused
+                    .problem
+                    .send(session, &ctx.client.request_id)
+                    .await?;
             }
-            Admission::Preflight { headers, .. } => send_preflight(session, &headers).await?,
+            Admission::Preflight { headers, .. } => {
+                send_preflight(session, &headers, &ctx.client.request_id).await?
+            }
             Admission::Upgrade(admitted) => {
                 // Boxed: inline, its state would enlarge the future Pingora moves for every
                 // plain HTTP request too.
@@ -153,8 +161,8 @@ impl ProxyHttp for Gateway {
     }
 
     /// Runs on the response header before it goes downstream. The gateway's CORS policy is
-    /// the single source of `Access-Control-*`: the upstream's are replaced. Pingora's
-    /// default changes nothing.
+    /// the single source of `Access-Control-*`: the upstream's are replaced; and the answer
+    /// carries the request's `x-request-id`. Pingora's default changes nothing.
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -164,6 +172,7 @@ impl ProxyHttp for Gateway {
         if let Some(cors) = &ctx.cors {
             apply_cors(response, &cors.response_headers())?;
         }
+        response.insert_header(REQUEST_ID_HEADER, ctx.client.request_id.as_str())?;
         Ok(())
     }
 
@@ -259,7 +268,7 @@ impl ProxyHttp for Gateway {
         }
         if end_of_stream {
             let problem = upstream_error_answer(&self.state, target, 500, held);
-            *body = Some(bytes::Bytes::from(problem.body.to_string()));
+            *body = Some(problem.body_bytes(&ctx.client.request_id));
         }
         Ok(None)
     }
@@ -286,7 +295,7 @@ impl ProxyHttp for Gateway {
         let mut error_code = 0;
         if let Some(problem) = problem.filter(|_| session.response_written().is_none()) {
             log::warn!("{} {}: {e}", problem.kind(), problem.status);
-            if let Err(write_error) = problem.send(session).await {
+            if let Err(write_error) = problem.send(session, &ctx.client.request_id).await {
                 log::warn!("could not send the error answer: {write_error}");
             }
             error_code = problem.status;
@@ -322,19 +331,12 @@ impl Gateway {
         admitted: admission::Admitted,
     ) -> Result<u16> {
         let agent = admission::agent_label(&admitted.target).to_owned();
-        let answered = serve_websocket(
-            &self.state,
-            &self.connector,
-            session,
-            active,
-            admitted,
-            client,
-        )
-        .await?;
-        self.state
-            .metrics
-            .websocket
-            .handshake(&agent, answered.result);
+        let state = &self.state;
+        let served =
+            serve_websocket(state, &self.connector, session, active, admitted, client).await?;
+        let answered = served.answered;
+        state.metrics.websocket.handshake(&agent, answered.result);
+        served.written?;
         Ok(answered.status)
     }
 
@@ -371,7 +373,10 @@ fn access_facts(request: &RequestHeader, admission: &Admission) -> AccessFacts {
         // The path only: queries carry connection ids.
         path: request.uri.path().to_owned(),
         agent,
-        upstream: target.map(|t| t.upstream.name.clone()),
+        upstream: match admission {
+            Admission::Refuse(refused) => refused.upstream.clone(),
+            _ => target.map(|t| t.upstream.name.clone()),
+        },
     }
 }
 
@@ -391,6 +396,8 @@ fn log_access(active: &ActiveConfig, ctx: &RequestCtx, access: &AccessFacts, sta
             ),
             ("upstream", json!(access.upstream.as_deref().unwrap_or("-"))),
             ("client", json!(ctx.client.ip.map(|ip| ip.to_string()))),
+            ("request_id", json!(ctx.client.request_id)),
+            ("trace_id", json!(ctx.client.trace_id)),
         ],
     );
 }

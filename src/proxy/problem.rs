@@ -2,7 +2,9 @@
 
 use crate::edge::cors::OriginHeaderError;
 use crate::edge::limits::LimitRefusal;
+use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Refusal;
+use crate::websocket::handshake::{InvalidUpgrade, InvalidUpgradeAnswer, WEBSOCKET_VERSION};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -14,11 +16,41 @@ use serde_json::{json, Value};
 pub(crate) struct Problem {
     pub(crate) status: u16,
     pub(crate) body: Value,
+    /// Headers the answer needs besides the JSON ones (`Sec-WebSocket-Version` on a 426).
+    headers: Vec<(&'static str, &'static str)>,
 }
 
 impl Problem {
     pub(crate) fn new(status: u16, body: Value) -> Self {
-        Problem { status, body }
+        Problem {
+            status,
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    /// A request that asks for a WebSocket but is not a valid opening handshake: 426 with
+    /// the version the gateway speaks for a wrong version, 400 otherwise.
+    pub(crate) fn invalid_upgrade(why: InvalidUpgrade) -> Self {
+        let body = json!({"error": "invalid_upgrade", "detail": why.describe()});
+        match why {
+            InvalidUpgrade::Version => Problem {
+                headers: vec![
+                    ("sec-websocket-version", WEBSOCKET_VERSION),
+                    ("upgrade", "websocket"),
+                ],
+                ..Problem::new(426, body)
+            },
+            _ => Problem::new(400, body),
+        }
+    }
+
+    /// An upstream's 101 that does not answer the client's handshake.
+    pub(crate) fn invalid_upgrade_answer(upstream: &str, why: InvalidUpgradeAnswer) -> Self {
+        Problem::new(
+            502,
+            json!({"error": "upstream_invalid_upgrade", "upstream": upstream, "reason": why.kind(), "detail": why.describe()}),
+        )
     }
 
     /// The `error` field, used as the handshake result label.
@@ -142,18 +174,31 @@ impl Problem {
         )
     }
 
-    pub(crate) fn response(&self) -> Result<(ResponseHeader, Bytes)> {
-        let body = Bytes::from(self.body.to_string());
-        let mut header = ResponseHeader::build(self.status, Some(3))?;
+    /// The JSON body, naming the request's ID as the `x-request-id` header does.
+    pub(crate) fn body_bytes(&self, request_id: &str) -> Bytes {
+        let mut body = self.body.clone();
+        if let Value::Object(fields) = &mut body {
+            fields.insert("request_id".to_owned(), json!(request_id));
+        }
+        Bytes::from(body.to_string())
+    }
+
+    pub(crate) fn response(&self, request_id: &str) -> Result<(ResponseHeader, Bytes)> {
+        let body = self.body_bytes(request_id);
+        let mut header = ResponseHeader::build(self.status, Some(4 + self.headers.len()))?;
         header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        header.insert_header(REQUEST_ID_HEADER, request_id)?;
+        for (name, value) in &self.headers {
+            header.insert_header(*name, *value)?;
+        }
         Ok((header, body))
     }
 
     /// Writes the answer on `session` and ends the response.
-    pub(crate) async fn send(&self, session: &mut Session) -> Result<()> {
-        let (header, body) = self.response()?;
+    pub(crate) async fn send(&self, session: &mut Session, request_id: &str) -> Result<()> {
+        let (header, body) = self.response(request_id)?;
         session
             .write_response_header(Box::new(header), false)
             .await?;

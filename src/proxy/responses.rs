@@ -2,6 +2,7 @@
 //! upstream's refusal of an upgrade, and the reading of an upstream's 500.
 
 use super::problem::Problem;
+use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Target;
 use crate::runtime::state::GatewayState;
 use crate::secrets::presence::hint;
@@ -38,10 +39,12 @@ pub(crate) fn apply_cors(
 pub(crate) async fn send_preflight(
     session: &mut Session,
     headers: &[(&'static str, String)],
+    request_id: &str,
 ) -> Result<()> {
-    let mut response = ResponseHeader::build(204, Some(headers.len() + 2))?;
+    let mut response = ResponseHeader::build(204, Some(headers.len() + 3))?;
     apply_cors(&mut response, headers)?;
     response.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    response.insert_header(REQUEST_ID_HEADER, request_id)?;
     session
         .write_response_header(Box::new(response), true)
         .await
@@ -53,11 +56,13 @@ pub(crate) async fn relay_refusal(
     session: &mut Session,
     mut response: Box<ResponseHeader>,
     body: bytes::Bytes,
+    request_id: &str,
 ) -> Result<()> {
     for name in ["connection", "transfer-encoding", "keep-alive", "upgrade"] {
         response.remove_header(name);
     }
     response.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    response.insert_header(REQUEST_ID_HEADER, request_id)?;
     session.write_response_header(response, false).await?;
     session.write_response_body(Some(body), true).await
 }

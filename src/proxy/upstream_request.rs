@@ -1,5 +1,6 @@
 //! What the upstream receives: the request header rewritten for the target.
 
+use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Target;
 use crate::secrets::SecretStore;
 use crate::upstream::{UpstreamKind, NAMESPACE_HEADER, ROOM_HEADER};
@@ -11,6 +12,14 @@ use std::net::IpAddr;
 
 /// Header name prefixes a client may never choose for itself.
 const RESERVED_PREFIXES: [&str; 2] = ["x-partykit-", "x-agents-"];
+
+/// Headers the gateway sets for the upstream, whatever the client sent.
+const MANAGED: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    REQUEST_ID_HEADER,
+    "host",
+];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), besides those named by `Connection`. Names, not
 /// strings: removing by a string parses it first, for every header of every request.
@@ -32,6 +41,10 @@ pub(crate) struct ClientInfo {
     /// The `X-Forwarded-For` to send, from [`crate::edge::client_address::forwarded_for`].
     pub(crate) forwarded_for: Option<String>,
     pub(crate) tls: bool,
+    /// The request's ID (see [`crate::edge::request_id`]), sent upstream and on every answer.
+    pub(crate) request_id: String,
+    /// The trace ID of the request's `traceparent`, for log lines.
+    pub(crate) trace_id: Option<String>,
 }
 
 /// Rewrites `req` for `target`: path, Host, routing headers, forwarding headers, and no
@@ -44,7 +57,7 @@ pub(crate) fn prepare_upstream_request(
     secrets: &SecretStore,
 ) -> Result<()> {
     remove_hop_by_hop(req);
-    remove_reserved(req);
+    remove_reserved(req, target);
     // A client may never supply the header a secret travels in, whether or not it is set.
     for (secret, header) in &target.upstream.forward_secrets {
         req.remove_header(header);
@@ -78,6 +91,7 @@ pub(crate) fn prepare_upstream_request(
     }
     let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
     req.insert_header("x-forwarded-proto", proto)?;
+    req.insert_header(REQUEST_ID_HEADER, client.request_id.as_str())?;
     Ok(())
 }
 
@@ -106,14 +120,34 @@ fn remove_hop_by_hop(req: &mut RequestHeader) {
     }
 }
 
-fn remove_reserved(req: &mut RequestHeader) {
-    let reserved: Vec<http::header::HeaderName> = req
+/// Removes every header a client may not choose: the reserved prefixes, and any name that
+/// folds to a header the gateway sets or strips when `_` is read as `-` (`x_partykit_room`,
+/// `X_Forwarded_For`, `keep_alive`): frameworks that map both to one variable would read the
+/// client's alias as the gateway's header.
+fn remove_reserved(req: &mut RequestHeader, target: &Target) {
+    let secret_headers: Vec<&str> = target
+        .upstream
+        .forward_secrets
+        .iter()
+        .map(|(_, header)| header.as_str())
+        .collect();
+    let reserved: Vec<HeaderName> = req
         .headers
         .keys()
         .filter(|name| {
-            RESERVED_PREFIXES
-                .iter()
-                .any(|p| name.as_str().starts_with(p))
+            let name = name.as_str();
+            if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                return true;
+            }
+            if !name.contains('_') {
+                return false;
+            }
+            // Header names are lower case already; only the separator is folded.
+            let folded = name.replace('_', "-");
+            RESERVED_PREFIXES.iter().any(|p| folded.starts_with(p))
+                || MANAGED.contains(&folded.as_str())
+                || HOP_BY_HOP.iter().any(|h| h.as_str() == folded)
+                || secret_headers.contains(&folded.as_str())
         })
         .cloned()
         .collect();
@@ -146,6 +180,8 @@ mod tests {
             ip: Some("10.1.2.3".parse().expect("ip")),
             forwarded_for: Some("192.0.2.1, 10.1.2.3".to_owned()),
             tls: false,
+            request_id: "req-1".to_owned(),
+            trace_id: None,
         };
         prepare_upstream_request(
             &mut req,
@@ -183,6 +219,7 @@ mod tests {
         assert_eq!(header(&req, "connection"), None);
         assert_eq!(header(&req, "x-forwarded-for"), Some("192.0.2.1, 10.1.2.3"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
+        assert_eq!(header(&req, REQUEST_ID_HEADER), Some("req-1"));
         assert_eq!(req.uri.to_string(), "/agents/coder-agent/Room1?_pk=1");
     }
 
@@ -203,5 +240,36 @@ mod tests {
         assert_eq!(header(&req, "upgrade"), Some("websocket"));
         assert_eq!(header(&req, "connection"), Some("Upgrade"));
         assert_eq!(req.uri.to_string(), "/agents/chat/default?_pk=1");
+    }
+
+    #[test]
+    fn underscore_aliases_of_managed_headers_are_dropped() {
+        let req = prepared(
+            "/agents/coderagent/Room1",
+            &[
+                ("x_partykit_room", "someone-else"),
+                ("X_PartyKit_Namespace", "admin"),
+                ("x_forwarded_for", "203.0.113.9"),
+                ("X_Forwarded_Proto", "https"),
+                ("x_request_id", "mine"),
+                ("keep_alive", "1"),
+                ("x_agents_identity", "root"),
+                ("x_custom_header", "kept"),
+            ],
+            false,
+        );
+        for alias in [
+            "x_partykit_room",
+            "x_partykit_namespace",
+            "x_forwarded_for",
+            "x_forwarded_proto",
+            "x_request_id",
+            "keep_alive",
+            "x_agents_identity",
+        ] {
+            assert_eq!(header(&req, alias), None, "{alias} reached the upstream");
+        }
+        assert_eq!(header(&req, "x_custom_header"), Some("kept"));
+        assert_eq!(header(&req, ROOM_HEADER), Some("Room1"));
     }
 }

@@ -6,11 +6,13 @@ use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
 use crate::edge::limits::WebSocketSlot;
+use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Target;
 use crate::runtime::drain::ConnectionGuard;
 use crate::runtime::state::{ActiveConfig, GatewayState};
 use crate::websocket::handshake::{
-    handshake, negotiated_deflate, response_head_bytes, take_client_stream, Handshake,
+    check_upgrade_answer, handshake, negotiated_deflate, response_head_bytes, take_client_stream,
+    Handshake,
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
@@ -39,10 +41,25 @@ impl Answered {
             result,
         }
     }
+
+    fn written(self, written: Result<()>) -> Served {
+        Served {
+            answered: self,
+            written,
+        }
+    }
+}
+
+/// What the client was answered, and whether writing it worked: the handshake is counted
+/// either way, as the answer was decided.
+pub(crate) struct Served {
+    pub(crate) answered: Answered,
+    pub(crate) written: Result<()>,
 }
 
 /// Performs the upgrade with the upstream; on 101, takes both streams over and hands them to
-/// a task of their own. Returns what the client was answered.
+/// a task of their own. Returns what the client was answered; an error only when nothing
+/// was decided (the request could not be prepared for the upstream).
 pub(crate) async fn serve_websocket(
     state: &Arc<GatewayState>,
     connector: &TransportConnector,
@@ -50,7 +67,7 @@ pub(crate) async fn serve_websocket(
     active: Arc<ActiveConfig>,
     admitted: Admitted,
     client: &ClientInfo,
-) -> Result<Answered> {
+) -> Result<Served> {
     let metrics = &state.metrics;
     let target = admitted.target;
     let upstream_name = target.upstream.name.as_str();
@@ -59,11 +76,9 @@ pub(crate) async fn serve_websocket(
         Err(refusal) => {
             metrics.limit_refused(refusal.kind());
             let problem = Problem::limit(refusal);
-            problem.send(session).await?;
-            return Ok(Answered::refused(
-                &problem,
-                HandshakeResult::Status(problem.status),
-            ));
+            let written = problem.send(session, &client.request_id).await;
+            let answered = Answered::refused(&problem, HandshakeResult::Status(problem.status));
+            return Ok(answered.written(written));
         }
     };
     let mut request = session.req_header().clone();
@@ -89,36 +104,57 @@ pub(crate) async fn serve_websocket(
                 // The field's 1006: a 500 "NAME is not set" to the upgrade. Say so.
                 let problem = upstream_error_answer(state, &target, status, &body);
                 if problem.kind() == "secret_missing" {
-                    problem.send(session).await?;
-                    return Ok(Answered::refused(&problem, HandshakeResult::SecretMissing));
+                    let written = problem.send(session, &client.request_id).await;
+                    let answered = Answered::refused(&problem, HandshakeResult::SecretMissing);
+                    return Ok(answered.written(written));
                 }
             }
-            relay_refusal(session, response, body).await?;
-            return Ok(Answered {
+            let written = relay_refusal(session, response, body, &client.request_id).await;
+            let answered = Answered {
                 status,
                 result: HandshakeResult::Status(status),
-            });
+            };
+            return Ok(answered.written(written));
         }
         Err(e) => {
             metrics.upstream_error(upstream_name, upstream_error_kind(e.etype()));
             let problem = Problem::for_upstream_error(upstream_name, e.etype());
             warn!("WebSocket upgrade via upstream {upstream_name} failed: {e}");
-            problem.send(session).await?;
-            return Ok(Answered::refused(&problem, HandshakeResult::UpstreamError));
+            let written = problem.send(session, &client.request_id).await;
+            let answered = Answered::refused(&problem, HandshakeResult::UpstreamError);
+            return Ok(answered.written(written));
         }
     };
     metrics.upstream_answered(upstream_name, started.elapsed().as_secs_f64());
-    state.upstream_answered_well(upstream_name);
-    if let Some(cors) = &admitted.cors {
-        apply_cors(&mut response, &cors.response_headers())?;
+    if let Err(why) = check_upgrade_answer(&request, &response) {
+        metrics.upstream_error(upstream_name, "invalid_upgrade");
+        warn!(
+            "upstream {upstream_name} answered the upgrade with a bad 101: {}",
+            why.describe()
+        );
+        let problem = Problem::invalid_upgrade_answer(upstream_name, why);
+        let written = problem.send(session, &client.request_id).await;
+        let answered = Answered::refused(&problem, HandshakeResult::InvalidAnswer(why));
+        return Ok(answered.written(written));
     }
+    state.upstream_answered_well(upstream_name);
     let upgraded = Answered {
         status: 101,
         result: HandshakeResult::Upgraded,
     };
+    if let Some(cors) = &admitted.cors {
+        if let Err(e) = apply_cors(&mut response, &cors.response_headers()) {
+            return Ok(upgraded.written(Err(e)));
+        }
+    }
+    if let Err(e) = response.insert_header(REQUEST_ID_HEADER, client.request_id.as_str()) {
+        return Ok(upgraded.written(Err(e)));
+    }
     let deflate = negotiated_deflate(&response);
     let Some(mut client_stream) = take_client_stream(session.as_downstream_mut()) else {
-        return Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
+        let unavailable =
+            Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
+        return Ok(upgraded.written(unavailable));
     };
     let connection = UpgradedConnection {
         metrics: metrics.websocket.connection_opened(agent_label(&target)),
@@ -133,12 +169,12 @@ pub(crate) async fn serve_websocket(
     };
     let head = response_head_bytes(&response);
     if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
-        return Ok(upgraded);
+        return Ok(upgraded.written(Ok(())));
     }
     // The connection lives on in a task of its own, so that Pingora's request futures,
     // session and request header are freed now rather than held for the socket's life.
     tokio::spawn(connection.run(Socket::detach(client_stream)));
-    Ok(upgraded)
+    Ok(upgraded.written(Ok(())))
 }
 
 /// An agent WebSocket after its 101: everything its own task needs, and the guards that

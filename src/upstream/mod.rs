@@ -121,7 +121,21 @@ impl Upstream {
                 )
             })?;
         let mut peer = match &self.kind {
-            UpstreamKind::Worker { host, tls, ca, .. } => {
+            UpstreamKind::Worker {
+                host,
+                tls,
+                ca_file,
+                ca,
+                ..
+            } => {
+                if ca_file.is_some() && ca.get().is_none() {
+                    // Only a configuration that was parsed but never loaded gets here: fail
+                    // rather than trust the platform's roots instead of the configured ones.
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        format!("upstream {}: its CA file was never read", self.name),
+                    );
+                }
                 let mut peer = HttpPeer::new(socket, *tls, host.clone());
                 peer.options.ca = ca.get().cloned();
                 peer

@@ -1,6 +1,8 @@
 //! The upgrade handshake with the upstream, and the hand-over of the client's stream once it
 //! has answered 101.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use pingora::connectors::TransportConnector;
@@ -10,6 +12,7 @@ use pingora::protocols::http::v1::client::http_req_header_to_wire;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType, OrErr, Result};
+use sha1::{Digest, Sha1};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,6 +39,166 @@ pub(crate) fn header_has_token(
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
     })
+}
+
+/// Why a request that asks for a WebSocket is not a valid opening handshake (RFC 6455 4.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InvalidUpgrade {
+    /// Not a GET.
+    Method,
+    /// Older than HTTP/1.1.
+    HttpVersion,
+    /// `Sec-WebSocket-Version` other than 13 (or none): answered 426 with the version we speak.
+    Version,
+    /// `Sec-WebSocket-Key` missing, repeated, or not 16 bytes in base64.
+    Key,
+}
+
+impl InvalidUpgrade {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            InvalidUpgrade::Method => "a WebSocket upgrade is a GET request",
+            InvalidUpgrade::HttpVersion => "a WebSocket upgrade needs HTTP/1.1",
+            InvalidUpgrade::Version => "this gateway speaks WebSocket version 13 only",
+            InvalidUpgrade::Key => "Sec-WebSocket-Key must be 16 bytes in base64",
+        }
+    }
+}
+
+/// The version the gateway speaks, for `Sec-WebSocket-Version` on a 426.
+pub(crate) const WEBSOCKET_VERSION: &str = "13";
+
+/// Checks the client's opening handshake beyond `Upgrade`/`Connection`.
+pub(crate) fn check_upgrade_request(req: &RequestHeader) -> Result<(), InvalidUpgrade> {
+    if req.method != http::Method::GET {
+        return Err(InvalidUpgrade::Method);
+    }
+    if req.version < http::Version::HTTP_11 {
+        return Err(InvalidUpgrade::HttpVersion);
+    }
+    let mut versions = req
+        .headers
+        .get_all(http::header::SEC_WEBSOCKET_VERSION)
+        .iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == WEBSOCKET_VERSION.as_bytes() => {}
+        _ => return Err(InvalidUpgrade::Version),
+    }
+    let mut keys = req.headers.get_all(http::header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) => key,
+        _ => return Err(InvalidUpgrade::Key),
+    };
+    match BASE64.decode(key.as_bytes().trim_ascii()) {
+        Ok(raw) if raw.len() == 16 => Ok(()),
+        _ => Err(InvalidUpgrade::Key),
+    }
+}
+
+/// Why an upstream's 101 does not answer the client's handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InvalidUpgradeAnswer {
+    /// `Sec-WebSocket-Accept` missing or not derived from the client's key.
+    Accept,
+    /// An extension the client did not offer.
+    Extension,
+    /// A subprotocol the client did not offer.
+    Protocol,
+}
+
+impl InvalidUpgradeAnswer {
+    /// The metric label and the problem body's reason.
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            InvalidUpgradeAnswer::Accept => "bad_accept",
+            InvalidUpgradeAnswer::Extension => "unoffered_extension",
+            InvalidUpgradeAnswer::Protocol => "unoffered_protocol",
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            InvalidUpgradeAnswer::Accept => {
+                "the upstream's Sec-WebSocket-Accept does not match the client's key"
+            }
+            InvalidUpgradeAnswer::Extension => {
+                "the upstream selected a WebSocket extension the client did not offer"
+            }
+            InvalidUpgradeAnswer::Protocol => {
+                "the upstream selected a subprotocol the client did not offer"
+            }
+        }
+    }
+}
+
+/// `Sec-WebSocket-Accept` for a key: base64 of SHA-1 over the key and RFC 6455's GUID.
+pub(crate) fn accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha1 = Sha1::new();
+    sha1.update(key);
+    sha1.update(GUID);
+    BASE64.encode(sha1.finalize())
+}
+
+/// Checks an upstream's 101 against the request that was sent to it: the accept key, and
+/// that what it selected was offered (RFC 6455 4.1, the client's duty, which the gateway
+/// does for clients that cannot see the upstream).
+pub(crate) fn check_upgrade_answer(
+    sent: &RequestHeader,
+    answer: &ResponseHeader,
+) -> Result<(), InvalidUpgradeAnswer> {
+    let key = sent
+        .headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().trim_ascii())
+        .unwrap_or_default();
+    let accepted = answer.headers.get(http::header::SEC_WEBSOCKET_ACCEPT);
+    if accepted.is_none_or(|a| a.as_bytes().trim_ascii() != accept_key(key).as_bytes()) {
+        return Err(InvalidUpgradeAnswer::Accept);
+    }
+    let offered_extensions = tokens(&sent.headers, http::header::SEC_WEBSOCKET_EXTENSIONS, true);
+    let selected_extensions = tokens(
+        &answer.headers,
+        http::header::SEC_WEBSOCKET_EXTENSIONS,
+        true,
+    );
+    if !selected_extensions
+        .iter()
+        .all(|e| offered_extensions.contains(e))
+    {
+        return Err(InvalidUpgradeAnswer::Extension);
+    }
+    let offered_protocols = tokens(&sent.headers, http::header::SEC_WEBSOCKET_PROTOCOL, false);
+    let selected_protocols = tokens(&answer.headers, http::header::SEC_WEBSOCKET_PROTOCOL, false);
+    match selected_protocols.as_slice() {
+        [] => Ok(()),
+        [one] if offered_protocols.contains(one) => Ok(()),
+        _ => Err(InvalidUpgradeAnswer::Protocol),
+    }
+}
+
+/// The comma-separated entries of every value of `name`; for extensions only their names
+/// (what follows `;` is parameters), compared without case.
+fn tokens(
+    headers: &HeaderMap,
+    name: http::header::HeaderName,
+    extension_names: bool,
+) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|entry| {
+            let entry = if extension_names {
+                entry.split(';').next().unwrap_or_default()
+            } else {
+                entry
+            };
+            entry.trim().to_ascii_lowercase()
+        })
+        .filter(|entry| !entry.is_empty())
+        .collect()
 }
 
 /// The upstream's answer to an upgrade request.
@@ -205,6 +368,137 @@ mod tests {
             req.append_header(k.to_string(), *v).expect("header");
         }
         req
+    }
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn upgrade(method: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build(method, b"/agents/a/b", None).expect("request");
+        for (k, v) in headers {
+            req.append_header(k.to_string(), *v).expect("header");
+        }
+        req
+    }
+
+    #[test]
+    fn the_opening_handshake_is_checked() {
+        let good = [("sec-websocket-version", "13"), ("sec-websocket-key", KEY)];
+        assert_eq!(check_upgrade_request(&upgrade("GET", &good)), Ok(()));
+        assert_eq!(
+            check_upgrade_request(&upgrade("POST", &good)),
+            Err(InvalidUpgrade::Method)
+        );
+        let mut old = upgrade("GET", &good);
+        old.set_version(http::Version::HTTP_10);
+        assert_eq!(
+            check_upgrade_request(&old),
+            Err(InvalidUpgrade::HttpVersion)
+        );
+        for version in [
+            &[("sec-websocket-version", "8")][..],
+            &[],
+            &[
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-version", "13"),
+            ],
+        ] {
+            let mut headers = version.to_vec();
+            headers.push(("sec-websocket-key", KEY));
+            assert_eq!(
+                check_upgrade_request(&upgrade("GET", &headers)),
+                Err(InvalidUpgrade::Version),
+                "{headers:?}"
+            );
+        }
+        for key in [
+            "",
+            "not base64!",
+            "c2hvcnQ=",
+            "dGhlIHNhbXBsZSBub25jZSB0b28gbG9uZw==",
+        ] {
+            let headers = [("sec-websocket-version", "13"), ("sec-websocket-key", key)];
+            assert_eq!(
+                check_upgrade_request(&upgrade("GET", &headers)),
+                Err(InvalidUpgrade::Key),
+                "{key:?}"
+            );
+        }
+        let no_key = [("sec-websocket-version", "13")];
+        assert_eq!(
+            check_upgrade_request(&upgrade("GET", &no_key)),
+            Err(InvalidUpgrade::Key)
+        );
+    }
+
+    #[test]
+    fn the_accept_key_is_rfc_6455s_example() {
+        assert_eq!(accept_key(KEY.as_bytes()), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    fn answer(headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut response = ResponseHeader::build(101, None).expect("response");
+        for (k, v) in headers {
+            response.append_header(k.to_string(), *v).expect("header");
+        }
+        response
+    }
+
+    #[test]
+    fn an_upstream_answer_must_match_the_key_and_the_offers() {
+        let sent = upgrade(
+            "GET",
+            &[
+                ("sec-websocket-key", KEY),
+                (
+                    "sec-websocket-extensions",
+                    "permessage-deflate; client_max_window_bits",
+                ),
+                ("sec-websocket-protocol", "chat, superchat"),
+            ],
+        );
+        let accept = ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(check_upgrade_answer(&sent, &answer(&[accept])), Ok(()));
+        let chosen = [
+            accept,
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; server_no_context_takeover",
+            ),
+            ("sec-websocket-protocol", "superchat"),
+        ];
+        assert_eq!(check_upgrade_answer(&sent, &answer(&chosen)), Ok(()));
+        assert_eq!(
+            check_upgrade_answer(&sent, &answer(&[("sec-websocket-accept", "AAAA")])),
+            Err(InvalidUpgradeAnswer::Accept)
+        );
+        assert_eq!(
+            check_upgrade_answer(&sent, &answer(&[])),
+            Err(InvalidUpgradeAnswer::Accept)
+        );
+        assert_eq!(
+            check_upgrade_answer(
+                &sent,
+                &answer(&[
+                    accept,
+                    ("sec-websocket-extensions", "x-webkit-deflate-frame")
+                ])
+            ),
+            Err(InvalidUpgradeAnswer::Extension)
+        );
+        assert_eq!(
+            check_upgrade_answer(
+                &sent,
+                &answer(&[accept, ("sec-websocket-protocol", "graphql")])
+            ),
+            Err(InvalidUpgradeAnswer::Protocol)
+        );
+        assert_eq!(
+            check_upgrade_answer(
+                &sent,
+                &answer(&[accept, ("sec-websocket-protocol", "chat, superchat")])
+            ),
+            Err(InvalidUpgradeAnswer::Protocol)
+        );
     }
 
     #[test]

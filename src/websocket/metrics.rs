@@ -7,6 +7,7 @@
 //! instance names are never labels. Handles for an agent's series are resolved once per
 //! connection, so the pump's hot path is an atomic add, not a label lookup.
 
+use super::handshake::InvalidUpgradeAnswer;
 use super::outcome::ConnectionOutcome;
 use prometheus::core::Collector;
 use prometheus::{
@@ -62,16 +63,20 @@ pub(crate) enum HandshakeResult {
     SecretMissing,
     /// The upstream could not be reached or failed during the handshake.
     UpstreamError,
+    /// The upstream's 101 did not answer the client's handshake; answered 502.
+    InvalidAnswer(InvalidUpgradeAnswer),
 }
 
 impl HandshakeResult {
     pub(crate) fn label(self) -> Cow<'static, str> {
         match self {
             HandshakeResult::Upgraded => "101".into(),
-            HandshakeResult::Status(status) => status_label(status),
+            // Any status Pingora accepts (100-999): a relayed status is the upstream's own.
+            HandshakeResult::Status(status) => status.to_string().into(),
             HandshakeResult::OriginRefused => "origin_refused".into(),
             HandshakeResult::SecretMissing => "secret_missing".into(),
             HandshakeResult::UpstreamError => "upstream_error".into(),
+            HandshakeResult::InvalidAnswer(why) => why.kind().into(),
         }
     }
 }
@@ -232,9 +237,10 @@ mod tests {
     fn handshake_results_keep_their_labels() {
         assert_eq!(HandshakeResult::Upgraded.label(), "101");
         assert_eq!(HandshakeResult::Status(404).label(), "404");
-        assert_eq!(HandshakeResult::Status(42).label(), "other");
         assert_eq!(HandshakeResult::OriginRefused.label(), "origin_refused");
         assert_eq!(HandshakeResult::SecretMissing.label(), "secret_missing");
         assert_eq!(HandshakeResult::UpstreamError.label(), "upstream_error");
+        let bad_accept = HandshakeResult::InvalidAnswer(InvalidUpgradeAnswer::Accept);
+        assert_eq!(bad_accept.label(), "bad_accept");
     }
 }

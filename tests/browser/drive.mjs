@@ -260,7 +260,7 @@ class NetworkLog {
 }
 
 /** The reference backend describes credential headers instead of echoing them: "redacted
- * len={bytes} fnv={FNV-1a 64, hex}" (agent_gateway::backend::fingerprint). Either form is
+ * len={bytes} fnv={FNV-1a 64, hex}" (agent_gateway::secrets::fingerprint). Either form is
  * accepted as proof the cookie arrived, the description only when it is the cookie's own. */
 function fingerprint(value) {
   const bytes = new TextEncoder().encode(value);
