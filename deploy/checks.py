@@ -25,6 +25,7 @@ import yaml
 # The metrics contract of the admin listener's /metrics (docs/metrics.md).
 COUNTERS = {
     "agent_gateway_ws_closes_total",
+    "agent_gateway_ws_close_causes_total",
     "agent_gateway_ws_messages_total",
     "agent_gateway_ws_bytes_total",
     "agent_gateway_ws_protocol_errors_total",

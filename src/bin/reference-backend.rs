@@ -9,7 +9,8 @@
 //! - With them, WebSocket connections join one in-memory instance per (namespace, room): the
 //!   agent greets with `cf_agent_identity`, echoes every message to its sender, broadcasts it
 //!   to the instance's other connections, and closes with a chosen code when a text message
-//!   says `{"type":"close","code":4001,"reason":"..."}`.
+//!   says `{"type":"close","code":4001,"reason":"..."}`. It answers Pings (tungstenite does)
+//!   and counts the Pings and Pongs it receives per instance.
 //! - Plain HTTP requests get a JSON description of what arrived (method, path, headers).
 
 use agent_gateway::secrets::fingerprint;
@@ -43,7 +44,30 @@ struct Instances {
     /// empty Close, 1006 for a connection that ended without one): what tests check to see
     /// what reached the upstream side.
     received_closes: Mutex<HashMap<(String, String), Vec<u16>>>,
+    /// The reasons of those Close frames, in the same order ("" for none).
+    received_close_reasons: Mutex<HashMap<(String, String), Vec<String>>>,
+    /// (namespace, room) -> the Pings and Pongs its connections received.
+    received_control: Mutex<HashMap<(String, String), ControlSeen>>,
     next_id: AtomicU64,
+}
+
+/// Control frames an instance received: counts and the latest payloads (lossy UTF-8, at
+/// most [`RECENT`] of each), so that tests can see which Pings and Pongs crossed the gateway.
+#[derive(Default, Clone, serde::Serialize)]
+struct ControlSeen {
+    pings: u64,
+    pongs: u64,
+    recent_pings: Vec<String>,
+    recent_pongs: Vec<String>,
+}
+
+const RECENT: usize = 16;
+
+fn remember(recent: &mut Vec<String>, payload: &[u8]) {
+    if recent.len() == RECENT {
+        recent.remove(0);
+    }
+    recent.push(String::from_utf8_lossy(payload).into_owned());
 }
 
 /// The reference local agent backend: the partyserver contract, echo and broadcast. For
@@ -164,6 +188,8 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
             "agent": namespace, "room": room, "method": request.method,
             "path": request.path, "headers": headers, "node": instances.node,
             "received_closes": instances.received_closes(&namespace, &room),
+            "received_close_reasons": instances.received_close_reasons(&namespace, &room),
+            "received_control": instances.received_control(&namespace, &room),
         });
         return respond(&mut stream, 200, "application/json", &body.to_string()).await;
     }
@@ -210,6 +236,7 @@ async fn run_connection(
         let _ = sink.flush().await;
     });
     let mut received_close = 1006;
+    let mut received_reason = String::new();
     while let Some(Ok(message)) = source.next().await {
         match message {
             Message::Text(ref text) => {
@@ -221,14 +248,29 @@ async fn run_connection(
             }
             Message::Binary(_) => broadcast(instances, &key, id, &message),
             Message::Close(frame) => {
-                received_close = frame.map_or(1005, |f| u16::from(f.code));
+                received_close = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                received_reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                 break;
             }
-            _ => {}
+            Message::Ping(payload) => instances.control_seen(&key, |seen| {
+                seen.pings += 1;
+                remember(&mut seen.recent_pings, &payload);
+            }),
+            Message::Pong(payload) => instances.control_seen(&key, |seen| {
+                seen.pongs += 1;
+                remember(&mut seen.recent_pongs, &payload);
+            }),
+            Message::Frame(_) => {}
         }
     }
     if let Ok(mut closes) = instances.received_closes.lock() {
         closes.entry(key.clone()).or_default().push(received_close);
+    }
+    if let Ok(mut reasons) = instances.received_close_reasons.lock() {
+        reasons
+            .entry(key.clone())
+            .or_default()
+            .push(received_reason);
     }
     if let Ok(mut rooms) = instances.rooms.lock() {
         if let Some(connections) = rooms.get_mut(&key) {
@@ -249,6 +291,28 @@ impl Instances {
             .ok()
             .and_then(|c| c.get(&(namespace.to_owned(), room.to_owned())).cloned())
             .unwrap_or_default()
+    }
+
+    fn received_close_reasons(&self, namespace: &str, room: &str) -> Vec<String> {
+        self.received_close_reasons
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(namespace.to_owned(), room.to_owned())).cloned())
+            .unwrap_or_default()
+    }
+
+    fn received_control(&self, namespace: &str, room: &str) -> ControlSeen {
+        self.received_control
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(namespace.to_owned(), room.to_owned())).cloned())
+            .unwrap_or_default()
+    }
+
+    fn control_seen(&self, key: &(String, String), update: impl FnOnce(&mut ControlSeen)) {
+        if let Ok(mut seen) = self.received_control.lock() {
+            update(seen.entry(key.clone()).or_default());
+        }
     }
 }
 

@@ -1,21 +1,20 @@
 //! One extractor per section of `gateway.toml` other than upstreams
-//! ([`super::extract_upstreams`]) and routes ([`super::extract_routes`]): each reads its
-//! section and returns the validated value, or the first fault, located.
+//! ([`super::extract_upstreams`]), routes ([`super::extract_routes`]) and WebSockets
+//! ([`super::extract_websocket`]): each reads its section and returns the validated value,
+//! or the first fault, located.
 
 use super::context::Ctx;
 use super::file::{
     AdminSection, CertificateSection, CorsSection, LimitsSection, LogSection, SecretSection,
-    ServerSection, SpannedString, TlsSection, WebSocketSection,
+    ServerSection, SpannedString, TlsSection,
 };
 use super::{
     ConfigError, LogSettings, Route, SecretSource, TlsListener, DEFAULT_ADMIN_LISTEN,
-    DEFAULT_CLOSE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_THREADS,
-    DEFAULT_UPGRADE_SOCK,
+    DEFAULT_LISTEN, DEFAULT_THREADS, DEFAULT_UPGRADE_SOCK,
 };
 use crate::edge::client_address::Cidr;
 use crate::edge::cors::{CorsPolicy, CorsSpec, CorsSpecError};
 use crate::edge::limits::LimitSettings;
-use crate::websocket::pump::PumpSettings;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,35 +72,6 @@ impl Ctx<'_> {
                 })
             })
             .collect()
-    }
-
-    pub(crate) fn extract_websocket(
-        &self,
-        section: &WebSocketSection,
-    ) -> Result<PumpSettings, ConfigError> {
-        Ok(PumpSettings {
-            idle_timeout: self.duration_or_off(section.idle_timeout.as_ref(), None)?,
-            close_timeout: self
-                .duration_or(section.close_timeout.as_ref(), DEFAULT_CLOSE_TIMEOUT)?,
-            max_message_bytes: self.count_or_off(
-                section.max_message_bytes.as_ref(),
-                Some(DEFAULT_MAX_MESSAGE_BYTES),
-                "`max_message_bytes` is a number of bytes, 0 for no cap",
-            )?,
-            upstream_lost_code: match &section.upstream_lost_code {
-                None => 1011,
-                Some(code) => {
-                    match *code.get_ref() {
-                        1011 => 1011,
-                        1014 => 1014,
-                        _ => return Err(self.error(
-                            code,
-                            "`upstream_lost_code` is 1011 (Internal Error) or 1014 (Bad Gateway)",
-                        )),
-                    }
-                }
-            },
-        })
     }
 
     /// `[secrets]`: where each declared secret comes from. Values are not read here.
@@ -360,28 +330,6 @@ mod tests {
             err.contains("a trusted proxy is an address or network"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn websocket_settings() {
-        let text = GOOD.to_owned()
-            + "[websocket]\nidle_timeout = \"5m\"\nclose_timeout = \"500ms\"\nmax_message_bytes = 0\nupstream_lost_code = 1014\n";
-        let ws = parse(&text).expect("valid").websocket;
-        assert_eq!(ws.idle_timeout, Some(Duration::from_secs(300)));
-        assert_eq!(ws.close_timeout, Duration::from_millis(500));
-        assert_eq!(ws.max_message_bytes, None);
-        assert_eq!(ws.upstream_lost_code, 1014);
-        let ws = parse(&(GOOD.to_owned() + "[websocket]\nidle_timeout = \"0s\"\n"))
-            .expect("valid")
-            .websocket;
-        assert_eq!(ws.idle_timeout, None);
-        let err = error_of(&(GOOD.to_owned() + "[websocket]\nmax_message_bytes = -1\n"));
-        assert!(
-            err.contains("`max_message_bytes` is a number of bytes, 0 for no cap"),
-            "{err}"
-        );
-        let err = error_of(&(GOOD.to_owned() + "[websocket]\nupstream_lost_code = 1000\n"));
-        assert!(err.contains("`upstream_lost_code` is 1011"), "{err}");
     }
 
     #[test]

@@ -4,12 +4,14 @@
 
 use super::context::Ctx;
 use super::extract_upstreams::Upstreams;
-use super::file::{AgentSection, RouteSection, SpannedString};
+use super::extract_websocket::over;
+use super::file::{AgentSection, RouteSection, SpannedString, WebSocketSection};
 use super::values::{is_label_safe, is_word};
 use super::{Agent, ConfigError, Route, DEFAULT_INSTANCE, DEFAULT_PREFIX, DEFAULT_REQUIRED};
 use crate::edge::cors::CorsPolicy;
 use crate::routing::agent_name::{fold_key, is_valid_agent_name, sdk_slug, MAX_AGENT_NAME_LEN};
 use crate::routing::agent_path::parse_agent_path;
+use crate::websocket::pump::PumpSettings;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ impl Ctx<'_> {
         sections: Vec<RouteSection>,
         upstreams: &Upstreams,
         global_cors: Option<&Arc<CorsPolicy>>,
+        global_websocket: &WebSocketSection,
     ) -> Result<Vec<Route>, ConfigError> {
         if sections.is_empty() {
             return Err(self.error_at(
@@ -54,7 +57,8 @@ impl Ctx<'_> {
                 ));
             }
             let line = head.span.as_ref().map_or(0, |s| self.line(s));
-            let route = self.extract_route(head, section, upstreams, global_cors)?;
+            let route =
+                self.extract_route(head, section, upstreams, global_cors, global_websocket)?;
             routes.push((route, line));
         }
         let mut routes: Vec<Route> = routes.into_iter().map(|(r, _)| r).collect();
@@ -100,6 +104,7 @@ impl Ctx<'_> {
         section: RouteSection,
         upstreams: &Upstreams,
         global_cors: Option<&Arc<CorsPolicy>>,
+        global_websocket: &WebSocketSection,
     ) -> Result<Route, ConfigError> {
         let default_instance = match &section.default_instance {
             Some(d) => self.default_instance(d)?,
@@ -118,7 +123,11 @@ impl Ctx<'_> {
             Some(names) => self.secret_names(names)?,
             None => vec![DEFAULT_REQUIRED.to_owned()],
         };
-        let agents = self.extract_agents(section.agents, &route_requires, upstreams)?;
+        let websocket = Arc::new(match &section.websocket {
+            Some(own) => self.extract_websocket(&over(own, global_websocket))?,
+            None => self.extract_websocket(global_websocket)?,
+        });
+        let agents = self.extract_agents(section.agents, &route_requires, upstreams, &websocket)?;
         let cors = match &section.cors {
             Some(c) => Some(self.extract_cors(c)?),
             None => global_cors.cloned(),
@@ -151,6 +160,7 @@ impl Ctx<'_> {
         sections: Vec<AgentSection>,
         route_requires: &[String],
         upstreams: &Upstreams,
+        websocket: &Arc<PumpSettings>,
     ) -> Result<HashMap<String, Arc<Agent>>, ConfigError> {
         // Each agent with the line of its name, for the message about a later one.
         let mut agents: HashMap<String, (Arc<Agent>, usize)> = HashMap::new();
@@ -173,7 +183,7 @@ impl Ctx<'_> {
                 ));
             }
             let line = self.line(&section.name.span());
-            let agent = self.extract_agent(&section, route_requires, upstreams)?;
+            let agent = self.extract_agent(&section, route_requires, upstreams, websocket)?;
             agents.insert(key, (Arc::new(agent), line));
         }
         Ok(agents.into_iter().map(|(k, (a, _))| (k, a)).collect())
@@ -184,6 +194,7 @@ impl Ctx<'_> {
         section: &AgentSection,
         route_requires: &[String],
         upstreams: &Upstreams,
+        websocket: &Arc<PumpSettings>,
     ) -> Result<Agent, ConfigError> {
         let name = section.name.get_ref();
         let slug = match &section.slug {
@@ -214,6 +225,7 @@ impl Ctx<'_> {
             slug,
             upstream,
             required_secrets,
+            websocket: Arc::clone(websocket),
         })
     }
 }

@@ -97,6 +97,8 @@ pub(crate) struct AdminSection {
     pub(crate) ready_requires_secrets: Option<bool>,
 }
 
+/// `[websocket]`, and `[routes.websocket]` for one route: what a route leaves out it takes
+/// from `[websocket]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WebSocketSection {
@@ -104,6 +106,15 @@ pub(crate) struct WebSocketSection {
     pub(crate) close_timeout: Option<SpannedString>,
     pub(crate) upstream_lost_code: Option<Spanned<i64>>,
     pub(crate) max_message_bytes: Option<Spanned<i64>>,
+    /// Client silence after which the gateway sends it a Ping.
+    pub(crate) ping_interval: Option<SpannedString>,
+    /// How long the client has to send anything after that Ping.
+    pub(crate) ping_timeout: Option<SpannedString>,
+    pub(crate) upstream_ping_interval: Option<SpannedString>,
+    pub(crate) upstream_ping_timeout: Option<SpannedString>,
+    pub(crate) tcp_keepalive_idle: Option<SpannedString>,
+    pub(crate) tcp_keepalive_interval: Option<SpannedString>,
+    pub(crate) tcp_keepalive_probes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +128,8 @@ pub(crate) struct RouteSection {
     pub(crate) cors: Option<CorsSection>,
     /// Secrets this route's agents need; defaults to OPENROUTER_API_KEY.
     pub(crate) require: Option<Vec<SpannedString>>,
+    /// Overrides `[websocket]` for this route, key by key.
+    pub(crate) websocket: Option<WebSocketSection>,
     #[serde(default)]
     pub(crate) agents: Vec<AgentSection>,
 }

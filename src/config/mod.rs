@@ -7,6 +7,7 @@ mod context;
 mod extract;
 mod extract_routes;
 mod extract_upstreams;
+mod extract_websocket;
 mod file;
 /// Configuration texts the unit tests of other modules share.
 #[cfg(test)]
@@ -32,6 +33,13 @@ pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
+/// Under the 30 s and 60 s idle timeouts common in load balancers and NATs.
+pub(crate) const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
+pub(crate) const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive: the kernel's backstop, dead after 60 s + 6 x 10 s without an answer.
+pub(crate) const DEFAULT_TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TCP_KEEPALIVE_PROBES: u32 = 6;
 pub(crate) const DEFAULT_UPGRADE_SOCK: &str = "/tmp/agent-gateway-upgrade.sock";
 pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_PREFIX: &str = "/agents";
@@ -130,6 +138,8 @@ pub(crate) struct Agent {
     pub(crate) upstream: Arc<Upstream>,
     /// Secrets requests to this agent need: its route's and its upstream's.
     pub(crate) required_secrets: Vec<String>,
+    /// Its route's WebSocket settings (`[websocket]` with `[routes.websocket]` over it).
+    pub(crate) websocket: Arc<PumpSettings>,
 }
 
 impl Route {
@@ -252,7 +262,8 @@ impl Ctx<'_> {
             .as_ref()
             .map(|c| self.extract_cors(c))
             .transpose()?;
-        let routes = self.extract_routes(file.routes, &upstreams, cors.as_ref())?;
+        let routes =
+            self.extract_routes(file.routes, &upstreams, cors.as_ref(), &file.websocket)?;
         extract::add_required_secrets(&mut secrets, &routes);
         let drain_grace =
             self.duration_or(file.server.drain_grace.as_ref(), DEFAULT_DRAIN_GRACE)?;

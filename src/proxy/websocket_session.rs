@@ -166,6 +166,8 @@ pub(crate) async fn serve_websocket(
         upstream: Socket::detach(stream),
         preread,
         deflate,
+        request_id: client.request_id.clone(),
+        trace_id: client.trace_id.clone(),
     };
     let head = response_head_bytes(&response);
     if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
@@ -189,6 +191,9 @@ struct UpgradedConnection {
     upstream: Socket,
     preread: Bytes,
     deflate: bool,
+    /// For the connection line: the request's ID and trace ID.
+    request_id: String,
+    trace_id: Option<String>,
 }
 
 impl UpgradedConnection {
@@ -200,7 +205,11 @@ impl UpgradedConnection {
             &self.preread,
             self.deflate,
             self.state.drain.signal(),
-            &self.active.websocket,
+            // The agent's route's settings; the fallback upstream has the global ones.
+            self.target
+                .agent
+                .as_ref()
+                .map_or(&self.active.websocket, |a| &a.agent.websocket),
             &self.metrics,
         )
         .await;
@@ -217,14 +226,21 @@ impl UpgradedConnection {
             .websocket
             .connection_closed(agent_label(&self.target), &outcome);
         if self.active.log.access_log {
-            log_outcome(self.active.log.json, &self.target, &outcome);
+            let ids = (self.request_id.as_str(), self.trace_id.as_deref());
+            log_outcome(self.active.log.json, &self.target, ids, &outcome);
         }
     }
 }
 
 /// One connection line per WebSocket at close. The instance is hashed: its name can be a
 /// user's identifier.
-fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
+/// `ids` are the request's ID and trace ID.
+fn log_outcome(
+    json: bool,
+    target: &Target,
+    ids: (&str, Option<&str>),
+    outcome: &ConnectionOutcome,
+) {
     let instance = target.agent.as_ref().map_or("", |a| a.instance.as_str());
     crate::telemetry::logging::record(
         json,
@@ -244,6 +260,7 @@ fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
             ("reason_len", json!(outcome.reason_len)),
             ("answered", json!(outcome.answered)),
             ("drop", json!(outcome.drop_kind.map(|k| k.label()))),
+            ("cause", json!(outcome.cause.label())),
             (
                 "protocol_error",
                 json!(outcome.protocol_error.map(|e| e.kind())),
@@ -253,6 +270,8 @@ fn log_outcome(json: bool, target: &Target, outcome: &ConnectionOutcome) {
             ("bytes_out", json!(outcome.upstream_to_client.bytes)),
             ("frames_in", json!(outcome.client_to_upstream.frames)),
             ("frames_out", json!(outcome.upstream_to_client.frames)),
+            ("request_id", json!(ids.0)),
+            ("trace_id", json!(ids.1)),
         ],
     );
 }

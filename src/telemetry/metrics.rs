@@ -163,7 +163,9 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::websocket::outcome::{ConnectionOutcome, DirectionStats, DropKind, Initiator};
+    use crate::websocket::outcome::{
+        Cause, ConnectionOutcome, DirectionStats, DropKind, Initiator,
+    };
     use std::time::Duration;
 
     #[test]
@@ -186,6 +188,7 @@ mod tests {
                 reason_len: 0,
                 answered: false,
                 drop_kind: Some(DropKind::Reset),
+                cause: Cause::Dropped,
                 protocol_error: None,
                 duration: Duration::from_secs(2),
                 client_to_upstream: DirectionStats::default(),
@@ -196,6 +199,7 @@ mod tests {
         for expected in [
             "agent_gateway_ws_connections_active{agent=\"CoderAgent\"} 0",
             "agent_gateway_ws_closes_total{agent=\"CoderAgent\",code=\"1006\",initiator=\"upstream\"} 1",
+            "agent_gateway_ws_close_causes_total{agent=\"CoderAgent\",cause=\"dropped\",initiator=\"upstream\"} 1",
             "agent_gateway_ws_messages_total{agent=\"CoderAgent\",direction=\"client_to_upstream\"} 3",
             "agent_gateway_ws_connection_duration_seconds_count{agent=\"CoderAgent\"} 1",
             "agent_gateway_build_info{version=",

@@ -3,7 +3,9 @@
 //! It reads the bytes the pump forwards, in whatever pieces they arrive, and reports frame
 //! boundaries, finished messages, Close frames and protocol errors. It keeps only frame
 //! headers and Close payloads (at most 125 bytes): data payloads are skipped, never copied,
-//! so its cost does not grow with message size.
+//! so its cost does not grow with message size. On request it also holds Pong frames back
+//! whole until their payload is known, so that the pump can consume the answers to its own
+//! heartbeat Pings.
 
 /// Who sends the frames this parser reads: clients must mask, servers must not (RFC 6455 §5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +112,8 @@ const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
+/// The longest control frame: a 14-byte header and 125 bytes of payload.
+pub const MAX_CONTROL_FRAME: usize = 14 + 125;
 
 #[derive(Debug)]
 pub struct FrameParser {
@@ -126,10 +130,15 @@ pub struct FrameParser {
     remaining: Option<u64>,
     current: CurrentFrame,
     in_message: bool,
-    close_payload: [u8; 125],
-    close_len: usize,
+    /// The unmasked payload of the Close or held Pong frame being read.
+    control_payload: [u8; 125],
+    control_len: usize,
     failed: bool,
     bad_frame_began_in_chunk: bool,
+    /// Stop before every Pong frame and hold it back (see [`Self::hold_pongs`]).
+    hold_pongs: bool,
+    /// The frame being read is a Pong held back.
+    holding: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -152,11 +161,43 @@ impl FrameParser {
             remaining: None,
             current: CurrentFrame::default(),
             in_message: false,
-            close_payload: [0; 125],
-            close_len: 0,
+            control_payload: [0; 125],
+            control_len: 0,
             failed: false,
             bad_frame_began_in_chunk: false,
+            hold_pongs: false,
+            holding: false,
         }
+    }
+
+    /// From now on, stop before the first byte of every Pong frame: the caller forwards
+    /// nothing of it until the frame is whole, then reads its payload with
+    /// [`Self::pong_payload`] and either drops it or forwards [`Self::held_pong_frame`].
+    pub fn hold_pongs(&mut self) {
+        self.hold_pongs = true;
+    }
+
+    /// Whether a Pong frame is being held back: fed bytes belong to it until it ends, and the
+    /// bytes forwarded so far end between two frames.
+    pub fn holding_pong(&self) -> bool {
+        self.holding && !self.failed
+    }
+
+    /// The unmasked payload of the Pong held back last, once it has ended.
+    pub fn pong_payload(&self) -> &[u8] {
+        &self.control_payload[..self.control_len.min(125)]
+    }
+
+    /// The held Pong's frame as it came on the wire (header, then the payload masked again
+    /// with its own key), written to `out`; returns its length.
+    pub fn held_pong_frame(&self, out: &mut [u8; MAX_CONTROL_FRAME]) -> usize {
+        let header = self.frame_header_size();
+        out[..header].copy_from_slice(&self.header[..header]);
+        let payload = self.pong_payload();
+        for (i, (slot, b)) in out[header..].iter_mut().zip(payload).enumerate() {
+            *slot = self.current.mask.map_or(*b, |key| b ^ key[i % 4]);
+        }
+        header + payload.len()
     }
 
     /// Caps data messages at `max` payload bytes (compressed size under permessage-deflate).
@@ -185,7 +226,8 @@ impl FrameParser {
 
     /// Like [`Self::feed`], but stops after a Close frame (nothing may follow one) and, with
     /// `stop_at_boundary`, after the first frame that ends within `data`, so that a frame of the
-    /// gateway's own can follow it. Returns how many bytes were consumed.
+    /// gateway's own can follow it. While Pongs are held, it also stops before a Pong frame
+    /// and after it. Returns how many bytes were consumed.
     pub fn feed_to_boundary(
         &mut self,
         data: &[u8],
@@ -200,6 +242,16 @@ impl FrameParser {
         while pos < data.len() {
             match self.remaining {
                 None => {
+                    if self.header_len == 0
+                        && self.hold_pongs
+                        && !self.holding
+                        && data[pos] & 0x0f == OP_PONG
+                    {
+                        // It may answer a Ping of the gateway's own: nothing of it goes on
+                        // before its payload is known.
+                        self.holding = true;
+                        return (pos, Feed::Ok);
+                    }
                     let frame_start = pos.saturating_sub(self.header_len);
                     let need = self.header_need();
                     let take = (need - self.header_len).min(data.len() - pos);
@@ -233,7 +285,8 @@ impl FrameParser {
                                 },
                             );
                         }
-                        if stop_at_boundary || self.current.opcode == OP_CLOSE {
+                        if stop_at_boundary || self.current.opcode == OP_CLOSE || self.holding {
+                            self.holding = false;
                             return (pos, Feed::Ok);
                         }
                     }
@@ -241,8 +294,8 @@ impl FrameParser {
                 Some(remaining) => {
                     let available = (data.len() - pos) as u64;
                     let take = remaining.min(available) as usize;
-                    if self.current.opcode == OP_CLOSE {
-                        self.capture_close(&data[pos..pos + take]);
+                    if self.current.opcode == OP_CLOSE || self.holding {
+                        self.capture_control(&data[pos..pos + take]);
                     }
                     pos += take;
                     let left = remaining - take as u64;
@@ -256,7 +309,8 @@ impl FrameParser {
                             let offset = pos.saturating_sub(frame_len);
                             return (pos, Feed::Error { offset, error });
                         }
-                        if stop_at_boundary || self.current.opcode == OP_CLOSE {
+                        if stop_at_boundary || self.current.opcode == OP_CLOSE || self.holding {
+                            self.holding = false;
                             return (pos, Feed::Ok);
                         }
                     }
@@ -268,7 +322,8 @@ impl FrameParser {
 
     fn fail(&mut self, began_in_chunk: bool) {
         self.failed = true;
-        self.bad_frame_began_in_chunk = began_in_chunk;
+        // Nothing of a held frame was forwarded: forwarding stopped where it began.
+        self.bad_frame_began_in_chunk = began_in_chunk || self.holding;
     }
 
     /// Bytes the header needs, given what has been read of it.
@@ -367,23 +422,23 @@ impl FrameParser {
             len,
             mask,
         };
-        self.close_len = 0;
+        self.control_len = 0;
         self.remaining = Some(len);
         Ok(())
     }
 
-    fn capture_close(&mut self, bytes: &[u8]) {
+    fn capture_control(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            let i = self.close_len;
+            let i = self.control_len;
             let unmasked = match self.current.mask {
                 Some(key) => b ^ key[i % 4],
                 None => b,
             };
             // Control payloads are at most 125 bytes, checked in start_frame.
-            if let Some(slot) = self.close_payload.get_mut(i) {
+            if let Some(slot) = self.control_payload.get_mut(i) {
                 *slot = unmasked;
             }
-            self.close_len += 1;
+            self.control_len += 1;
         }
     }
 
@@ -392,7 +447,7 @@ impl FrameParser {
             opcode, fin, len, ..
         } = self.current;
         if opcode == OP_CLOSE {
-            let close = parse_close_payload(&self.close_payload[..self.close_len])?;
+            let close = parse_close_payload(&self.control_payload[..self.control_len])?;
             on_event(FrameEvent::Frame { opcode, fin, len });
             on_event(FrameEvent::Close(close));
         } else {
@@ -459,6 +514,26 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
         }
     }
     frame
+}
+
+/// A masking key for frames of the gateway's own toward an upstream. RFC 6455 asks for
+/// unpredictable keys so that a client cannot steer the bytes on the wire; a per-process
+/// random seed stepped by a counter through splitmix64 gives that without a crypto
+/// dependency on the hot path.
+pub fn mask_key() -> [u8; 4] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let state = std::collections::hash_map::RandomState::new();
+        std::hash::BuildHasher::hash_one(&state, std::process::id())
+    });
+    let mut z = seed.wrapping_add(COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let bytes = (z ^ (z >> 31)).to_le_bytes();
+    [bytes[0], bytes[1], bytes[2], bytes[3]]
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -768,6 +843,68 @@ pub mod tests {
         for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
             assert!(!is_valid_wire_close_code(code), "{code}");
         }
+    }
+
+    /// Held Pongs: the parser stops before one, then after it; its payload is unmasked and
+    /// its frame rebuilt byte for byte, wherever the reads split it.
+    #[test]
+    fn held_pongs_are_whole_before_anything_is_decided() {
+        let before = frame(true, 0, OP_TEXT, b"hi", KEY);
+        let pong = frame(true, 0, OP_PONG, b"agw-hb\0\0\0\x01", KEY);
+        let after = frame(true, 0, OP_PING, b"p", KEY);
+        let stream = [before.clone(), pong.clone(), after.clone()].concat();
+        for cut in 0..=stream.len() {
+            let mut p = FrameParser::new(Sender::Client, false);
+            p.hold_pongs();
+            let mut consumed = Vec::new();
+            let mut rebuilt = None;
+            for chunk in [&stream[..cut], &stream[cut..]] {
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let was_holding = p.holding_pong();
+                    let (n, result) = p.feed_to_boundary(rest, false, |_| {});
+                    assert_eq!(result, Feed::Ok);
+                    if !was_holding {
+                        // Everything up to the Pong's first byte goes on.
+                        consumed.push(rest[..n].to_vec());
+                    }
+                    if was_holding && !p.holding_pong() {
+                        assert_eq!(p.pong_payload(), b"agw-hb\0\0\0\x01");
+                        let mut out = [0u8; MAX_CONTROL_FRAME];
+                        let len = p.held_pong_frame(&mut out);
+                        rebuilt = Some(out[..len].to_vec());
+                    }
+                    rest = &rest[n..];
+                }
+            }
+            assert_eq!(rebuilt.as_deref(), Some(&pong[..]), "cut at {cut}");
+            assert_eq!(consumed.concat(), [before.clone(), after.clone()].concat());
+            assert!(p.at_frame_boundary() && !p.holding_pong());
+        }
+    }
+
+    #[test]
+    fn a_bad_held_frame_leaves_forwarding_between_frames() {
+        let mut p = FrameParser::new(Sender::Client, false);
+        p.hold_pongs();
+        let unmasked = frame(true, 0, OP_PONG, b"x", None);
+        assert_eq!(
+            p.feed_to_boundary(&unmasked[..1], false, |_| {}),
+            (0, Feed::Ok)
+        );
+        assert!(p.holding_pong());
+        assert_eq!(
+            p.feed_to_boundary(&unmasked[..1], false, |_| {}),
+            (1, Feed::Ok)
+        );
+        assert!(matches!(
+            p.feed_to_boundary(&unmasked[1..], false, |_| {}).1,
+            Feed::Error {
+                error: ProtocolError::UnmaskedClientFrame,
+                ..
+            }
+        ));
+        assert!(p.failed_frame_began_in_last_chunk());
     }
 
     mod rechunking {

@@ -22,6 +22,7 @@ pub(crate) const DIRECTION_UPSTREAM_TO_CLIENT: &str = "upstream_to_client";
 
 pub(crate) struct WebSocketMetrics {
     closes: IntCounterVec,
+    close_causes: IntCounterVec,
     active: IntGaugeVec,
     duration: HistogramVec,
     messages: IntCounterVec,
@@ -115,6 +116,12 @@ impl WebSocketMetrics {
                 "Agent WebSocket connections ended, by who sent the first Close (or dropped first) and its code (1006: dropped without Close).",
                 &["agent", "initiator", "code"],
             ),
+            // Its own family, so that the series and alerts built on the one above are kept.
+            close_causes: counter(
+                "agent_gateway_ws_close_causes_total",
+                "Agent WebSocket connections ended, by who ended them and why: close, dropped, heartbeat (did not answer the gateway's Ping), idle_timeout, drain, protocol_error.",
+                &["agent", "initiator", "cause"],
+            ),
             active: gauge(
                 "agent_gateway_ws_connections_active",
                 "Agent WebSocket connections open now.",
@@ -153,6 +160,7 @@ impl WebSocketMetrics {
     pub(crate) fn collectors(&self) -> Vec<Box<dyn Collector>> {
         vec![
             Box::new(self.closes.clone()),
+            Box::new(self.close_causes.clone()),
             Box::new(self.active.clone()),
             Box::new(self.duration.clone()),
             Box::new(self.messages.clone()),
@@ -182,6 +190,9 @@ impl WebSocketMetrics {
         let code = close_code_label(outcome.code);
         self.closes
             .with_label_values(&[agent, outcome.initiator.label(), &code])
+            .inc();
+        self.close_causes
+            .with_label_values(&[agent, outcome.initiator.label(), outcome.cause.label()])
             .inc();
         self.duration
             .with_label_values(&[agent])

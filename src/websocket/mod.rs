@@ -1,11 +1,14 @@
 //! Agent WebSockets: the protocol and the pump only. [`handshake`] performs the upgrade with
 //! the upstream, [`pump`] carries the two streams after the 101 (see it for why the gateway
-//! pumps them itself), [`frame`] parses RFC 6455 frames as they pass, and [`outcome`] and
-//! [`metrics`] say how each connection went. Nothing here reads the configuration or the
-//! gateway's state: callers pass in what a connection needs.
+//! pumps them itself) one [`direction`] each, [`frame`] parses RFC 6455 frames as they pass,
+//! [`heartbeat`] finds peers that vanished, and [`outcome`] and [`metrics`] say how each
+//! connection went. Nothing here reads the configuration or the gateway's state: callers
+//! pass in what a connection needs.
 
+pub mod direction;
 pub mod frame;
 pub mod handshake;
+pub mod heartbeat;
 pub mod metrics;
 pub mod outcome;
 pub mod pump;

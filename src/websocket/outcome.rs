@@ -57,6 +57,37 @@ impl DropKind {
     }
 }
 
+/// Why a connection ended: the `cause` of the connection line and of
+/// `agent_gateway_ws_close_causes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// A side sent a Close frame.
+    Close,
+    /// A side's stream ended without a Close frame.
+    Dropped,
+    /// A side did not answer the gateway's heartbeat Ping in time.
+    Heartbeat,
+    /// `idle_timeout` passed without traffic either way.
+    IdleTimeout,
+    /// The gateway is draining.
+    Drain,
+    /// A side broke the protocol or sent a message over the cap.
+    ProtocolError,
+}
+
+impl Cause {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Cause::Close => "close",
+            Cause::Dropped => "dropped",
+            Cause::Heartbeat => "heartbeat",
+            Cause::IdleTimeout => "idle_timeout",
+            Cause::Drain => "drain",
+            Cause::ProtocolError => "protocol_error",
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DirectionStats {
     pub(crate) bytes: u64,
@@ -73,8 +104,10 @@ pub(crate) struct ConnectionOutcome {
     pub(crate) reason_len: usize,
     /// Whether the other party answered the first Close with its own.
     pub(crate) answered: bool,
-    /// Set when the initiator dropped its stream without a Close.
+    /// Set when the initiator dropped its stream without a Close (`Timeout` also when it did
+    /// not answer the heartbeat).
     pub(crate) drop_kind: Option<DropKind>,
+    pub(crate) cause: Cause,
     pub(crate) protocol_error: Option<ProtocolError>,
     pub(crate) duration: Duration,
     pub(crate) client_to_upstream: DirectionStats,

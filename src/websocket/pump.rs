@@ -6,28 +6,26 @@
 //! gateway therefore takes both streams over once the upstream has answered 101, and runs
 //! this pump: one task that polls both directions itself (no split halves, no locks, and a
 //! slow writer on one side never stops the other direction), feeds each direction through a
-//! [`FrameParser`], and writes Close frames of its own only between frames.
+//! [`Direction`], and writes frames of its own (Close, heartbeat Pings) only between frames.
 
-use super::frame::{close_frame, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender};
-use super::metrics::{ConnectionMetrics, DirectionCounters};
-use super::outcome::{ConnectionOutcome, DirectionStats, DropKind, Initiator};
-use super::socket::Socket;
+use super::direction::{Direction, Sink, Stop};
+use super::frame::{close_frame, mask_key, CloseFrame, ProtocolError, Sender};
+use super::heartbeat::{Beat, Heartbeat, PeerWatch};
+use super::metrics::ConnectionMetrics;
+use super::outcome::{Cause, ConnectionOutcome, DropKind, Initiator};
+use super::socket::{Keepalive, Socket};
 use futures_util::FutureExt;
 use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-
-/// Bytes read per direction at once, into a buffer on the stack: an idle connection holds
-/// no read buffer at all, only what a slow destination has not taken yet.
-const READ_SIZE: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PumpSettings {
-    /// Close both sides with 1001 after this long without a byte either way.
+    /// Close both sides with 1001 after this long without a byte either way (answers to the
+    /// gateway's heartbeat Pings do not count).
     pub(crate) idle_timeout: Option<Duration>,
     /// How long a closing connection may take to finish its Close handshake.
     pub(crate) close_timeout: Duration,
@@ -36,259 +34,21 @@ pub(crate) struct PumpSettings {
     /// The code the client gets when the upstream drops: 1011 (understood by every client
     /// library) or 1014 (Bad Gateway, which some, tungstenite among them, report as 1002).
     pub(crate) upstream_lost_code: u16,
+    /// Pings toward a client that has gone quiet, and how long it has to answer.
+    pub(crate) client_heartbeat: Option<Heartbeat>,
+    /// The same toward the upstream.
+    pub(crate) upstream_heartbeat: Option<Heartbeat>,
+    /// TCP keepalive on both sockets.
+    pub(crate) tcp_keepalive: Option<Keepalive>,
 }
 
-/// One direction: bytes read from `source`, parsed, written to the other side.
-struct Direction {
-    parser: FrameParser,
-    /// `pending[pending_pos..]` was read but the destination has not taken it yet; empty
-    /// (and unallocated after a burst) while the destination keeps up.
-    pending: Vec<u8>,
-    pending_pos: usize,
-    needs_flush: bool,
-    /// A frame of the gateway's own, waiting for a frame boundary.
-    inject: Option<Vec<u8>>,
-    inject_pos: usize,
-    /// A Close has gone toward the destination: later bytes are read but not forwarded.
-    closed_toward_destination: bool,
-    /// The source sent a Close (and when).
-    close_seen: Option<(CloseFrame, Instant)>,
-    /// The pump's loop has been woken for `close_seen`, to start the closing deadline.
-    close_reported: bool,
-    stats: DirectionStats,
-    /// Live metric handles, resolved once per connection.
-    counters: DirectionCounters,
-    last_read: Instant,
-}
-
-/// Why a direction stopped.
-enum Stop {
-    SourceEnded(Option<io::Error>),
-    DestinationFailed(io::Error),
-    Protocol(ProtocolError),
-}
-
-impl Direction {
-    fn new(
-        sender: Sender,
-        deflate: bool,
-        max_message: Option<u64>,
-        counters: DirectionCounters,
-        now: Instant,
-    ) -> Self {
-        Direction {
-            parser: FrameParser::new(sender, deflate).with_max_message(max_message),
-            pending: Vec::new(),
-            pending_pos: 0,
-            needs_flush: false,
-            inject: None,
-            inject_pos: 0,
-            closed_toward_destination: false,
-            close_seen: None,
-            close_reported: false,
-            stats: DirectionStats::default(),
-            counters,
-            last_read: now,
-        }
-    }
-
-    /// Whether a frame of the gateway's own may go to the destination now: what went out so
-    /// far ends between two frames (also after a malformed frame that was held back whole).
-    fn can_inject(&self) -> bool {
-        !self.closed_toward_destination
-            && (self.parser.at_frame_boundary() || self.parser.failed_frame_began_in_last_chunk())
-    }
-
-    /// Queues a Close of the gateway's own toward the destination, unless one went already.
-    fn queue_close(&mut self, frame: Vec<u8>) {
-        if !self.closed_toward_destination && self.inject.is_none() {
-            self.inject = Some(frame);
-            self.inject_pos = 0;
-        }
-    }
-
-    /// Parses freshly read `data`; returns how much of it may be forwarded, and the protocol
-    /// error that stops the rest, if any.
-    fn accept(&mut self, data: &[u8]) -> (usize, Result<(), ProtocolError>) {
-        let messages_before = self.stats.messages;
-        let result = self.parse_read(data);
-        self.counters.bytes.inc_by(data.len() as u64);
-        self.counters
-            .messages
-            .inc_by(self.stats.messages - messages_before);
-        result
-    }
-
-    fn parse_read(&mut self, data: &[u8]) -> (usize, Result<(), ProtocolError>) {
-        self.stats.bytes += data.len() as u64;
-        if self.close_seen.is_some() {
-            // Nothing may follow a Close frame: read, counted, dropped.
-            return (0, Ok(()));
-        }
-        let stop_at_boundary = self.inject.is_some() && !self.closed_toward_destination;
-        let (consumed, result) = {
-            let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
-            self.parser
-                .feed_to_boundary(data, stop_at_boundary, |event| {
-                    record(stats, close_seen, event)
-                })
-        };
-        let parsed_ok = match result {
-            Feed::Error { offset, .. } => offset,
-            Feed::Ok => consumed,
-        };
-        let forward = if self.closed_toward_destination {
-            0
-        } else {
-            parsed_ok
-        };
-        if let Feed::Error { error, .. } = result {
-            return (forward, Err(error));
-        }
-        if self.close_seen.is_some() {
-            // The source's own Close goes out with these bytes; nothing of ours follows it.
-            self.closed_toward_destination = true;
-            self.inject = None;
-        } else if consumed < data.len() {
-            // Stopped at a boundary for a queued Close of ours: the rest is not forwarded, but
-            // is still parsed, to learn whether the source answers with a Close of its own.
-            let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
-            if let Feed::Error { error, .. } = self
-                .parser
-                .feed(&data[consumed..], |event| record(stats, close_seen, event))
-            {
-                return (forward, Err(error));
-            }
-        }
-        (forward, Ok(()))
-    }
-
-    /// Writes `bytes` as far as the destination takes them now; keeps the rest for later.
-    fn send_or_keep(
-        &mut self,
-        cx: &mut Context<'_>,
-        destination: &mut Socket,
-        mut bytes: &[u8],
-    ) -> Result<(), Stop> {
-        while !bytes.is_empty() {
-            match poll_write_some(cx, destination, bytes) {
-                Poll::Ready(Ok(written)) => {
-                    self.needs_flush = true;
-                    bytes = &bytes[written..];
-                }
-                Poll::Ready(Err(stop)) => return Err(stop),
-                Poll::Pending => break,
-            }
-        }
-        self.pending.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Drives this direction until it needs to wait, or stops.
-    fn poll_step(
-        &mut self,
-        cx: &mut Context<'_>,
-        source: &mut Socket,
-        destination: &mut Socket,
-    ) -> Poll<Stop> {
-        loop {
-            if self.pending_pos < self.pending.len() {
-                match poll_write_some(cx, destination, &self.pending[self.pending_pos..]) {
-                    Poll::Ready(Ok(written)) => {
-                        self.pending_pos += written;
-                        self.needs_flush = true;
-                        if self.pending_pos == self.pending.len() {
-                            // Drained: give a burst's memory back.
-                            self.pending = Vec::new();
-                            self.pending_pos = 0;
-                        }
-                        continue;
-                    }
-                    Poll::Ready(Err(stop)) => return Poll::Ready(stop),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            if self.can_inject() {
-                if let Some(frame) = &self.inject {
-                    match poll_write_some(cx, destination, &frame[self.inject_pos..]) {
-                        Poll::Ready(Ok(written)) => {
-                            self.inject_pos += written;
-                            self.needs_flush = true;
-                            if self.inject_pos == frame.len() {
-                                self.inject = None;
-                                self.closed_toward_destination = true;
-                            }
-                            continue;
-                        }
-                        Poll::Ready(Err(stop)) => return Poll::Ready(stop),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-            }
-            // Uninitialised: zeroing 16 KiB on every read attempt would cost more than the
-            // rest of the pump's work per message.
-            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut read_buf = ReadBuf::uninit(&mut scratch);
-            match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
-                Poll::Ready(Ok(())) => {
-                    let data = read_buf.filled();
-                    if data.is_empty() {
-                        return Poll::Ready(Stop::SourceEnded(None));
-                    }
-                    self.last_read = Instant::now();
-                    let (forward, result) = self.accept(data);
-                    // What precedes a bad frame still goes out, then the Close of ours.
-                    if let Err(stop) = self.send_or_keep(cx, destination, &data[..forward]) {
-                        return Poll::Ready(stop);
-                    }
-                    if let Err(error) = result {
-                        return Poll::Ready(Stop::Protocol(error));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Stop::SourceEnded(Some(e))),
-                Poll::Pending => {
-                    if self.needs_flush {
-                        match Pin::new(&mut *destination).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.needs_flush = false,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
-                            Poll::Pending => {}
-                        }
-                    }
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-}
-
-/// One write; a destination that takes no bytes is gone.
-fn poll_write_some(
-    cx: &mut Context<'_>,
-    destination: &mut Socket,
-    bytes: &[u8],
-) -> Poll<Result<usize, Stop>> {
-    match Pin::new(&mut *destination).poll_write(cx, bytes) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Err(Stop::DestinationFailed(
-            io::ErrorKind::WriteZero.into(),
-        ))),
-        Poll::Ready(Ok(written)) => Poll::Ready(Ok(written)),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(Stop::DestinationFailed(e))),
-        Poll::Pending => Poll::Pending,
-    }
-}
-
-fn record(
-    stats: &mut DirectionStats,
-    close_seen: &mut Option<(CloseFrame, Instant)>,
-    event: FrameEvent,
-) {
-    match event {
-        FrameEvent::Frame { .. } => stats.frames += 1,
-        FrameEvent::MessageEnd => stats.messages += 1,
-        FrameEvent::Close(close) => {
-            close_seen.get_or_insert((close, Instant::now()));
-        }
-    }
+/// A Close the gateway sent both ways, and why.
+#[derive(Debug, Clone, Copy)]
+struct GatewayClose {
+    code: u16,
+    reason_len: usize,
+    at: Instant,
+    cause: Cause,
 }
 
 /// Requests from outside the pump: the drain of the whole gateway.
@@ -308,6 +68,13 @@ pub(crate) async fn pump(
     metrics: &ConnectionMetrics,
 ) -> ConnectionOutcome {
     let started = Instant::now();
+    if let Some(keepalive) = settings.tcp_keepalive {
+        for (side, socket) in [("client", &client), ("upstream", &upstream)] {
+            if let Err(e) = socket.set_keepalive(keepalive) {
+                log::debug!("TCP keepalive not set on a WebSocket's {side} socket: {e}");
+            }
+        }
+    }
     let max = settings.max_message_bytes;
     let mut c2u = Direction::new(
         Sender::Client,
@@ -323,14 +90,17 @@ pub(crate) async fn pump(
         metrics.upstream_to_client.clone(),
         started,
     );
-    let mut gateway_close: Option<(u16, usize, Instant)> = None;
+    let mut gateway_close: Option<GatewayClose> = None;
     let mut ended: Option<(Initiator, Option<DropKind>)> = None;
+    // The side in `ended` did not answer the heartbeat (rather than dropping its stream).
+    let mut heartbeat_lost = false;
     let mut protocol_error = None;
+    let mut watches = [PeerWatch::default(); 2];
 
     if !upstream_preread.is_empty() {
-        let (forward, result) = u2c.accept(upstream_preread);
-        u2c.pending.extend_from_slice(&upstream_preread[..forward]);
-        protocol_error = result.err();
+        if let Err(Stop::Protocol(error)) = u2c.ingest(upstream_preread, &mut Sink::Later) {
+            protocol_error = Some(error);
+        }
     }
 
     if let Some(error) = protocol_error {
@@ -340,6 +110,7 @@ pub(crate) async fn pump(
             &mut gateway_close,
             error.close_code(),
             error.kind(),
+            Cause::ProtocolError,
         );
     }
 
@@ -351,11 +122,17 @@ pub(crate) async fn pump(
     }
     .fuse();
     tokio::pin!(drain_requested);
-    let idle_timeout = settings.idle_timeout.unwrap_or_default();
-    let idle_timer = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle_timer);
-    let closing_timer = tokio::time::sleep(settings.close_timeout);
-    tokio::pin!(closing_timer);
+    // One timer per connection for whatever is due next: the idle timeout and the
+    // heartbeats while open, then the closing deadline.
+    let timed = settings.idle_timeout.is_some()
+        || settings.client_heartbeat.is_some()
+        || settings.upstream_heartbeat.is_some();
+    let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c) {
+        Due::Next(at) => at,
+        _ => started,
+    };
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(first));
+    tokio::pin!(timer);
     let mut closing_started = false;
 
     loop {
@@ -364,33 +141,52 @@ pub(crate) async fn pump(
             gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
         if closing && !closing_started {
             closing_started = true;
-            closing_timer
+            timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + settings.close_timeout);
         }
-        let stop = tokio::select! {
+        let wake = tokio::select! {
             biased;
             () = &mut drain_requested, if gateway_close.is_none() => {
-                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down");
+                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down", Cause::Drain);
                 continue;
             }
-            () = &mut idle_timer, if settings.idle_timeout.is_some() && !closing => {
-                // Reads do not move the timer; when it fires, it is set again for the
-                // deadline of the last read, if that is still ahead.
-                let last_read = c2u.last_read.max(u2c.last_read);
-                let deadline = tokio::time::Instant::from_std(last_read + idle_timeout);
-                if deadline > tokio::time::Instant::now() {
-                    idle_timer.as_mut().reset(deadline);
-                } else {
-                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "idle timeout");
+            () = &mut timer, if closing_started || timed => {
+                if closing_started {
+                    break;
+                }
+                Wake::Due
+            }
+            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => wake,
+        };
+        let (side, stop) = match wake {
+            Wake::Stopped(side, stop) => (side, stop),
+            Wake::CloseSeen => continue,
+            // Reads do not move the timer. It fires for whatever is due next, and a side's
+            // answer to a Ping (once per interval) sets it again, so that the next Ping is
+            // timed from the answer.
+            Wake::Due | Wake::Answered => {
+                if closing_started {
+                    continue;
+                }
+                match tick(Instant::now(), settings, &mut watches, &mut c2u, &mut u2c) {
+                    Due::Next(at) => timer.as_mut().reset(tokio::time::Instant::from_std(at)),
+                    Due::Idle => close_both(
+                        &mut c2u,
+                        &mut u2c,
+                        &mut gateway_close,
+                        1001,
+                        "idle timeout",
+                        Cause::IdleTimeout,
+                    ),
+                    Due::Gone(side) => {
+                        ended = Some((side, Some(DropKind::Timeout)));
+                        heartbeat_lost = true;
+                        break;
+                    }
                 }
                 continue;
             }
-            () = &mut closing_timer, if closing_started => break,
-            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => wake,
-        };
-        let Wake::Stopped(side, stop) = stop else {
-            continue;
         };
         match stop {
             Stop::SourceEnded(error) => {
@@ -427,6 +223,7 @@ pub(crate) async fn pump(
                     &mut gateway_close,
                     error.close_code(),
                     error.kind(),
+                    Cause::ProtocolError,
                 );
             }
         }
@@ -434,48 +231,155 @@ pub(crate) async fn pump(
     }
 
     // Tell the side still there why the other went, then give the queued frames a moment.
-    if let Some((side, Some(_))) = ended {
-        match side {
-            Initiator::Upstream => u2c.queue_close(close_frame(
-                settings.upstream_lost_code,
-                "upstream connection lost",
-                None,
-            )),
-            _ => c2u.queue_close(close_frame(
-                1001,
-                "client connection lost",
-                Some(mask_key()),
-            )),
+    let gone = ended.and_then(|(side, kind)| kind.map(|_| side));
+    match gone {
+        Some(Initiator::Upstream) => u2c.queue_close(close_frame(
+            settings.upstream_lost_code,
+            if heartbeat_lost {
+                "agent did not answer heartbeat"
+            } else {
+                "upstream connection lost"
+            },
+            None,
+        )),
+        Some(_) => c2u.queue_close(close_frame(
+            1001,
+            if heartbeat_lost {
+                "client did not answer heartbeat"
+            } else {
+                "client connection lost"
+            },
+            Some(mask_key()),
+        )),
+        None => {}
+    }
+    if heartbeat_lost {
+        // A side judged gone gets a reset, not a FIN queued behind data it will not read.
+        let socket = if gone == Some(Initiator::Client) {
+            &client
+        } else {
+            &upstream
+        };
+        if let Err(e) = socket.reset_on_close() {
+            log::debug!("cannot reset a WebSocket's socket to a silent peer: {e}");
         }
     }
     let flush_deadline =
         tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
     let _ = tokio::time::timeout_at(flush_deadline, async {
-        if ended.map(|(s, _)| s) != Some(Initiator::Client) {
+        if gone != Some(Initiator::Client) {
             let _ = flush_injection(&mut u2c, &mut client).await;
         }
-        if ended.map(|(s, _)| s) != Some(Initiator::Upstream) {
+        if gone != Some(Initiator::Upstream) {
             let _ = flush_injection(&mut c2u, &mut upstream).await;
         }
     })
     .await;
-    let _ = tokio::time::timeout_at(flush_deadline, client.shutdown()).await;
-    let _ = tokio::time::timeout_at(flush_deadline, upstream.shutdown()).await;
+    if !(heartbeat_lost && gone == Some(Initiator::Client)) {
+        let _ = tokio::time::timeout_at(flush_deadline, client.shutdown()).await;
+    }
+    if !(heartbeat_lost && gone == Some(Initiator::Upstream)) {
+        let _ = tokio::time::timeout_at(flush_deadline, upstream.shutdown()).await;
+    }
 
-    outcome(started, &c2u, &u2c, gateway_close, ended, protocol_error)
+    let ending = Ending {
+        gateway_close,
+        ended,
+        heartbeat_lost,
+        protocol_error,
+    };
+    outcome(started, &c2u, &u2c, ending)
+}
+
+/// What the pump's timer found due.
+enum Due {
+    /// Nothing yet; look again then.
+    Next(Instant),
+    Idle,
+    /// This side did not answer the heartbeat.
+    Gone(Initiator),
+}
+
+/// The idle timeout and both sides' heartbeats at `now`: Pings queued where one is due.
+fn tick(
+    now: Instant,
+    settings: &PumpSettings,
+    watches: &mut [PeerWatch; 2],
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+) -> Due {
+    let mut next: Option<Instant> = None;
+    let mut sooner = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+    if let Some(idle) = settings.idle_timeout {
+        let deadline = c2u.last_traffic.max(u2c.last_traffic) + idle;
+        if now >= deadline {
+            return Due::Idle;
+        }
+        sooner(deadline);
+    }
+    // The client is heard through c2u and asked through u2c; the upstream the other way.
+    let [client_watch, upstream_watch] = watches;
+    if let Some(heartbeat) = settings.client_heartbeat {
+        match beat(heartbeat, client_watch, now, c2u, u2c) {
+            Some(at) => sooner(at),
+            None => return Due::Gone(Initiator::Client),
+        }
+    }
+    if let Some(heartbeat) = settings.upstream_heartbeat {
+        match beat(heartbeat, upstream_watch, now, u2c, c2u) {
+            Some(at) => sooner(at),
+            None => return Due::Gone(Initiator::Upstream),
+        }
+    }
+    Due::Next(next.unwrap_or(now + settings.close_timeout))
+}
+
+/// One side's heartbeat: `from` reads that side, `toward` writes to it. `None`: it is gone.
+fn beat(
+    heartbeat: Heartbeat,
+    watch: &mut PeerWatch,
+    now: Instant,
+    from: &mut Direction,
+    toward: &mut Direction,
+) -> Option<Instant> {
+    // A side cannot be asked while the other leaves a frame toward it unfinished.
+    let progress = if toward.ping_waits_on_source() {
+        now
+    } else {
+        toward.out.progress
+    };
+    match watch.check(heartbeat, now, from.last_read, progress) {
+        Beat::Wait(at) => {
+            toward.watch_destination(watch.awaiting(), now);
+            Some(at)
+        }
+        Beat::Ping(at) => {
+            toward.queue_ping(now);
+            // From the first Ping on, its Pong may come: Pongs from that side are checked.
+            from.parser.hold_pongs();
+            Some(at)
+        }
+        Beat::Gone => None,
+    }
 }
 
 /// Queues a Close of the gateway's own toward both sides and records it.
 fn close_both(
     c2u: &mut Direction,
     u2c: &mut Direction,
-    gateway_close: &mut Option<(u16, usize, Instant)>,
+    gateway_close: &mut Option<GatewayClose>,
     code: u16,
     reason: &str,
+    cause: Cause,
 ) {
     u2c.queue_close(close_frame(code, reason, None));
     c2u.queue_close(close_frame(code, reason, Some(mask_key())));
-    gateway_close.get_or_insert((code, reason.len().min(123), Instant::now()));
+    gateway_close.get_or_insert(GatewayClose {
+        code,
+        reason_len: reason.len().min(123),
+        at: Instant::now(),
+        cause,
+    });
 }
 
 /// What woke the pump's loop.
@@ -483,6 +387,10 @@ enum Wake {
     Stopped(Initiator, Stop),
     /// A side sent its first Close: the closing deadline starts.
     CloseSeen,
+    /// The timer: something may be due.
+    Due,
+    /// A side answered a Ping of the gateway's.
+    Answered,
 }
 
 /// Polls both directions; the first to stop says which side's stream it was reading.
@@ -504,54 +412,71 @@ fn poll_both(
             direction.close_reported = true;
             return Poll::Ready(Wake::CloseSeen);
         }
+        if direction.answered {
+            direction.answered = false;
+            return Poll::Ready(Wake::Answered);
+        }
     }
     Poll::Pending
 }
 
-/// Writes whatever is still buffered for the destination, then the queued frame of ours,
-/// if it can go out between frames.
+/// Writes whatever is still kept for the destination, then the queued Close of ours, if it
+/// can go out between frames.
 async fn flush_injection(direction: &mut Direction, destination: &mut Socket) -> io::Result<()> {
-    if direction.pending_pos < direction.pending.len() {
-        destination
-            .write_all(&direction.pending[direction.pending_pos..])
-            .await?;
-        direction.pending_pos = direction.pending.len();
-    }
-    if direction.can_inject() {
-        if let Some(frame) = direction.inject.take() {
-            destination
-                .write_all(&frame[direction.inject_pos..])
-                .await?;
+    direction.out.drain(destination).await?;
+    if direction.between_frames() {
+        if let Some(frame) = direction.take_queued_close() {
+            destination.write_all(&frame).await?;
             direction.closed_toward_destination = true;
         }
     }
     destination.flush().await
 }
 
+/// How the pump's loop ended, besides what each direction saw.
+struct Ending {
+    gateway_close: Option<GatewayClose>,
+    ended: Option<(Initiator, Option<DropKind>)>,
+    heartbeat_lost: bool,
+    protocol_error: Option<ProtocolError>,
+}
+
 fn outcome(
     started: Instant,
     c2u: &Direction,
     u2c: &Direction,
-    gateway_close: Option<(u16, usize, Instant)>,
-    ended: Option<(Initiator, Option<DropKind>)>,
-    protocol_error: Option<ProtocolError>,
+    ending: Ending,
 ) -> ConnectionOutcome {
     let close_code = |c: &CloseFrame| c.code.unwrap_or(1005);
-    let mut closes: Vec<(Initiator, u16, usize, Instant)> = Vec::with_capacity(3);
+    let mut closes: Vec<(Initiator, u16, usize, Instant, Cause)> = Vec::with_capacity(3);
     if let Some((c, at)) = c2u.close_seen {
-        closes.push((Initiator::Client, close_code(&c), c.reason_len, at));
+        closes.push((
+            Initiator::Client,
+            close_code(&c),
+            c.reason_len,
+            at,
+            Cause::Close,
+        ));
     }
     if let Some((c, at)) = u2c.close_seen {
-        closes.push((Initiator::Upstream, close_code(&c), c.reason_len, at));
+        let code = close_code(&c);
+        closes.push((Initiator::Upstream, code, c.reason_len, at, Cause::Close));
     }
-    if let Some((code, reason_len, at)) = gateway_close {
-        closes.push((Initiator::Gateway, code, reason_len, at));
+    if let Some(g) = ending.gateway_close {
+        closes.push((Initiator::Gateway, g.code, g.reason_len, g.at, g.cause));
     }
     closes.sort_by_key(|c| c.3);
-    let (initiator, code, reason_len, drop_kind) = match (closes.first(), ended) {
-        (Some(&(who, code, len, _)), _) => (who, code, len, None),
-        (None, Some((side, kind))) => (side, 1006, 0, kind),
-        (None, None) => (Initiator::Gateway, 1006, 0, None),
+    let (initiator, code, reason_len, drop_kind, cause) = match (closes.first(), ending.ended) {
+        (Some(&(who, code, len, _, cause)), _) => (who, code, len, None, cause),
+        (None, Some((side, kind))) => {
+            let cause = if ending.heartbeat_lost {
+                Cause::Heartbeat
+            } else {
+                Cause::Dropped
+            };
+            (side, 1006, 0, kind, cause)
+        }
+        (None, None) => (Initiator::Gateway, 1006, 0, None, Cause::Dropped),
     };
     ConnectionOutcome {
         initiator,
@@ -559,38 +484,217 @@ fn outcome(
         reason_len,
         answered: closes.len() > 1,
         drop_kind,
-        protocol_error,
+        cause,
+        protocol_error: ending.protocol_error,
         duration: started.elapsed(),
         client_to_upstream: c2u.stats,
         upstream_to_client: u2c.stats,
     }
 }
 
-/// A masking key for frames toward the upstream. RFC 6455 asks for unpredictable keys so
-/// that a client cannot steer the bytes on the wire; a per-process random seed stepped by
-/// a counter through splitmix64 gives that without a crypto dependency on the hot path.
-fn mask_key() -> [u8; 4] {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
-        let state = std::collections::hash_map::RandomState::new();
-        std::hash::BuildHasher::hash_one(&state, std::process::id())
-    });
-    let mut z = seed.wrapping_add(COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    let bytes = (z ^ (z >> 31)).to_le_bytes();
-    [bytes[0], bytes[1], bytes[2], bytes[3]]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::websocket::frame::tests::frame;
+    use crate::websocket::heartbeat::is_gateway_pong;
     use crate::websocket::metrics::WebSocketMetrics;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// Reads one frame with a payload under 126 bytes: its opcode and unmasked payload.
+    async fn read_frame(stream: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.expect("a frame header");
+        let len = usize::from(head[1] & 0x7f);
+        assert!(len < 126, "a short frame expected");
+        let mut key = [0u8; 4];
+        let masked = head[1] & 0x80 != 0;
+        if masked {
+            stream.read_exact(&mut key).await.expect("a masking key");
+        }
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.expect("a payload");
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        (head[0] & 0x0f, payload)
+    }
+
+    fn heartbeat(interval_ms: u64, timeout_ms: u64) -> Option<Heartbeat> {
+        Some(Heartbeat {
+            interval: Duration::from_millis(interval_ms),
+            timeout: Some(Duration::from_millis(timeout_ms)),
+        })
+    }
+
+    fn start(
+        settings: PumpSettings,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<ConnectionOutcome>,
+    ) {
+        let (client_side, client) = tokio::io::duplex(4096);
+        let (upstream_side, upstream) = tokio::io::duplex(4096);
+        let pumping = tokio::spawn(async move {
+            let metrics = WebSocketMetrics::new();
+            let connection = metrics.connection_opened("test");
+            let (_drain_sender, drain) = watch::channel(false);
+            pump(
+                Socket::Layered(Box::new(client_side)),
+                Socket::Layered(Box::new(upstream_side)),
+                b"",
+                false,
+                drain,
+                &settings,
+                &connection,
+            )
+            .await
+        });
+        (client, upstream, pumping)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_answers_is_gone_and_the_agent_is_told() {
+        let settings = PumpSettings {
+            client_heartbeat: heartbeat(50, 50),
+            ..quiet_settings()
+        };
+        let started = Instant::now();
+        let (mut client, mut upstream, pumping) = start(settings);
+        let (opcode, payload) = read_frame(&mut client).await;
+        assert_eq!(opcode, 0x9);
+        assert!(is_gateway_pong(&payload), "{payload:?}");
+        let (opcode, payload) = read_frame(&mut upstream).await;
+        assert_eq!(opcode, 0x8);
+        assert_eq!(payload[..2], 1001u16.to_be_bytes());
+        assert_eq!(&payload[2..], b"client did not answer heartbeat");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("pump task");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(
+            (
+                outcome.initiator,
+                outcome.code,
+                outcome.cause,
+                outcome.drop_kind
+            ),
+            (
+                Initiator::Client,
+                1006,
+                Cause::Heartbeat,
+                Some(DropKind::Timeout)
+            )
+        );
+        // The client's end is dropped without a Close.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// The agent stops halfway through a frame: the Ping due meanwhile waits for the frame's
+    /// end, and the client, which could not be asked, is not condemned for its silence.
+    #[tokio::test]
+    async fn a_ping_stuck_behind_a_half_frame_does_not_condemn_the_client() {
+        let settings = PumpSettings {
+            client_heartbeat: heartbeat(20, 30),
+            ..quiet_settings()
+        };
+        let (mut client, mut upstream, pumping) = start(settings);
+        let text = frame(true, 0, 0x1, b"half now, half later", None);
+        let (first, second) = text.split_at(8);
+        upstream.write_all(first).await.expect("first half");
+        let mut got = vec![0u8; first.len()];
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("first half forwarded");
+        // Many intervals and timeouts pass; time is the stimulus here, nothing signals it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!pumping.is_finished(), "the client was judged gone unasked");
+        upstream.write_all(second).await.expect("second half");
+        let mut got = vec![0u8; second.len()];
+        client.read_exact(&mut got).await.expect("second half");
+        assert_eq!(got, second, "nothing inside the frame");
+        let (opcode, payload) = read_frame(&mut client).await;
+        assert_eq!(opcode, 0x9);
+        assert!(is_gateway_pong(&payload));
+        drop(client);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("pump task");
+        assert_eq!(outcome.cause, Cause::Dropped);
+    }
+
+    /// The client answers every Ping, so it stays; its Pongs never reach the agent, and they
+    /// do not count as traffic: `idle_timeout` still ends the quiet connection.
+    #[tokio::test]
+    async fn answered_pings_keep_a_client_but_do_not_hold_off_the_idle_timeout() {
+        let settings = PumpSettings {
+            client_heartbeat: heartbeat(20, 100),
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..quiet_settings()
+        };
+        let started = Instant::now();
+        let (mut client, mut upstream, pumping) = start(settings);
+        let answering = tokio::spawn(async move {
+            let mut answered = 0;
+            loop {
+                match read_frame(&mut client).await {
+                    (0x9, payload) => {
+                        let pong = frame(true, 0, 0xA, &payload, Some([5, 6, 7, 8]));
+                        client.write_all(&pong).await.expect("pong");
+                        answered += 1;
+                    }
+                    (0x8, payload) => {
+                        let echo = frame(true, 0, 0x8, &payload, Some([5, 6, 7, 8]));
+                        let _ = client.write_all(&echo).await;
+                        return (answered, payload);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        });
+        let (opcode, payload) = read_frame(&mut upstream).await;
+        assert_eq!(opcode, 0x8, "the agent saw a frame other than the Close");
+        assert_eq!(&payload[2..], b"idle timeout");
+        // The pump may already have ended: the client hangs up after answering the Close.
+        let _ = upstream.write_all(&close_frame(1001, "", None)).await;
+        let (answered, client_close) = answering.await.expect("client task");
+        assert!(answered >= 5, "only {answered} Pings in 300 ms");
+        assert_eq!(&client_close[2..], b"idle timeout");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("pump task");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            (
+                outcome.initiator,
+                outcome.code,
+                outcome.cause,
+                outcome.answered
+            ),
+            (Initiator::Gateway, 1001, Cause::IdleTimeout, true)
+        );
+    }
+
+    /// No timers: only what a test turns on.
+    fn quiet_settings() -> PumpSettings {
+        PumpSettings {
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(5),
+            max_message_bytes: None,
+            upstream_lost_code: 1011,
+            client_heartbeat: None,
+            upstream_heartbeat: None,
+            tcp_keepalive: None,
+        }
+    }
 
     /// Through pipes of 64 bytes, nearly every write is partial: what the destination has not
     /// taken is kept and sent in order, and the Close handshake still completes.
@@ -601,12 +705,7 @@ mod tests {
         let metrics = WebSocketMetrics::new();
         let connection = metrics.connection_opened("test");
         let (_drain_sender, drain) = watch::channel(false);
-        let settings = PumpSettings {
-            idle_timeout: None,
-            close_timeout: Duration::from_secs(5),
-            max_message_bytes: None,
-            upstream_lost_code: 1011,
-        };
+        let settings = quiet_settings();
         let pumping = tokio::spawn(async move {
             pump(
                 Socket::Layered(Box::new(client_side)),

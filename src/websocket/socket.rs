@@ -5,16 +5,28 @@
 //! WebSocket then costs little more than its two sockets, and each frame skips three layers.
 //! Pingora offers no way to unwrap its `Stream`, so the socket is duplicated and the layered
 //! original dropped. TLS ends keep Pingora's stream, which holds the session.
+//!
+//! Both kinds get TCP keepalive here when configured: the kernel's backstop for a peer that
+//! vanished while the heartbeat is off, or while a write toward it is stuck.
 
 use crate::edge::header_deadline::HeaderDeadline;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+/// TCP keepalive: probes after `idle` without traffic, every `interval`, `probes` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keepalive {
+    pub(crate) idle: Duration,
+    pub(crate) interval: Duration,
+    pub(crate) probes: u32,
+}
 
 pub(crate) enum Socket {
     /// A plain TCP connection, out of Pingora's layers.
@@ -37,6 +49,49 @@ impl Socket {
                 Socket::Layered(stream)
             }
         }
+    }
+}
+
+impl Socket {
+    /// The TCP socket under this end, if it has one.
+    fn tcp_fd(&self) -> Option<RawFd> {
+        match self {
+            Socket::Tcp(tcp) => Some(tcp.as_raw_fd()),
+            // Pingora's TLS streams name their TCP socket's descriptor as their id.
+            Socket::Layered(stream) if stream.get_ssl().is_some() => Some(stream.id()),
+            Socket::Layered(_) => None,
+        }
+    }
+
+    /// Runs `f` on the TCP socket under this end; `Ok(false)` when there is none.
+    fn with_tcp(&self, f: impl FnOnce(socket2::SockRef<'_>) -> io::Result<()>) -> io::Result<bool> {
+        let Some(raw) = self.tcp_fd().filter(|fd| *fd >= 0) else {
+            return Ok(false);
+        };
+        // SAFETY: `raw` is the descriptor of the socket this end owns (checked non-negative
+        // above), and `self` is borrowed for the whole call.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        let socket = socket2::SockRef::from(&fd);
+        // Only an internet stream socket: never a descriptor that is something else.
+        if socket.r#type()? != socket2::Type::STREAM || socket.local_addr()?.as_socket().is_none() {
+            return Ok(false);
+        }
+        f(socket).map(|()| true)
+    }
+
+    /// Turns TCP keepalive on with `keepalive`; `Ok(false)` for an end without a TCP socket.
+    pub(crate) fn set_keepalive(&self, keepalive: Keepalive) -> io::Result<bool> {
+        let params = socket2::TcpKeepalive::new()
+            .with_time(keepalive.idle)
+            .with_interval(keepalive.interval)
+            .with_retries(keepalive.probes);
+        self.with_tcp(|socket| socket.set_tcp_keepalive(&params))
+    }
+
+    /// Makes closing this end reset the connection instead of queueing a FIN behind unsent
+    /// data: for a peer judged gone, so that the kernel does not keep retransmitting to it.
+    pub(crate) fn reset_on_close(&self) -> io::Result<bool> {
+        self.with_tcp(|socket| socket.set_linger(Some(Duration::ZERO)))
     }
 }
 
@@ -142,6 +197,39 @@ mod tests {
     #[tokio::test]
     async fn streams_without_a_socket_stay_layered() {
         let (one, _other) = tokio::io::duplex(64);
-        assert!(matches!(Socket::detach(Box::new(one)), Socket::Layered(_)));
+        let layered = Socket::detach(Box::new(one));
+        assert!(matches!(layered, Socket::Layered(_)));
+        let keepalive = Keepalive {
+            idle: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+            probes: 1,
+        };
+        assert!(!layered.set_keepalive(keepalive).expect("nothing to set"));
+        assert!(!layered.reset_on_close().expect("nothing to set"));
+    }
+
+    #[tokio::test]
+    async fn keepalive_reaches_the_kernel() {
+        let (near, _far) = pair().await;
+        let socket = Socket::Tcp(near);
+        let keepalive = Keepalive {
+            idle: Duration::from_secs(45),
+            interval: Duration::from_secs(7),
+            probes: 4,
+        };
+        assert!(socket.set_keepalive(keepalive).expect("set"));
+        let Socket::Tcp(tcp) = &socket else {
+            unreachable!("built as TCP above")
+        };
+        let kernel = socket2::SockRef::from(tcp);
+        assert!(kernel.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(kernel.tcp_keepalive_time().expect("idle"), keepalive.idle);
+        assert_eq!(
+            kernel.tcp_keepalive_interval().expect("interval"),
+            keepalive.interval
+        );
+        assert_eq!(kernel.tcp_keepalive_retries().expect("probes"), 4);
+        assert!(socket.reset_on_close().expect("linger"));
+        assert_eq!(kernel.linger().expect("linger"), Some(Duration::ZERO));
     }
 }
