@@ -878,3 +878,18 @@ async fn close_metrics_agree_with_what_happened() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_documented_reconnect_policy_works_with_partysocket() {
+    setup();
+    let backend = start_backend(Some(TEST_KEY));
+    let gateway = start_gateway(&local_config(&[backend.address]));
+    let report = run_script(
+        "reconnect-client.mjs",
+        &[&gateway.url("/agents/CoderAgent/reconnect")],
+    )
+    .await;
+    assert_eq!(report[0]["closes"], json!([1001, 1008]), "{}", report[0]);
+    assert_eq!(report[0]["opens"], 2, "reconnected once, after the 1001 only");
+    assert_eq!(report[0]["still_closed"], true, "{}", report[0]);
+}
