@@ -30,6 +30,8 @@ COUNTERS = {
     "agent_gateway_ws_bytes_total",
     "agent_gateway_ws_protocol_errors_total",
     "agent_gateway_ws_handshakes_total",
+    "agent_gateway_ws_rate_limited_total",
+    "agent_gateway_ws_throttled_seconds_total",
     "agent_gateway_http_requests_total",
     "agent_gateway_upstream_errors_total",
     "agent_gateway_config_reloads_total",

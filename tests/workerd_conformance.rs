@@ -890,6 +890,9 @@ async fn the_documented_reconnect_policy_works_with_partysocket() {
     )
     .await;
     assert_eq!(report[0]["closes"], json!([1001, 1008]), "{}", report[0]);
-    assert_eq!(report[0]["opens"], 2, "reconnected once, after the 1001 only");
+    assert_eq!(
+        report[0]["opens"], 2,
+        "reconnected once, after the 1001 only"
+    );
     assert_eq!(report[0]["still_closed"], true, "{}", report[0]);
 }

@@ -16,6 +16,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// A route's WebSocket settings, and the table they came from, for agents to override.
+struct RouteWebSocket<'a> {
+    settings: &'a Arc<PumpSettings>,
+    section: &'a WebSocketSection,
+}
+
 /// What names a route: checked before the rest, so that a repeated route is reported as such.
 struct RouteHead {
     name: String,
@@ -123,11 +129,18 @@ impl Ctx<'_> {
             Some(names) => self.secret_names(names)?,
             None => vec![DEFAULT_REQUIRED.to_owned()],
         };
-        let websocket = Arc::new(match &section.websocket {
-            Some(own) => self.extract_websocket(&over(own, global_websocket))?,
-            None => self.extract_websocket(global_websocket)?,
-        });
-        let agents = self.extract_agents(section.agents, &route_requires, upstreams, &websocket)?;
+        let merged = section
+            .websocket
+            .as_ref()
+            .map(|own| over(own, global_websocket));
+        let websocket_section = merged.as_ref().unwrap_or(global_websocket);
+        let websocket = Arc::new(self.extract_websocket(websocket_section)?);
+        let route_websocket = RouteWebSocket {
+            settings: &websocket,
+            section: websocket_section,
+        };
+        let agents =
+            self.extract_agents(section.agents, &route_requires, upstreams, &route_websocket)?;
         let cors = match &section.cors {
             Some(c) => Some(self.extract_cors(c)?),
             None => global_cors.cloned(),
@@ -139,6 +152,7 @@ impl Ctx<'_> {
             default_instance,
             cors,
             agents,
+            websocket,
         })
     }
 
@@ -160,7 +174,7 @@ impl Ctx<'_> {
         sections: Vec<AgentSection>,
         route_requires: &[String],
         upstreams: &Upstreams,
-        websocket: &Arc<PumpSettings>,
+        websocket: &RouteWebSocket<'_>,
     ) -> Result<HashMap<String, Arc<Agent>>, ConfigError> {
         // Each agent with the line of its name, for the message about a later one.
         let mut agents: HashMap<String, (Arc<Agent>, usize)> = HashMap::new();
@@ -194,7 +208,7 @@ impl Ctx<'_> {
         section: &AgentSection,
         route_requires: &[String],
         upstreams: &Upstreams,
-        websocket: &Arc<PumpSettings>,
+        websocket: &RouteWebSocket<'_>,
     ) -> Result<Agent, ConfigError> {
         let name = section.name.get_ref();
         let slug = match &section.slug {
@@ -220,12 +234,21 @@ impl Ctx<'_> {
                 required_secrets.push(secret.to_owned());
             }
         }
+        // An agent's own table makes settings of its own; the others share their route's.
+        let (websocket, own_websocket) = match &section.websocket {
+            Some(own) => (
+                Arc::new(self.extract_websocket(&over(own, websocket.section))?),
+                true,
+            ),
+            None => (Arc::clone(websocket.settings), false),
+        };
         Ok(Agent {
             name: name.clone(),
             slug,
             upstream,
             required_secrets,
-            websocket: Arc::clone(websocket),
+            websocket,
+            own_websocket,
         })
     }
 }

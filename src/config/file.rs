@@ -115,6 +115,19 @@ pub(crate) struct WebSocketSection {
     pub(crate) tcp_keepalive_idle: Option<SpannedString>,
     pub(crate) tcp_keepalive_interval: Option<SpannedString>,
     pub(crate) tcp_keepalive_probes: Option<Spanned<i64>>,
+    /// Data messages per second from the client, per connection, and the burst allowed.
+    pub(crate) client_messages_per_second: Option<Spanned<i64>>,
+    pub(crate) client_message_burst: Option<Spanned<i64>>,
+    /// Bytes per second from the client, per connection, and the burst allowed.
+    pub(crate) client_bytes_per_second: Option<Spanned<i64>>,
+    pub(crate) client_bytes_burst: Option<Spanned<i64>>,
+    /// The same for one client over all its connections.
+    pub(crate) per_client_messages_per_second: Option<Spanned<i64>>,
+    pub(crate) per_client_message_burst: Option<Spanned<i64>>,
+    pub(crate) per_client_bytes_per_second: Option<Spanned<i64>>,
+    pub(crate) per_client_bytes_burst: Option<Spanned<i64>>,
+    /// `close` or `throttle`.
+    pub(crate) rate_limit_action: Option<SpannedString>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +168,8 @@ pub(crate) struct AgentSection {
     pub(crate) name: SpannedString,
     pub(crate) upstream: SpannedString,
     pub(crate) slug: Option<SpannedString>,
+    /// Overrides its route's WebSocket settings for this agent, key by key.
+    pub(crate) websocket: Option<WebSocketSection>,
 }
 
 /// One table for both kinds, so that a field given to the wrong kind gets a sentence of its

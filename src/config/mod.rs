@@ -127,6 +127,8 @@ pub(crate) struct Route {
     pub(crate) cors: Option<Arc<CorsPolicy>>,
     /// Agents by [`fold_key`](crate::routing::agent_name::fold_key).
     pub(crate) agents: HashMap<String, Arc<Agent>>,
+    /// Its WebSocket settings (`[websocket]` with `[routes.websocket]` over it).
+    pub(crate) websocket: Arc<PumpSettings>,
 }
 
 #[derive(Debug)]
@@ -138,8 +140,10 @@ pub(crate) struct Agent {
     pub(crate) upstream: Arc<Upstream>,
     /// Secrets requests to this agent need: its route's and its upstream's.
     pub(crate) required_secrets: Vec<String>,
-    /// Its route's WebSocket settings (`[websocket]` with `[routes.websocket]` over it).
+    /// Its WebSocket settings: its route's, or with its own `[routes.agents.websocket]` over
+    /// them (`own_websocket`).
     pub(crate) websocket: Arc<PumpSettings>,
+    pub(crate) own_websocket: bool,
 }
 
 impl Route {

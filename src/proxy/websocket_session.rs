@@ -16,7 +16,8 @@ use crate::websocket::handshake::{
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::pump::pump;
+use crate::websocket::pump::{pump, Ends, PumpSettings};
+use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
 use bytes::Bytes;
 use log::{info, warn};
@@ -168,6 +169,7 @@ pub(crate) async fn serve_websocket(
         deflate,
         request_id: client.request_id.clone(),
         trace_id: client.trace_id.clone(),
+        client_key: client.ip.map(ClientKey::Address),
     };
     let head = response_head_bytes(&response);
     if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
@@ -194,25 +196,25 @@ struct UpgradedConnection {
     /// For the connection line: the request's ID and trace ID.
     request_id: String,
     trace_id: Option<String>,
+    /// Who the client is, for its rate limits across connections.
+    client_key: Option<ClientKey>,
 }
 
 impl UpgradedConnection {
     /// Pumps the two streams until the connection ends, then accounts for how it ended.
     async fn run(self, client: Socket) {
-        let outcome = pump(
+        // The agent's settings; the fallback upstream has the global ones.
+        let agent_settings = self.target.agent.as_ref().map(|a| &a.agent.websocket);
+        let settings = agent_settings.map_or(&self.active.websocket, |s| s);
+        let limiter = self.limiter(settings, agent_settings);
+        let ends = Ends {
             client,
-            self.upstream,
-            &self.preread,
-            self.deflate,
-            self.state.drain.signal(),
-            // The agent's route's settings; the fallback upstream has the global ones.
-            self.target
-                .agent
-                .as_ref()
-                .map_or(&self.active.websocket, |a| &a.agent.websocket),
-            &self.metrics,
-        )
-        .await;
+            upstream: self.upstream,
+            upstream_preread: &self.preread,
+            deflate: self.deflate,
+        };
+        let drain = self.state.drain.signal();
+        let outcome = pump(ends, drain, settings, limiter, &self.metrics).await;
         let metrics = &self.state.metrics;
         if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
             let kind = match outcome.drop_kind {
@@ -229,6 +231,21 @@ impl UpgradedConnection {
             let ids = (self.request_id.as_str(), self.trace_id.as_deref());
             log_outcome(self.active.log.json, &self.target, ids, &outcome);
         }
+    }
+
+    /// The connection's rate limits, when its settings have any: its own buckets, and its
+    /// client's share of the per-client ones of the configuration in force.
+    fn limiter(
+        &self,
+        settings: &PumpSettings,
+        agent_settings: Option<&Arc<PumpSettings>>,
+    ) -> Option<Box<ConnectionLimiter>> {
+        let limits = settings.rate_limits.as_ref()?;
+        let buckets = self.active.client_limits.buckets(agent_settings);
+        let share = buckets.cloned().zip(self.client_key.clone());
+        let websocket_metrics = &self.state.metrics.websocket;
+        let counters = RateLimitCounters::new(websocket_metrics, agent_label(&self.target), limits);
+        Some(ConnectionLimiter::new(limits, share, counters))
     }
 }
 
@@ -266,6 +283,7 @@ fn log_outcome(
                 json!(outcome.protocol_error.map(|e| e.kind())),
             ),
             ("duration_ms", json!(outcome.duration.as_millis() as u64)),
+            ("throttled_ms", json!(outcome.throttled.as_millis() as u64)),
             ("bytes_in", json!(outcome.client_to_upstream.bytes)),
             ("bytes_out", json!(outcome.upstream_to_client.bytes)),
             ("frames_in", json!(outcome.client_to_upstream.frames)),

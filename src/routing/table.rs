@@ -1,14 +1,19 @@
 //! The routing table as people read it: one model of the configured routes, agents and
-//! upstreams, rendered as text by `agent-gateway check` and as JSON by the admin `/config`.
-//! Secrets appear by name and state only, never by value.
+//! upstreams, with each route's WebSocket settings (heartbeats, keepalive, rate limits),
+//! rendered as text by `agent-gateway check` and as JSON by the admin `/config`. Secrets
+//! appear by name and state only, never by value.
 
 use crate::config::{GatewayConfig, Route};
 use crate::routing::agent_name::example_spellings;
 use crate::secrets::presence::{hint, secret_state, SecretState};
 use crate::secrets::SecretStore;
 use crate::upstream::{Upstream, UpstreamKind};
+use crate::websocket::heartbeat::Heartbeat;
+use crate::websocket::pump::PumpSettings;
+use crate::websocket::rate_limit::{Limit, Rate};
 use serde_json::{json, Value};
 use std::io::Write;
+use std::time::Duration;
 
 pub struct RoutingTable {
     pub(crate) listen: String,
@@ -24,6 +29,7 @@ pub(crate) struct RouteRow {
     pub(crate) prefix: String,
     pub(crate) default_instance: String,
     pub(crate) cors: bool,
+    pub(crate) websocket: WebSocketRow,
     /// Sorted by name.
     pub(crate) agents: Vec<AgentRow>,
 }
@@ -36,6 +42,127 @@ pub(crate) struct AgentRow {
     /// `{upstream_prefix}/{slug}/{instance}`.
     pub(crate) upstream_path: String,
     pub(crate) secrets: Vec<SecretRow>,
+    /// Its own WebSocket settings (`[routes.agents.websocket]`); `None`: its route's.
+    pub(crate) websocket: Option<WebSocketRow>,
+}
+
+/// WebSocket settings as `check` and `/config` show them.
+pub(crate) struct WebSocketRow(PumpSettings);
+
+impl WebSocketRow {
+    /// Labelled lines after `indent`, in the column of an agent's `accepts` and `upstream`;
+    /// `note` ends the first.
+    fn write_text(&self, out: &mut impl Write, indent: &str, note: &str) -> std::io::Result<()> {
+        let s = &self.0;
+        let max_message = s
+            .max_message_bytes
+            .map_or("no cap".to_owned(), |b| format!("{b} bytes"));
+        writeln!(
+            out,
+            "{indent}websocket idle timeout {}, close timeout {}, max message {max_message}, upstream lost {}{note}",
+            s.idle_timeout.map_or("off".to_owned(), duration_text),
+            duration_text(s.close_timeout),
+            s.upstream_lost_code,
+        )?;
+        let heartbeat = |side: &str, h: Option<Heartbeat>| match h {
+            None => format!("{side} off"),
+            Some(h) => format!(
+                "{side} ping after {} silent, {}",
+                duration_text(h.interval),
+                h.timeout.map_or("no timeout".to_owned(), |t| format!(
+                    "gone after {}",
+                    duration_text(t)
+                )),
+            ),
+        };
+        writeln!(
+            out,
+            "{indent}heartbeat {}; {}",
+            heartbeat("client", s.client_heartbeat),
+            heartbeat("upstream", s.upstream_heartbeat),
+        )?;
+        let keepalive = s.tcp_keepalive.map_or("off".to_owned(), |k| {
+            format!(
+                "TCP idle {}, every {}, {} probes",
+                duration_text(k.idle),
+                duration_text(k.interval),
+                k.probes
+            )
+        });
+        writeln!(out, "{indent}keepalive {keepalive}")?;
+        let Some(limits) = &s.rate_limits else {
+            return writeln!(out, "{indent}rates     no limit");
+        };
+        let rates: Vec<String> = limits
+            .each()
+            .into_iter()
+            .filter_map(|(limit, rate)| {
+                let rate = rate?;
+                let (unit, scope) = match limit {
+                    Limit::ClientMessages => ("messages", "connection"),
+                    Limit::ClientBytes => ("bytes", "connection"),
+                    Limit::PerClientMessages => ("messages", "client"),
+                    Limit::PerClientBytes => ("bytes", "client"),
+                };
+                Some(format!(
+                    "{} {unit}/s per {scope} (burst {})",
+                    rate.per_second, rate.burst
+                ))
+            })
+            .collect();
+        writeln!(
+            out,
+            "{indent}rates     {}; over a limit: {}",
+            rates.join(", "),
+            limits.action.label()
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        let s = &self.0;
+        let interval = |h: Option<Heartbeat>| h.map(|h| duration_text(h.interval));
+        let timeout = |h: Option<Heartbeat>| h.and_then(|h| h.timeout).map(duration_text);
+        let rate =
+            |r: Option<Rate>| r.map(|r| json!({"per_second": r.per_second, "burst": r.burst}));
+        json!({
+            "idle_timeout": s.idle_timeout.map(duration_text),
+            "close_timeout": duration_text(s.close_timeout),
+            "max_message_bytes": s.max_message_bytes,
+            "upstream_lost_code": s.upstream_lost_code,
+            "ping_interval": interval(s.client_heartbeat),
+            "ping_timeout": timeout(s.client_heartbeat),
+            "upstream_ping_interval": interval(s.upstream_heartbeat),
+            "upstream_ping_timeout": timeout(s.upstream_heartbeat),
+            "tcp_keepalive": s.tcp_keepalive.map(|k| json!({
+                "idle": duration_text(k.idle),
+                "interval": duration_text(k.interval),
+                "probes": k.probes,
+            })),
+            "rate_limits": s.rate_limits.as_ref().map(|l| {
+                let mut fields: serde_json::Map<String, Value> = l
+                    .each()
+                    .into_iter()
+                    .map(|(limit, r)| (limit.label().to_owned(), json!(rate(r))))
+                    .collect();
+                fields.insert("action".to_owned(), json!(l.action.label()));
+                fields
+            }),
+        })
+    }
+}
+
+/// A duration as the configuration writes it: `"500ms"`, `"25s"`, `"5m"`, `"1h"`.
+fn duration_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs != 0 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs != 0 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
 }
 
 pub(crate) struct SecretRow {
@@ -161,6 +288,7 @@ impl RoutingTable {
                 route.default_instance,
                 if route.cors { ", CORS policy" } else { "" }
             )?;
+            route.websocket.write_text(out, "  ", "")?;
             for agent in &route.agents {
                 writeln!(out, "  {}", agent.name)?;
                 writeln!(
@@ -185,6 +313,9 @@ impl RoutingTable {
                     };
                     writeln!(out, "    secret    {}: {state}", secret.name)?;
                 }
+                if let Some(own) = &agent.websocket {
+                    own.write_text(out, "    ", "  (its own)")?;
+                }
             }
         }
         if let Some(fallback) = &self.fallback {
@@ -208,13 +339,17 @@ impl RoutingTable {
                     .agents
                     .iter()
                     .map(|a| {
-                        json!({
+                        let mut agent = json!({
                             "name": a.name,
                             "slug": a.slug,
                             "upstream": a.upstream.name,
                             "upstream_path": a.upstream_path,
                             "required_secrets": a.secrets.iter().map(|s| &s.name).collect::<Vec<_>>(),
-                        })
+                        });
+                        if let Some(own) = &a.websocket {
+                            agent["websocket"] = own.to_json();
+                        }
+                        agent
                     })
                     .collect();
                 json!({
@@ -222,6 +357,7 @@ impl RoutingTable {
                     "prefix": route.prefix,
                     "default_instance": route.default_instance,
                     "cors": route.cors,
+                    "websocket": route.websocket.to_json(),
                     "agents": agents,
                 })
             })
@@ -275,6 +411,9 @@ fn route_row(config: &GatewayConfig, secrets: &SecretStore, route: &Route) -> Ro
                     },
                 })
                 .collect(),
+            websocket: agent
+                .own_websocket
+                .then(|| WebSocketRow(PumpSettings::clone(&agent.websocket))),
         })
         .collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name));
@@ -283,6 +422,7 @@ fn route_row(config: &GatewayConfig, secrets: &SecretStore, route: &Route) -> Ro
         prefix: route.prefix.clone(),
         default_instance: route.default_instance.clone(),
         cors: route.cors.is_some(),
+        websocket: WebSocketRow(PumpSettings::clone(&route.websocket)),
         agents,
     }
 }
@@ -290,7 +430,7 @@ fn route_row(config: &GatewayConfig, secrets: &SecretStore, route: &Route) -> Ro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::fixtures::requiring_missing;
+    use crate::config::fixtures::{parse, requiring_missing, CODER_AND_CHAT, UPSTREAMS};
 
     fn table() -> RoutingTable {
         let config = requiring_missing("TABLE_TEST_UNSET", "fallback_upstream = \"cloud\"\n");
@@ -327,5 +467,95 @@ mod tests {
         );
         assert_eq!(json["fallback_upstream"], "cloud");
         assert_eq!(json["upstreams"][1]["nodes"][0], "127.0.0.1:1");
+    }
+
+    /// Heartbeats, keepalive and rate limits of each route, and of an agent with its own.
+    fn limited() -> RoutingTable {
+        let agents = CODER_AND_CHAT.replace(
+            "upstream = \"cloud\"\n",
+            "upstream = \"cloud\"\n[routes.agents.websocket]\nper_client_bytes_per_second = 65536\nrate_limit_action = \"throttle\"\nping_timeout = \"0s\"\n",
+        );
+        let config = parse(&format!(
+            "{UPSTREAMS}[websocket]\nclient_messages_per_second = 20\nclient_message_burst = 5\nidle_timeout = \"5m\"\nclose_timeout = \"500ms\"\ntcp_keepalive_idle = \"0s\"\n[[routes]]\nrequire = []\n{agents}"
+        ));
+        RoutingTable::of(&config, &SecretStore::read(&config))
+    }
+
+    #[test]
+    fn text_shows_websocket_settings_and_rate_limits() {
+        let mut out = Vec::new();
+        limited().write_text(&mut out).expect("written");
+        let text = String::from_utf8(out).expect("utf-8");
+        for expected in [
+            "\n  websocket idle timeout 5m, close timeout 500ms, max message 16777216 bytes, upstream lost 1011\n",
+            "\n  heartbeat client ping after 25s silent, gone after 10s; upstream ping after 25s silent, gone after 10s\n",
+            "\n  keepalive off\n",
+            "\n  rates     20 messages/s per connection (burst 5); over a limit: close\n",
+            "  (its own)\n    heartbeat client ping after 25s silent, no timeout; upstream",
+            "\n    rates     20 messages/s per connection (burst 5), 65536 bytes/s per client (burst 65536); over a limit: throttle\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        let table = table();
+        let mut out = Vec::new();
+        table.write_text(&mut out).expect("written");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("\n  rates     no limit\n"), "{text}");
+        assert!(
+            text.contains("\n  keepalive TCP idle 1m, every 10s, 6 probes\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_shows_the_same_settings() {
+        let json = Value::Object(limited().to_json());
+        let route = &json["routes"][0]["websocket"];
+        assert_eq!(route["idle_timeout"], "5m");
+        assert_eq!(route["close_timeout"], "500ms");
+        assert_eq!(route["ping_interval"], "25s");
+        assert_eq!(route["ping_timeout"], "10s");
+        assert_eq!(route["tcp_keepalive"], Value::Null);
+        assert_eq!(
+            route["rate_limits"],
+            json!({
+                "client_messages": {"per_second": 20, "burst": 5},
+                "client_bytes": null,
+                "per_client_messages": null,
+                "per_client_bytes": null,
+                "action": "close",
+            })
+        );
+        let chat = &json["routes"][0]["agents"][0];
+        assert_eq!(chat["name"], "Chat");
+        assert_eq!(chat["websocket"]["ping_timeout"], Value::Null);
+        assert_eq!(chat["websocket"]["rate_limits"]["action"], "throttle");
+        assert_eq!(
+            chat["websocket"]["rate_limits"]["per_client_bytes"]["burst"],
+            65536
+        );
+        assert!(json["routes"][0]["agents"][1].get("websocket").is_none());
+        let defaults = Value::Object(table().to_json());
+        let keepalive = &defaults["routes"][0]["websocket"]["tcp_keepalive"];
+        assert_eq!(
+            *keepalive,
+            json!({"idle": "1m", "interval": "10s", "probes": 6})
+        );
+        assert_eq!(
+            defaults["routes"][0]["websocket"]["rate_limits"],
+            Value::Null
+        );
+    }
+
+    #[test]
+    fn durations_read_as_the_configuration_writes_them() {
+        let text = |ms: u64| duration_text(Duration::from_millis(ms));
+        assert_eq!(text(0), "0s");
+        assert_eq!(text(500), "500ms");
+        assert_eq!(text(1500), "1500ms");
+        assert_eq!(text(25_000), "25s");
+        assert_eq!(text(90_000), "90s");
+        assert_eq!(text(300_000), "5m");
+        assert_eq!(text(7_200_000), "2h");
     }
 }

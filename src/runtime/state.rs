@@ -11,8 +11,11 @@ use crate::secrets::presence::presence;
 use crate::secrets::reports::UpstreamReports;
 use crate::secrets::SecretStore;
 use crate::telemetry::metrics::Metrics;
+use crate::websocket::pump::PumpSettings;
+use crate::websocket::rate_limit::ClientBuckets;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,13 +25,69 @@ use std::sync::Arc;
 pub(crate) struct ActiveConfig {
     pub(crate) config: GatewayConfig,
     pub(crate) secrets: SecretStore,
+    /// The per-client rate-limit buckets of this configuration: made anew with each one, so
+    /// that a reload starts them full.
+    pub(crate) client_limits: ClientLimits,
 }
 
 impl ActiveConfig {
     /// Reads the secrets `config` names (start-up and reload do this, parsing does not).
     pub(crate) fn new(config: GatewayConfig) -> Self {
         let secrets = SecretStore::read(&config);
-        ActiveConfig { config, secrets }
+        let client_limits = ClientLimits::of(&config);
+        ActiveConfig {
+            config,
+            secrets,
+            client_limits,
+        }
+    }
+}
+
+/// The per-client rate-limit buckets, one set per WebSocket settings that have per-client
+/// limits: a route's (shared by its agents) or an agent's own.
+#[derive(Default)]
+pub(crate) struct ClientLimits {
+    /// By the address of the settings: agents that share their route's settings (one `Arc`)
+    /// share its buckets. The configuration holds those `Arc`s as long as this.
+    by_settings: HashMap<usize, Arc<ClientBuckets>>,
+    /// Those of the global `[websocket]`, for the fallback upstream.
+    fallback: Option<Arc<ClientBuckets>>,
+}
+
+impl ClientLimits {
+    fn of(config: &GatewayConfig) -> Self {
+        let mut by_settings = HashMap::new();
+        for agent in config.routes.iter().flat_map(|r| r.agents.values()) {
+            let key = Self::key(&agent.websocket);
+            if by_settings.contains_key(&key) {
+                continue;
+            }
+            let limits = agent.websocket.rate_limits.as_ref();
+            if let Some(buckets) = limits.and_then(ClientBuckets::new) {
+                by_settings.insert(key, buckets);
+            }
+        }
+        let fallback = config
+            .websocket
+            .rate_limits
+            .as_ref()
+            .and_then(ClientBuckets::new);
+        ClientLimits {
+            by_settings,
+            fallback,
+        }
+    }
+
+    fn key(settings: &Arc<PumpSettings>) -> usize {
+        Arc::as_ptr(settings) as usize
+    }
+
+    /// The buckets of an agent's settings; `None`: the fallback upstream's.
+    pub(crate) fn buckets(&self, agent: Option<&Arc<PumpSettings>>) -> Option<&Arc<ClientBuckets>> {
+        match agent {
+            Some(settings) => self.by_settings.get(&Self::key(settings)),
+            None => self.fallback.as_ref(),
+        }
     }
 }
 
@@ -151,5 +210,39 @@ impl GatewayState {
             log::info!("upstream {upstream} answers normally again");
             self.refresh_secret_gauges();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::fixtures::{parse, UPSTREAMS};
+
+    /// Agents that share their route's settings share its per-client buckets; an agent with
+    /// per-client limits of its own has its own; each configuration has new ones.
+    #[test]
+    fn per_client_buckets_follow_the_settings_they_were_made_for() {
+        let text = format!(
+            "{UPSTREAMS}[[routes]]\nrequire = []\n[routes.websocket]\nper_client_messages_per_second = 5\n\
+             [[routes.agents]]\nname = \"A\"\nupstream = \"local\"\n\
+             [[routes.agents]]\nname = \"B\"\nupstream = \"local\"\n\
+             [[routes.agents]]\nname = \"C\"\nupstream = \"local\"\n[routes.agents.websocket]\nper_client_message_burst = 9\n\
+             [[routes.agents]]\nname = \"D\"\nupstream = \"local\"\n[routes.agents.websocket]\nper_client_messages_per_second = 0\n"
+        );
+        let config = parse(&text);
+        let limits = ClientLimits::of(&config);
+        let agents = &config.routes[0].agents;
+        let buckets = |name: &str| limits.buckets(Some(&agents[name].websocket));
+        let (a, b, c) = (buckets("a"), buckets("b"), buckets("c"));
+        assert!(a.zip(b).is_some_and(|(a, b)| Arc::ptr_eq(a, b)));
+        assert!(a.zip(c).is_some_and(|(a, c)| !Arc::ptr_eq(a, c)));
+        assert!(
+            buckets("d").is_none(),
+            "its own settings have no per-client limit"
+        );
+        assert!(limits.buckets(None).is_none(), "no global per-client limit");
+        let again = ClientLimits::of(&config);
+        let fresh = again.buckets(Some(&agents["a"].websocket));
+        assert!(a.zip(fresh).is_some_and(|(a, f)| !Arc::ptr_eq(a, f)));
     }
 }

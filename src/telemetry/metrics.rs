@@ -191,6 +191,7 @@ mod tests {
                 cause: Cause::Dropped,
                 protocol_error: None,
                 duration: Duration::from_secs(2),
+                throttled: Duration::ZERO,
                 client_to_upstream: DirectionStats::default(),
                 upstream_to_client: DirectionStats::default(),
             },

@@ -3,13 +3,14 @@
 //! between two frames and the Pongs that answer the gateway's Pings taken out.
 
 use super::frame::{
-    mask_key, CloseFrame, Feed, FrameEvent, FrameParser, ProtocolError, Sender, MAX_CONTROL_FRAME,
+    mask_key, CloseFrame, Feed, FrameEvent, FrameParser, Sender, MAX_CONTROL_FRAME,
 };
 use super::heartbeat::{is_gateway_pong, PingFrame};
 use super::metrics::DirectionCounters;
+use super::outbox::{Outbox, Sink, Stop};
 use super::outcome::DirectionStats;
+use super::rate_limit::{agent_close, ConnectionLimiter, Verdict};
 use super::socket::Socket;
-use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -18,112 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Bytes read per direction at once, into a buffer on the stack: an idle connection holds
 /// no read buffer at all, only what a slow destination has not taken yet.
 const READ_SIZE: usize = 16 * 1024;
-
-/// Why a direction stopped.
-pub(crate) enum Stop {
-    SourceEnded(Option<io::Error>),
-    DestinationFailed(io::Error),
-    Protocol(ProtocolError),
-}
-
-/// What goes toward the destination: written at once as far as it takes it, the rest kept
-/// in order.
-pub(crate) struct Outbox {
-    /// `pending[pos..]` was meant for the destination but it has not taken it yet; empty
-    /// (and unallocated after a burst) while the destination keeps up.
-    pending: Vec<u8>,
-    pos: usize,
-    needs_flush: bool,
-    /// While a heartbeat Ping toward the destination is unanswered: when the destination
-    /// last took bytes (one that still takes them is still there).
-    watching: bool,
-    pub(crate) progress: Instant,
-}
-
-/// Where [`Direction::ingest`] sends what may go on: to the destination now, or (bytes read
-/// with the handshake, before the pump runs) kept for it.
-pub(crate) enum Sink<'a, 'b> {
-    Now {
-        cx: &'a mut Context<'b>,
-        destination: &'a mut Socket,
-    },
-    Later,
-}
-
-impl Outbox {
-    fn new(now: Instant) -> Self {
-        Outbox {
-            pending: Vec::new(),
-            pos: 0,
-            needs_flush: false,
-            watching: false,
-            progress: now,
-        }
-    }
-
-    pub(crate) fn has_pending(&self) -> bool {
-        self.pos < self.pending.len()
-    }
-
-    fn wrote(&mut self) {
-        self.needs_flush = true;
-        if self.watching {
-            self.progress = Instant::now();
-        }
-    }
-
-    /// Sends `bytes` after anything kept before them.
-    fn emit(&mut self, sink: &mut Sink<'_, '_>, mut bytes: &[u8]) -> Result<(), Stop> {
-        if let Sink::Now { cx, destination } = sink {
-            while !bytes.is_empty() && !self.has_pending() {
-                match poll_write_some(cx, destination, bytes) {
-                    Poll::Ready(Ok(written)) => {
-                        self.wrote();
-                        bytes = &bytes[written..];
-                    }
-                    Poll::Ready(Err(stop)) => return Err(stop),
-                    Poll::Pending => break,
-                }
-            }
-        }
-        self.pending.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Writes what was kept; ready once all of it is out.
-    fn poll_drain(
-        &mut self,
-        cx: &mut Context<'_>,
-        destination: &mut Socket,
-    ) -> Poll<Result<(), Stop>> {
-        while self.has_pending() {
-            match poll_write_some(cx, destination, &self.pending[self.pos..]) {
-                Poll::Ready(Ok(written)) => {
-                    self.pos += written;
-                    self.wrote();
-                }
-                Poll::Ready(Err(stop)) => return Poll::Ready(Err(stop)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        if !self.pending.is_empty() {
-            // Drained: give a burst's memory back.
-            self.pending = Vec::new();
-            self.pos = 0;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Writes what was kept, to the end (after the pump's loop).
-    pub(crate) async fn drain(&mut self, destination: &mut Socket) -> io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        if self.has_pending() {
-            destination.write_all(&self.pending[self.pos..]).await?;
-            self.pos = self.pending.len();
-        }
-        Ok(())
-    }
-}
 
 /// One direction: bytes read from `source`, parsed, written to the other side.
 pub(crate) struct Direction {
@@ -253,28 +148,47 @@ impl Direction {
     /// answering the gateway's Ping is taken out, and nothing of a malformed frame goes on.
     /// Returns whether `data` held more than such Pongs.
     pub(crate) fn ingest(&mut self, data: &[u8], sink: &mut Sink<'_, '_>) -> Result<bool, Stop> {
+        self.ingest_with(data, sink, None)
+            .map(|ingested| ingested.traffic)
+    }
+
+    /// [`Self::ingest`] under rate limits: a data message goes on only once `limiter` has
+    /// charged it, and the bytes from one that must wait are not taken (`held`).
+    fn ingest_with(
+        &mut self,
+        data: &[u8],
+        sink: &mut Sink<'_, '_>,
+        limiter: Option<&mut ConnectionLimiter>,
+    ) -> Result<Ingested, Stop> {
         let messages_before = self.stats.messages;
-        self.stats.bytes += data.len() as u64;
-        self.counters.bytes.inc_by(data.len() as u64);
-        let result = self.ingest_frames(data, sink);
+        let result = self.ingest_frames(data, sink, limiter);
+        // Bytes held back are counted when they are taken.
+        let taken = data.len() - result.as_ref().map_or(0, |i| i.held);
+        self.stats.bytes += taken as u64;
+        self.counters.bytes.inc_by(taken as u64);
         self.counters
             .messages
             .inc_by(self.stats.messages - messages_before);
         result
     }
 
-    fn ingest_frames(&mut self, mut data: &[u8], sink: &mut Sink<'_, '_>) -> Result<bool, Stop> {
+    fn ingest_frames(
+        &mut self,
+        mut data: &[u8],
+        sink: &mut Sink<'_, '_>,
+        mut limiter: Option<&mut ConnectionLimiter>,
+    ) -> Result<Ingested, Stop> {
         let mut traffic = false;
         loop {
             if self.close_seen.is_some() {
                 // Nothing may follow a Close frame: read, counted, dropped.
-                return Ok(true);
+                return Ok(Ingested::all(true));
             }
             if self.own_frame_waits() && self.between_frames() {
                 self.send_own_frame(sink)?;
             }
             if data.is_empty() {
-                return Ok(traffic);
+                return Ok(Ingested::all(traffic));
             }
             let forwarding = !self.closed_toward_destination;
             if self.parser.holding_pong() {
@@ -300,7 +214,14 @@ impl Direction {
                 continue;
             }
             // With a frame of ours waiting, stop at the first boundary to send it there.
-            let (used, feed) = self.feed(data, forwarding && self.own_frame_waits());
+            let stop_at_boundary = forwarding && self.own_frame_waits();
+            let (used, feed, held) = match limiter.as_deref_mut() {
+                None => {
+                    let (used, feed) = self.feed(data, stop_at_boundary);
+                    (used, feed, false)
+                }
+                Some(limiter) => self.feed_charged(data, stop_at_boundary, limiter, forwarding),
+            };
             let (fine, error) = match feed {
                 Feed::Ok => (used, None),
                 Feed::Error { offset, error } => (offset, Some(error)),
@@ -320,6 +241,53 @@ impl Direction {
                 self.close = None;
                 self.ping_due = false;
             }
+            if held {
+                return Ok(Ingested {
+                    traffic,
+                    held: data.len(),
+                });
+            }
+        }
+    }
+
+    /// [`Self::feed`] with each data message charged to `limiter` as it begins, over as many
+    /// messages as it lets through, so that they go on in one write. Also says whether it
+    /// stopped before a message the limiter holds back (throttle). Over a limit with `close`,
+    /// it stops before the message, with the Close of ours queued to go there.
+    fn feed_charged(
+        &mut self,
+        data: &[u8],
+        stop_at_boundary: bool,
+        limiter: &mut ConnectionLimiter,
+        forwarding: bool,
+    ) -> (usize, Feed, bool) {
+        let mut used = 0;
+        loop {
+            let (n, feed) = self.feed(&data[used..], stop_at_boundary);
+            let base = used;
+            used += n;
+            if let Feed::Error { offset, error } = feed {
+                let offset = base + offset;
+                return (used, Feed::Error { offset, error }, false);
+            }
+            if !self.parser.at_message_gate() {
+                return (used, feed, false);
+            }
+            // After a Close toward the destination nothing goes on: nothing to charge.
+            let verdict = if forwarding {
+                limiter.admit_message()
+            } else {
+                Verdict::Pass
+            };
+            match verdict {
+                Verdict::Pass => self.parser.open_gate(),
+                Verdict::Close => {
+                    self.queue_close(agent_close(self.toward_server));
+                    self.parser.open_gate();
+                    return (used, feed, false);
+                }
+                Verdict::Throttle => return (used, feed, true),
+            }
         }
     }
 
@@ -331,12 +299,14 @@ impl Direction {
             })
     }
 
-    /// Drives this direction until it needs to wait, or stops.
+    /// Drives this direction until it needs to wait, or stops. `limiter`: the rate limits on
+    /// what the source sends (the client's), if any.
     pub(crate) fn poll_step(
         &mut self,
         cx: &mut Context<'_>,
         source: &mut Socket,
         destination: &mut Socket,
+        mut limiter: Option<&mut ConnectionLimiter>,
     ) -> Poll<Stop> {
         loop {
             match self.out.poll_drain(cx, destination) {
@@ -354,10 +324,19 @@ impl Direction {
                 }
                 continue;
             }
+            let mut read_size = READ_SIZE;
+            if let Some(limiter) = limiter.as_deref_mut() {
+                match self.before_read(cx, destination, limiter) {
+                    Limited::Read(size) => read_size = size,
+                    Limited::Fed => continue,
+                    Limited::Wait => return self.poll_flush_idle(cx, destination),
+                    Limited::Stop(stop) => return Poll::Ready(stop),
+                }
+            }
             // Uninitialised: zeroing 16 KiB on every read attempt would cost more than the
             // rest of the pump's work per message.
             let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut read_buf = ReadBuf::uninit(&mut scratch);
+            let mut read_buf = ReadBuf::uninit(&mut scratch[..read_size]);
             match Pin::new(&mut *source).poll_read(cx, &mut read_buf) {
                 Poll::Ready(Ok(())) => {
                     let data = read_buf.filled();
@@ -370,42 +349,122 @@ impl Direction {
                         cx: &mut *cx,
                         destination: &mut *destination,
                     };
-                    match self.ingest(data, &mut sink) {
-                        Ok(true) => self.last_traffic = now,
-                        Ok(false) => {}
+                    let ingested = match limiter.as_deref_mut() {
+                        None => self.ingest_with(data, &mut sink, None),
+                        Some(limiter) => self.ingest_read(data, &mut sink, limiter),
+                    };
+                    match ingested {
+                        Ok(ingested) if ingested.traffic => self.last_traffic = now,
+                        Ok(_) => {}
                         Err(stop) => return Poll::Ready(stop),
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Stop::SourceEnded(Some(e))),
-                Poll::Pending => {
-                    if self.out.needs_flush {
-                        match Pin::new(&mut *destination).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.out.needs_flush = false,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
-                            Poll::Pending => {}
-                        }
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return self.poll_flush_idle(cx, destination),
             }
+        }
+    }
+
+    /// Waiting for the source (or a rate limit): what was written goes out meanwhile.
+    fn poll_flush_idle(&mut self, cx: &mut Context<'_>, destination: &mut Socket) -> Poll<Stop> {
+        if self.out.needs_flush {
+            match Pin::new(&mut *destination).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.out.needs_flush = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Stop::DestinationFailed(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Under rate limits, before a read: wait while throttled, then feed what was held back
+    /// before reading more, and read no more than a read may be charged.
+    fn before_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        destination: &mut Socket,
+        limiter: &mut ConnectionLimiter,
+    ) -> Limited {
+        // After a Close toward the destination nothing goes on: the source's Close is read
+        // without waiting.
+        if !self.closed_toward_destination && !limiter.ready() {
+            return Limited::Wait;
+        }
+        if self.parser.at_message_gate() {
+            // The message there was charged when the throttle ended.
+            self.parser.open_gate();
+        }
+        let Some((backlog, pos)) = limiter.take_backlog() else {
+            return Limited::Read(limiter.read_size(READ_SIZE));
+        };
+        let mut sink = Sink::Now {
+            cx: &mut *cx,
+            destination: &mut *destination,
+        };
+        let result = self.ingest_with(&backlog[pos..], &mut sink, Some(&mut *limiter));
+        let fed = backlog.len() - result.as_ref().map_or(0, |i| i.held);
+        limiter.return_backlog(backlog, fed);
+        match result {
+            Ok(_) if limiter.take_hit().is_some() => Limited::Stop(Stop::RateLimited),
+            Ok(ingested) => {
+                if ingested.traffic {
+                    self.last_traffic = Instant::now();
+                }
+                Limited::Fed
+            }
+            Err(stop) => Limited::Stop(stop),
+        }
+    }
+
+    /// A read under rate limits: its bytes charged, then parsed; the end of it that begins a
+    /// message the limits hold back is kept for later.
+    fn ingest_read(
+        &mut self,
+        data: &[u8],
+        sink: &mut Sink<'_, '_>,
+        limiter: &mut ConnectionLimiter,
+    ) -> Result<Ingested, Stop> {
+        // Over a bytes limit with `throttle`, what was read goes on and the next read waits;
+        // with `close`, our Close goes at the first boundary.
+        if !self.closed_toward_destination && limiter.charge_bytes(data.len()) == Verdict::Close {
+            self.queue_close(agent_close(self.toward_server));
+        }
+        let ingested = self.ingest_with(data, sink, Some(&mut *limiter))?;
+        if ingested.held > 0 {
+            limiter.hold(&data[data.len() - ingested.held..]);
+        } else {
+            limiter.read_through();
+        }
+        match limiter.take_hit() {
+            Some(_) => Err(Stop::RateLimited),
+            None => Ok(ingested),
         }
     }
 }
 
-/// One write; a destination that takes no bytes is gone.
-fn poll_write_some(
-    cx: &mut Context<'_>,
-    destination: &mut Socket,
-    bytes: &[u8],
-) -> Poll<Result<usize, Stop>> {
-    match Pin::new(&mut *destination).poll_write(cx, bytes) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Err(Stop::DestinationFailed(
-            io::ErrorKind::WriteZero.into(),
-        ))),
-        Poll::Ready(Ok(written)) => Poll::Ready(Ok(written)),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(Stop::DestinationFailed(e))),
-        Poll::Pending => Poll::Pending,
+/// What [`Direction::ingest_with`] did with the bytes it was given.
+struct Ingested {
+    /// They held more than Pongs answering the gateway.
+    traffic: bool,
+    /// Bytes at their end not taken: they begin a data message a rate limit holds back.
+    held: usize,
+}
+
+impl Ingested {
+    fn all(traffic: bool) -> Self {
+        Ingested { traffic, held: 0 }
     }
+}
+
+/// What a direction under rate limits does before reading.
+enum Limited {
+    /// Read at most this much.
+    Read(usize),
+    /// Fed bytes held back earlier instead: look again.
+    Fed,
+    /// Throttled: the pump's timer says when to look again.
+    Wait,
+    Stop(Stop),
 }
 
 fn record(
@@ -429,6 +488,8 @@ mod tests {
     use crate::websocket::frame::tests::frame;
     use crate::websocket::heartbeat::PING_PREFIX;
     use crate::websocket::metrics::WebSocketMetrics;
+    use crate::websocket::rate_limit::{Rate, RateLimitAction, RateLimitCounters, RateLimits};
+    use std::num::NonZeroU32;
 
     const KEY: Option<[u8; 4]> = Some([9, 8, 7, 6]);
     const OP_TEXT: u8 = 0x1;
@@ -561,5 +622,86 @@ mod tests {
         assert!(forwarded.ends_with(&close));
         d.queue_ping(Instant::now());
         assert!(!d.own_frame_waits());
+    }
+
+    /// A limiter of `per_second` data messages with a burst of `burst`.
+    fn message_limiter(
+        per_second: u32,
+        burst: u32,
+        action: RateLimitAction,
+    ) -> Box<ConnectionLimiter> {
+        let rate = NonZeroU32::new(per_second).zip(NonZeroU32::new(burst));
+        let limits = RateLimits {
+            messages: rate.map(|(per_second, burst)| Rate { per_second, burst }),
+            bytes: None,
+            per_client_messages: None,
+            per_client_bytes: None,
+            action,
+        };
+        let counters = RateLimitCounters::new(&WebSocketMetrics::new(), "test", &limits);
+        ConnectionLimiter::new(&limits, None, counters)
+    }
+
+    /// Throttled: what the burst allows goes on, the message after it waits whole in the
+    /// backlog, from its first byte; a control frame between two messages is not charged.
+    #[test]
+    fn a_throttled_read_stops_before_the_first_message_over_the_limit() {
+        let a = frame(true, 0, OP_TEXT, b"a", KEY);
+        let ping = frame(true, 0, 0x9, b"", KEY);
+        let b = frame(false, 0, OP_TEXT, b"b", KEY);
+        let b_end = frame(true, 0, OP_CONTINUATION, b"b", KEY);
+        let c = frame(true, 0, OP_TEXT, b"c", KEY);
+        let read = [a.clone(), ping.clone(), b.clone(), b_end.clone(), c.clone()].concat();
+        let mut limiter = message_limiter(1, 2, RateLimitAction::Throttle);
+        let mut d = direction(Sender::Client);
+        d.parser.gate_messages();
+        let ingested = d
+            .ingest_read(&read, &mut Sink::Later, &mut limiter)
+            .unwrap_or_else(|_| panic!("a valid stream was refused"));
+        assert_eq!(ingested.held, c.len());
+        assert_eq!(d.out.pending[d.out.pos..], [a, ping, b, b_end].concat());
+        assert_eq!(d.stats.messages, 2);
+        assert_eq!(d.stats.bytes, (read.len() - c.len()) as u64);
+        let (backlog, pos) = limiter.take_backlog().expect("held back");
+        assert_eq!(backlog[pos..], c[..]);
+        assert!(limiter.waiting_until().is_some());
+        assert!(!limiter.ready(), "a message a second: not yet");
+    }
+
+    /// Closed: the agent's Close goes where the message over the limit would have begun, and
+    /// nothing after it goes on.
+    #[test]
+    fn a_closed_read_ends_with_the_agents_close_before_the_message() {
+        let a = frame(true, 0, OP_TEXT, b"a", KEY);
+        let b = frame(true, 0, OP_TEXT, b"b", KEY);
+        let close = frame(true, 0, 0x8, &1000u16.to_be_bytes(), KEY);
+        let read = [a.clone(), b, close].concat();
+        let mut limiter = message_limiter(1, 1, RateLimitAction::Close);
+        let mut d = direction(Sender::Client);
+        d.parser.gate_messages();
+        let ingested = d.ingest_read(&read, &mut Sink::Later, &mut limiter);
+        assert!(
+            matches!(ingested, Err(Stop::RateLimited)),
+            "told to the pump"
+        );
+        let forwarded = &d.out.pending[d.out.pos..];
+        assert_eq!(forwarded[..a.len()], a[..]);
+        let mut check = FrameParser::new(Sender::Client, false);
+        let mut closes = Vec::new();
+        assert_eq!(
+            check.feed(&forwarded[a.len()..], |e| {
+                if let crate::websocket::frame::FrameEvent::Close(c) = e {
+                    closes.push(c.code);
+                }
+            }),
+            Feed::Ok
+        );
+        assert_eq!(closes, [Some(1001)], "the agent's Close, and nothing else");
+        assert!(d.closed_toward_destination);
+        assert!(
+            d.close_seen.is_some(),
+            "the client's own Close is still seen"
+        );
+        assert!(limiter.take_hit().is_none(), "told once");
     }
 }

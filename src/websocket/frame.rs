@@ -139,6 +139,15 @@ pub struct FrameParser {
     hold_pongs: bool,
     /// The frame being read is a Pong held back.
     holding: bool,
+    /// Stop before every data message (see [`Self::gate_messages`]).
+    gate_messages: bool,
+    /// Stopped before a data message, until [`Self::open_gate`].
+    at_gate: bool,
+    /// The data message at the gate may go on.
+    gate_open: bool,
+    /// `hold_pongs || gate_messages`: whether a frame's first byte is looked at, one check
+    /// per frame when neither is on.
+    first_byte_stops: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -167,6 +176,10 @@ impl FrameParser {
             bad_frame_began_in_chunk: false,
             hold_pongs: false,
             holding: false,
+            gate_messages: false,
+            at_gate: false,
+            gate_open: false,
+            first_byte_stops: false,
         }
     }
 
@@ -175,6 +188,46 @@ impl FrameParser {
     /// [`Self::pong_payload`] and either drops it or forwards [`Self::held_pong_frame`].
     pub fn hold_pongs(&mut self) {
         self.hold_pongs = true;
+        self.first_byte_stops = true;
+    }
+
+    /// From now on, stop before the first byte of every frame that begins a data message
+    /// (text or binary), so that the caller can charge it to a rate limit first; nothing of
+    /// it is consumed until [`Self::open_gate`].
+    pub fn gate_messages(&mut self) {
+        self.gate_messages = true;
+        self.first_byte_stops = true;
+    }
+
+    /// Whether the parser stopped before a data message (see [`Self::gate_messages`]).
+    pub fn at_message_gate(&self) -> bool {
+        self.at_gate
+    }
+
+    /// Lets the data message at the gate go on.
+    pub fn open_gate(&mut self) {
+        self.at_gate = false;
+        self.gate_open = true;
+    }
+
+    /// Whether to stop before the frame whose first byte is `first`: a Pong to hold back, or
+    /// a data message the caller has not let through yet.
+    fn stops_before(&mut self, first: u8) -> bool {
+        let opcode = first & 0x0f;
+        if self.hold_pongs && !self.holding && opcode == OP_PONG {
+            // It may answer a Ping of the gateway's own: nothing of it goes on before its
+            // payload is known.
+            self.holding = true;
+            return true;
+        }
+        if self.gate_messages && !self.in_message && (opcode == OP_TEXT || opcode == OP_BINARY) {
+            if !self.gate_open {
+                self.at_gate = true;
+                return true;
+            }
+            self.gate_open = false;
+        }
+        false
     }
 
     /// Whether a Pong frame is being held back: fed bytes belong to it until it ends, and the
@@ -227,7 +280,8 @@ impl FrameParser {
     /// Like [`Self::feed`], but stops after a Close frame (nothing may follow one) and, with
     /// `stop_at_boundary`, after the first frame that ends within `data`, so that a frame of the
     /// gateway's own can follow it. While Pongs are held, it also stops before a Pong frame
-    /// and after it. Returns how many bytes were consumed.
+    /// and after it; while messages are gated, before a data message until the gate opens.
+    /// Returns how many bytes were consumed.
     pub fn feed_to_boundary(
         &mut self,
         data: &[u8],
@@ -242,14 +296,8 @@ impl FrameParser {
         while pos < data.len() {
             match self.remaining {
                 None => {
-                    if self.header_len == 0
-                        && self.hold_pongs
-                        && !self.holding
-                        && data[pos] & 0x0f == OP_PONG
+                    if self.header_len == 0 && self.first_byte_stops && self.stops_before(data[pos])
                     {
-                        // It may answer a Ping of the gateway's own: nothing of it goes on
-                        // before its payload is known.
-                        self.holding = true;
                         return (pos, Feed::Ok);
                     }
                     let frame_start = pos.saturating_sub(self.header_len);
@@ -880,6 +928,41 @@ pub mod tests {
             assert_eq!(rebuilt.as_deref(), Some(&pong[..]), "cut at {cut}");
             assert_eq!(consumed.concat(), [before.clone(), after.clone()].concat());
             assert!(p.at_frame_boundary() && !p.holding_pong());
+        }
+    }
+
+    /// Gated: the parser stops before the first byte of every data message, wherever the reads
+    /// split the stream, and not before control frames or a message's continuations.
+    #[test]
+    fn gated_messages_stop_before_their_first_byte() {
+        let first = frame(false, 0, OP_TEXT, b"he", KEY);
+        let ping = frame(true, 0, OP_PING, b"p", KEY);
+        let rest = frame(true, 0, OP_CONTINUATION, b"llo", KEY);
+        let second = frame(true, 0, OP_BINARY, b"x", KEY);
+        let stream = [first, ping, rest, second].concat();
+        for cut in 0..=stream.len() {
+            let mut p = FrameParser::new(Sender::Client, false);
+            p.gate_messages();
+            let mut gates = Vec::new();
+            let mut offset = 0;
+            for chunk in [&stream[..cut], &stream[cut..]] {
+                let mut left = chunk;
+                while !left.is_empty() {
+                    let (n, result) = p.feed_to_boundary(left, false, |_| {});
+                    assert_eq!(result, Feed::Ok);
+                    offset += n;
+                    left = &left[n..];
+                    if p.at_message_gate() {
+                        gates.push(offset);
+                        // Fed again unopened, it stays where it is.
+                        assert_eq!(p.feed_to_boundary(left, false, |_| {}).0, 0);
+                        p.open_gate();
+                    }
+                }
+            }
+            let second_at = stream.len() - frame(true, 0, OP_BINARY, b"x", KEY).len();
+            assert_eq!(gates, [0, second_at], "cut at {cut}");
+            assert!(p.at_frame_boundary());
         }
     }
 

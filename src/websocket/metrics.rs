@@ -11,7 +11,8 @@ use super::handshake::InvalidUpgradeAnswer;
 use super::outcome::ConnectionOutcome;
 use prometheus::core::Collector;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Counter, CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts,
 };
 use std::borrow::Cow;
 
@@ -29,6 +30,8 @@ pub(crate) struct WebSocketMetrics {
     bytes: IntCounterVec,
     protocol_errors: IntCounterVec,
     handshakes: IntCounterVec,
+    rate_limited: IntCounterVec,
+    throttled_seconds: CounterVec,
 }
 
 /// Live counters of one direction of one connection.
@@ -88,6 +91,11 @@ pub(crate) fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec 
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
 }
 
+/// A counter of seconds (a float), for time summed over connections.
+pub(crate) fn seconds_counter(name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    CounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
 pub(crate) fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition")
 }
@@ -119,7 +127,7 @@ impl WebSocketMetrics {
             // Its own family, so that the series and alerts built on the one above are kept.
             close_causes: counter(
                 "agent_gateway_ws_close_causes_total",
-                "Agent WebSocket connections ended, by who ended them and why: close, dropped, heartbeat (did not answer the gateway's Ping), idle_timeout, drain, protocol_error.",
+                "Agent WebSocket connections ended, by who ended them and why: close, dropped, heartbeat (did not answer the gateway's Ping), idle_timeout, drain, protocol_error, rate_limit.",
                 &["agent", "initiator", "cause"],
             ),
             active: gauge(
@@ -153,6 +161,16 @@ impl WebSocketMetrics {
                 "WebSocket upgrade requests, by result: 101, the HTTP status answered, or why the gateway refused.",
                 &["agent", "result"],
             ),
+            rate_limited: counter(
+                "agent_gateway_ws_rate_limited_total",
+                "Times a client's rate limit held one of its agent WebSockets back (action throttle) or closed it (action close), by limit.",
+                &["agent", "limit", "action"],
+            ),
+            throttled_seconds: seconds_counter(
+                "agent_gateway_ws_throttled_seconds_total",
+                "Time agent WebSockets spent throttled by a rate limit, the gateway not reading from the client.",
+                &["agent"],
+            ),
         }
     }
 
@@ -167,6 +185,8 @@ impl WebSocketMetrics {
             Box::new(self.bytes.clone()),
             Box::new(self.protocol_errors.clone()),
             Box::new(self.handshakes.clone()),
+            Box::new(self.rate_limited.clone()),
+            Box::new(self.throttled_seconds.clone()),
         ]
     }
 
@@ -202,6 +222,16 @@ impl WebSocketMetrics {
                 .with_label_values(&[agent, error.kind()])
                 .inc();
         }
+    }
+
+    /// The counter of `limit` stopping `agent`'s connections with `action`.
+    pub(crate) fn rate_limited(&self, agent: &str, limit: &str, action: &str) -> IntCounter {
+        self.rate_limited.with_label_values(&[agent, limit, action])
+    }
+
+    /// The time `agent`'s connections spent throttled.
+    pub(crate) fn throttled_seconds(&self, agent: &str) -> Counter {
+        self.throttled_seconds.with_label_values(&[agent])
     }
 
     pub(crate) fn handshake(&self, agent: &str, result: HandshakeResult) {

@@ -73,6 +73,8 @@ pub(crate) enum Cause {
     Drain,
     /// A side broke the protocol or sent a message over the cap.
     ProtocolError,
+    /// The client went over a rate limit whose action is `close`.
+    RateLimit,
 }
 
 impl Cause {
@@ -84,6 +86,7 @@ impl Cause {
             Cause::IdleTimeout => "idle_timeout",
             Cause::Drain => "drain",
             Cause::ProtocolError => "protocol_error",
+            Cause::RateLimit => "rate_limit",
         }
     }
 }
@@ -110,6 +113,8 @@ pub(crate) struct ConnectionOutcome {
     pub(crate) cause: Cause,
     pub(crate) protocol_error: Option<ProtocolError>,
     pub(crate) duration: Duration,
+    /// Time the client was not read from because of a rate limit (`throttle`).
+    pub(crate) throttled: Duration,
     pub(crate) client_to_upstream: DirectionStats,
     pub(crate) upstream_to_client: DirectionStats,
 }

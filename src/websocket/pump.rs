@@ -8,11 +8,13 @@
 //! slow writer on one side never stops the other direction), feeds each direction through a
 //! [`Direction`], and writes frames of its own (Close, heartbeat Pings) only between frames.
 
-use super::direction::{Direction, Sink, Stop};
+use super::direction::Direction;
 use super::frame::{close_frame, mask_key, CloseFrame, ProtocolError, Sender};
 use super::heartbeat::{Beat, Heartbeat, PeerWatch};
 use super::metrics::ConnectionMetrics;
+use super::outbox::{Sink, Stop};
 use super::outcome::{Cause, ConnectionOutcome, DropKind, Initiator};
+use super::rate_limit::{ConnectionLimiter, RateLimits, CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON};
 use super::socket::{Keepalive, Socket};
 use futures_util::FutureExt;
 use std::future::poll_fn;
@@ -40,6 +42,8 @@ pub(crate) struct PumpSettings {
     pub(crate) upstream_heartbeat: Option<Heartbeat>,
     /// TCP keepalive on both sockets.
     pub(crate) tcp_keepalive: Option<Keepalive>,
+    /// Limits on what the client sends toward the agent, and what happens over them.
+    pub(crate) rate_limits: Option<RateLimits>,
 }
 
 /// A Close the gateway sent both ways, and why.
@@ -54,19 +58,32 @@ struct GatewayClose {
 /// Requests from outside the pump: the drain of the whole gateway.
 pub(crate) type DrainSignal = watch::Receiver<bool>;
 
-/// Pumps `client` and `upstream` until the connection ends, and says how it ended.
-///
-/// `upstream_preread` holds bytes the upstream sent right behind its 101, read with the
-/// handshake; they go to the client first.
+/// The two ends of an upgraded connection.
+pub(crate) struct Ends<'a> {
+    pub(crate) client: Socket,
+    pub(crate) upstream: Socket,
+    /// Bytes the upstream sent right behind its 101, read with the handshake; they go to the
+    /// client first.
+    pub(crate) upstream_preread: &'a [u8],
+    /// permessage-deflate was negotiated.
+    pub(crate) deflate: bool,
+}
+
+/// Pumps both ends until the connection ends, and says how it ended. `limiter` holds the
+/// connection's rate limits when its settings have any.
 pub(crate) async fn pump(
-    mut client: Socket,
-    mut upstream: Socket,
-    upstream_preread: &[u8],
-    deflate: bool,
+    ends: Ends<'_>,
     mut drain: DrainSignal,
     settings: &PumpSettings,
+    mut limiter: Option<Box<ConnectionLimiter>>,
     metrics: &ConnectionMetrics,
 ) -> ConnectionOutcome {
+    let Ends {
+        mut client,
+        mut upstream,
+        upstream_preread,
+        deflate,
+    } = ends;
     let started = Instant::now();
     if let Some(keepalive) = settings.tcp_keepalive {
         for (side, socket) in [("client", &client), ("upstream", &upstream)] {
@@ -96,6 +113,9 @@ pub(crate) async fn pump(
     let mut heartbeat_lost = false;
     let mut protocol_error = None;
     let mut watches = [PeerWatch::default(); 2];
+    if limiter.as_ref().is_some_and(|l| l.charges_messages()) {
+        c2u.parser.gate_messages();
+    }
 
     if !upstream_preread.is_empty() {
         if let Err(Stop::Protocol(error)) = u2c.ingest(upstream_preread, &mut Sink::Later) {
@@ -122,28 +142,30 @@ pub(crate) async fn pump(
     }
     .fuse();
     tokio::pin!(drain_requested);
-    // One timer per connection for whatever is due next: the idle timeout and the
-    // heartbeats while open, then the closing deadline.
+    // One timer per connection for whatever is due next: the idle timeout, the heartbeats
+    // and the end of a throttle while open, then the closing deadline (or a throttle's end
+    // before it).
     let timed = settings.idle_timeout.is_some()
         || settings.client_heartbeat.is_some()
-        || settings.upstream_heartbeat.is_some();
-    let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c) {
+        || settings.upstream_heartbeat.is_some()
+        || limiter.is_some();
+    let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c, None) {
         Due::Next(at) => at,
         _ => started,
     };
     let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(first));
     tokio::pin!(timer);
-    let mut closing_started = false;
+    let mut closing_deadline: Option<Instant> = None;
 
     loop {
         // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
         let closing =
             gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
-        if closing && !closing_started {
-            closing_started = true;
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + settings.close_timeout);
+        if closing && closing_deadline.is_none() {
+            let deadline = Instant::now() + settings.close_timeout;
+            closing_deadline = Some(deadline);
+            let throttle = throttle_wait(limiter.as_deref(), &mut c2u, Instant::now());
+            timer.as_mut().reset(sooner_of(deadline, throttle));
         }
         let wake = tokio::select! {
             biased;
@@ -151,25 +173,28 @@ pub(crate) async fn pump(
                 close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down", Cause::Drain);
                 continue;
             }
-            () = &mut timer, if closing_started || timed => {
-                if closing_started {
+            () = &mut timer, if closing_deadline.is_some() || timed => {
+                if closing_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                     break;
                 }
                 Wake::Due
             }
-            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream)) => wake,
+            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream, limiter.as_deref_mut())) => wake,
         };
         let (side, stop) = match wake {
             Wake::Stopped(side, stop) => (side, stop),
             Wake::CloseSeen => continue,
             // Reads do not move the timer. It fires for whatever is due next, and a side's
-            // answer to a Ping (once per interval) sets it again, so that the next Ping is
-            // timed from the answer.
-            Wake::Due | Wake::Answered => {
-                if closing_started {
+            // answer to a Ping (once per interval) or a new throttle sets it again, so that
+            // the next Ping is timed from the answer.
+            Wake::Due | Wake::Answered | Wake::Throttled => {
+                let now = Instant::now();
+                let throttle = throttle_wait(limiter.as_deref(), &mut c2u, now);
+                if let Some(deadline) = closing_deadline {
+                    timer.as_mut().reset(sooner_of(deadline, throttle));
                     continue;
                 }
-                match tick(Instant::now(), settings, &mut watches, &mut c2u, &mut u2c) {
+                match tick(now, settings, &mut watches, &mut c2u, &mut u2c, throttle) {
                     Due::Next(at) => timer.as_mut().reset(tokio::time::Instant::from_std(at)),
                     Due::Idle => close_both(
                         &mut c2u,
@@ -225,6 +250,18 @@ pub(crate) async fn pump(
                     error.kind(),
                     Cause::ProtocolError,
                 );
+            }
+            // The agent's Close went from the direction, where the message would have begun;
+            // the client's goes now, before anything the agent answers to it.
+            Stop::RateLimited => {
+                u2c.queue_close(close_frame(CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON, None));
+                gateway_close.get_or_insert(GatewayClose {
+                    code: CLIENT_CLOSE_CODE,
+                    reason_len: CLIENT_CLOSE_REASON.len(),
+                    at: Instant::now(),
+                    cause: Cause::RateLimit,
+                });
+                continue;
             }
         }
         break;
@@ -287,6 +324,7 @@ pub(crate) async fn pump(
         ended,
         heartbeat_lost,
         protocol_error,
+        throttled: limiter.as_mut().map_or(Duration::ZERO, |l| l.finish()),
     };
     outcome(started, &c2u, &u2c, ending)
 }
@@ -300,15 +338,17 @@ enum Due {
     Gone(Initiator),
 }
 
-/// The idle timeout and both sides' heartbeats at `now`: Pings queued where one is due.
+/// The idle timeout and both sides' heartbeats at `now`: Pings queued where one is due. A
+/// throttle's end (`throttle`) is due too.
 fn tick(
     now: Instant,
     settings: &PumpSettings,
     watches: &mut [PeerWatch; 2],
     c2u: &mut Direction,
     u2c: &mut Direction,
+    throttle: Option<Instant>,
 ) -> Due {
-    let mut next: Option<Instant> = None;
+    let mut next: Option<Instant> = throttle;
     let mut sooner = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
     if let Some(idle) = settings.idle_timeout {
         let deadline = c2u.last_traffic.max(u2c.last_traffic) + idle;
@@ -332,6 +372,29 @@ fn tick(
         }
     }
     Due::Next(next.unwrap_or(now + settings.close_timeout))
+}
+
+/// When a throttled client may be read again, if that is still to come. A throttled client
+/// sent more than the gateway read: it is heard and not idle, whatever its heartbeat or
+/// `idle_timeout` would say, since its answers wait behind what is not read yet.
+fn throttle_wait(
+    limiter: Option<&ConnectionLimiter>,
+    c2u: &mut Direction,
+    now: Instant,
+) -> Option<Instant> {
+    // A past end is for the direction to find; the timer set to it would fire forever.
+    let until = limiter?.waiting_until().filter(|until| *until > now)?;
+    if c2u.closed_toward_destination {
+        return None;
+    }
+    c2u.last_read = now;
+    c2u.last_traffic = now;
+    Some(until)
+}
+
+/// The timer's next instant: `deadline`, or a throttle's end before it.
+fn sooner_of(deadline: Instant, throttle: Option<Instant>) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(throttle.map_or(deadline, |t| t.min(deadline)))
 }
 
 /// One side's heartbeat: `from` reads that side, `toward` writes to it. `None`: it is gone.
@@ -391,21 +454,28 @@ enum Wake {
     Due,
     /// A side answered a Ping of the gateway's.
     Answered,
+    /// A throttle began: the timer must wake the pump at its end.
+    Throttled,
 }
 
-/// Polls both directions; the first to stop says which side's stream it was reading.
+/// Polls both directions; the first to stop says which side's stream it was reading. The
+/// rate limits apply to what the client sends.
 fn poll_both(
     cx: &mut Context<'_>,
     c2u: &mut Direction,
     u2c: &mut Direction,
     client: &mut Socket,
     upstream: &mut Socket,
+    mut limiter: Option<&mut ConnectionLimiter>,
 ) -> Poll<Wake> {
-    if let Poll::Ready(stop) = c2u.poll_step(cx, client, upstream) {
+    if let Poll::Ready(stop) = c2u.poll_step(cx, client, upstream, limiter.as_deref_mut()) {
         return Poll::Ready(Wake::Stopped(Initiator::Client, stop));
     }
-    if let Poll::Ready(stop) = u2c.poll_step(cx, upstream, client) {
+    if let Poll::Ready(stop) = u2c.poll_step(cx, upstream, client, None) {
         return Poll::Ready(Wake::Stopped(Initiator::Upstream, stop));
+    }
+    if limiter.is_some_and(|l| l.take_new_wait()) {
+        return Poll::Ready(Wake::Throttled);
     }
     for direction in [c2u, u2c] {
         if direction.close_seen.is_some() && !direction.close_reported {
@@ -439,6 +509,7 @@ struct Ending {
     ended: Option<(Initiator, Option<DropKind>)>,
     heartbeat_lost: bool,
     protocol_error: Option<ProtocolError>,
+    throttled: Duration,
 }
 
 fn outcome(
@@ -487,6 +558,7 @@ fn outcome(
         cause,
         protocol_error: ending.protocol_error,
         duration: started.elapsed(),
+        throttled: ending.throttled,
         client_to_upstream: c2u.stats,
         upstream_to_client: u2c.stats,
     }
@@ -498,6 +570,7 @@ mod tests {
     use crate::websocket::frame::tests::frame;
     use crate::websocket::heartbeat::is_gateway_pong;
     use crate::websocket::metrics::WebSocketMetrics;
+    use crate::websocket::rate_limit::{Rate, RateLimitAction, RateLimitCounters};
     use tokio::io::{AsyncReadExt, DuplexStream};
 
     /// Reads one frame with a payload under 126 bytes: its opcode and unmasked payload.
@@ -535,22 +608,30 @@ mod tests {
         DuplexStream,
         tokio::task::JoinHandle<ConnectionOutcome>,
     ) {
+        start_limited(settings, None)
+    }
+
+    fn start_limited(
+        settings: PumpSettings,
+        limiter: Option<Box<ConnectionLimiter>>,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<ConnectionOutcome>,
+    ) {
         let (client_side, client) = tokio::io::duplex(4096);
         let (upstream_side, upstream) = tokio::io::duplex(4096);
         let pumping = tokio::spawn(async move {
             let metrics = WebSocketMetrics::new();
             let connection = metrics.connection_opened("test");
             let (_drain_sender, drain) = watch::channel(false);
-            pump(
-                Socket::Layered(Box::new(client_side)),
-                Socket::Layered(Box::new(upstream_side)),
-                b"",
-                false,
-                drain,
-                &settings,
-                &connection,
-            )
-            .await
+            let ends = Ends {
+                client: Socket::Layered(Box::new(client_side)),
+                upstream: Socket::Layered(Box::new(upstream_side)),
+                upstream_preread: b"",
+                deflate: false,
+            };
+            pump(ends, drain, &settings, limiter, &connection).await
         });
         (client, upstream, pumping)
     }
@@ -683,6 +764,53 @@ mod tests {
         );
     }
 
+    /// A throttled client sent more than the gateway reads: waiting for the bucket, longer
+    /// than the heartbeat's interval and timeout, it is not taken for gone, and each message
+    /// goes on whole and in order once the bucket allows it.
+    #[tokio::test]
+    async fn a_throttled_client_is_not_taken_for_gone() {
+        let limits = RateLimits {
+            messages: std::num::NonZeroU32::new(5).map(|n| Rate {
+                per_second: n,
+                burst: std::num::NonZeroU32::MIN,
+            }),
+            bytes: None,
+            per_client_messages: None,
+            per_client_bytes: None,
+            action: RateLimitAction::Throttle,
+        };
+        let metrics = WebSocketMetrics::new();
+        let counters = RateLimitCounters::new(&metrics, "test", &limits);
+        let limiter = ConnectionLimiter::new(&limits, None, counters);
+        let settings = PumpSettings {
+            client_heartbeat: heartbeat(40, 40),
+            rate_limits: Some(limits),
+            ..quiet_settings()
+        };
+        let (mut client, mut upstream, pumping) = start_limited(settings, Some(limiter));
+        let started = Instant::now();
+        let messages: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| frame(true, 0, 0x1, &[b'0' + i], Some([1, 2, 3, 4])))
+            .collect();
+        client.write_all(&messages.concat()).await.expect("written");
+        for i in 0..3u8 {
+            assert_eq!(read_frame(&mut upstream).await, (0x1, vec![b'0' + i]));
+        }
+        // Two waits of 200 ms for the second and third.
+        assert!(started.elapsed() >= Duration::from_millis(350));
+        // Silent from then on (it never answers a Ping), the client is found gone.
+        let outcome = tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("pump task");
+        assert_eq!(outcome.cause, Cause::Heartbeat);
+        assert!(
+            outcome.throttled >= Duration::from_millis(350),
+            "{outcome:?}"
+        );
+        assert_eq!(outcome.client_to_upstream.messages, 3);
+    }
+
     /// No timers: only what a test turns on.
     fn quiet_settings() -> PumpSettings {
         PumpSettings {
@@ -693,6 +821,7 @@ mod tests {
             client_heartbeat: None,
             upstream_heartbeat: None,
             tcp_keepalive: None,
+            rate_limits: None,
         }
     }
 
@@ -707,16 +836,13 @@ mod tests {
         let (_drain_sender, drain) = watch::channel(false);
         let settings = quiet_settings();
         let pumping = tokio::spawn(async move {
-            pump(
-                Socket::Layered(Box::new(client_side)),
-                Socket::Layered(Box::new(upstream_side)),
-                b"",
-                false,
-                drain,
-                &settings,
-                &connection,
-            )
-            .await
+            let ends = Ends {
+                client: Socket::Layered(Box::new(client_side)),
+                upstream: Socket::Layered(Box::new(upstream_side)),
+                upstream_preread: b"",
+                deflate: false,
+            };
+            pump(ends, drain, &settings, None, &connection).await
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut sent = frame(true, 0, 0x2, &payload, None);
