@@ -23,6 +23,10 @@ LAYOUTS = {
 TARGET_HTTP_US = 12.0
 TARGET_WS_US = 10.0
 TARGET_KIB = 4.6
+# Targets of issue 15 ("Speed and memory"), checked by the liveness phase (run.sh --liveness).
+TARGET_LIVE_CPU_PCT = 3.0   # per-message CPU with heartbeats and rate limits on, over off
+TARGET_LIVE_KIB = 3.4       # KiB per idle socket at 9000 with heartbeats on (the figure of 2026-11-23)
+TARGET_PING_CORE_PCT = 1.0  # 9000 idle sockets pinged at the default interval, % of one core
 
 
 def load(path):
@@ -272,6 +276,10 @@ def main():
     w(f"| KiB per idle WebSocket (9000) | nginx 17.7, HAProxy 4.6 | {fmt(kib9['nginx'])} | {fmt(kib9['haproxy'])} |")
     w("")
 
+    live = [r for r in raw if r.get("phase") == "liveness"]
+    if live:
+        liveness(w, live, meta)
+
     if metrics_text:
         def total(prefix):
             s = 0.0
@@ -291,6 +299,167 @@ def main():
     w(f"Raw data: bench/{meta['raw']}. Regenerate: `python3 bench/report.py bench/{meta['raw']} "
       f"bench/{meta['raw'].replace('.jsonl', '.meta.json')} > bench/results/RESULTS.md`.")
     print("\n".join(out))
+
+
+def liveness(w, live, meta):
+    """The issue 15 section: heartbeats and rate limits off vs on, idle memory, ping cost."""
+    lm = meta.get("liveness", {})
+    hz = meta["hz"]
+    pi = lm.get("ping_interval_s", 1)
+    di = lm.get("default_ping_interval_s", 25)
+    dt = lm.get("default_ping_timeout_s", 10)
+    n_conns = lm.get("conns", 9000)
+    pp = [r for r in live if r["test"] == "ws_pingpong"]
+    holds = [r for r in live if r["test"].startswith("idle_")]
+    names = {"gateway_off": "off", "gateway_on": "on", "gateway_pings": f"on, Pings every {pi:g} s"}
+
+    def cpu_share(r):
+        """The gateway's CPU over a hold's window, as a fraction of one core."""
+        if r.get("proxy_cpu_ticks") is None or not r.get("window_seconds"):
+            return None
+        return r["proxy_cpu_ticks"] / hz / r["window_seconds"]
+
+    def pings(r):
+        return r.get("pings_answered", 0) + (r.get("backend_pings_answered") or 0)
+
+    w("## Liveness and cost control (issue 15 targets)")
+    w("")
+    limits = lm.get("rate_limits")
+    if limits:
+        lim = "rate limits far above the load, evaluated on every message and never reached: " + \
+              ", ".join(f"`{l}`" for l in limits)
+    else:
+        refused = lm.get("rate_limits_refused")
+        lim = ("**no rate limits**: the gateway under test refused the keys" +
+               (f" (\"{refused.replace('`', '')}\")" if refused else "") + ", so \"on\" is heartbeats only")
+    w("The same gateway binary and configuration as \"gateway\" above, in three more processes that add a "
+      "`[websocket]` table: **off**: `ping_interval`, `ping_timeout`, `upstream_ping_interval` and "
+      f"`upstream_ping_timeout` all `\"0s\"`, no rate limits; **on**: heartbeats at their defaults (a Ping "
+      f"after {di:g} s without a frame from that side, {dt:g} s to answer, toward the client and toward the "
+      f"agent) and {lim}; **on, Pings every {pi:g} s**: the same with `{pi:g}s` intervals (and "
+      f"`{lm.get('ping_timeout_s', 30):g}s` timeouts), for the ping cost.")
+    w("")
+
+    if pp:
+        w(f"### Closed loop, heartbeats and rate limits off vs on: {meta['ws_conns']} connections, "
+          f"{meta['ws_size']}-byte messages, ping-pong")
+        w("")
+        w("Every connection sends all the time, so no heartbeat falls due: what \"on\" adds is its per-message "
+          "bookkeeping (the heartbeat clocks and, when set, the rate-limit buckets). The two variants run back to "
+          "back in each round and layout, both started afresh for each pair, the first of the pair alternating; "
+          "\"on vs off\" is taken per round. "
+          "\"failed\": connections that ended with an error (a rate limit that triggered would show here).")
+        w("")
+        w("| layout | off: proxy CPU µs/message | on: proxy CPU µs/message | on vs off | off: messages/s | "
+          "on: messages/s | failed |")
+        w("|---|---|---|---|---|---|---|")
+    diffs = {}
+    for layout in (1, 2):
+        runs = {t: [r for r in pp if r["layout"] == layout and r["target"] == t] for t in ("gateway_off", "gateway_on")}
+        if not runs["gateway_off"] and not runs["gateway_on"]:
+            continue
+        off_by_round = {r["round"]: r for r in runs["gateway_off"]}
+        d = [100 * (r["proxy_cpu_us_per_msg"] / off_by_round[r["round"]]["proxy_cpu_us_per_msg"] - 1)
+             for r in runs["gateway_on"]
+             if r["round"] in off_by_round and r.get("proxy_cpu_us_per_msg") and off_by_round[r["round"]].get("proxy_cpu_us_per_msg")]
+        diffs[layout] = d
+        cpu = {t: cell([r.get("proxy_cpu_us_per_msg") for r in rs], 1) for t, rs in runs.items()}
+        rate = {t: cell([r.get("rate") for r in rs], 0) for t, rs in runs.items()}
+        failed = sum(r.get("errors", 0) for rs in runs.values() for r in rs)
+        w(f"| {layout} | {cpu['gateway_off']} | {cpu['gateway_on']} | "
+          f"{cell(d, 1, True) + ' %' if d else '-'} | {rate['gateway_off']} | {rate['gateway_on']} | {failed} |")
+    if pp:
+        w("")
+
+    if holds:
+        hold_s = sorted({r["hold_seconds"] for r in holds})
+        w(f"### Idle sockets: {n_conns} per variant (layout 1)")
+        w("")
+        w("As in the idle-memory table: each variant started fresh, the sockets opened and checked to echo, then "
+          "held idle, and the PSS growth per socket. Idle is not deaf: until the hold ends every client reads its "
+          "socket and answers each Ping with a Pong, as a browser does (wsload counts them), and the echo backend "
+          "answers and counts the gateway's Pings toward the agent. The gateway's CPU (utime+stime, /proc) is read "
+          f"at the start and end of the hold ({', '.join(f'{h:g}' for h in hold_s)} s), with the Pings answered in "
+          "that window." + (" No Ping fell due in the hold of \"on\" (every socket was heard from less than "
+          f"{di:g} s before its end), so its CPU is the idle baseline." if not any(
+              pings(r) for r in holds if r["target"] == "gateway_on") else
+          " Some Pings fell due in the hold of \"on\": its CPU, the baseline below, includes them."))
+        w("")
+        w(f"| variant | KiB/connection at {n_conns} | alive at {n_conns} | PSS at {n_conns} MiB | hold s | "
+          "gateway CPU, % of a core | Pings answered in the hold (clients + agent side) |")
+        w("|---|---|---|---|---|---|---|")
+        for t in ("gateway_off", "gateway_on", "gateway_pings"):
+            rs = [r for r in holds if r["target"] == t]
+            if not rs:
+                continue
+            alive = f"{min(r['alive_after_hold'] for r in rs)}/{n_conns}"
+            shares = [cpu_share(r) for r in rs]
+            w(f"| {names[t]} | {cell([r['kib_per_conn_held'] for r in rs], 1)} | {alive} | "
+              f"{cell([r['pss_held_kib'] / 1024 for r in rs], 1)} | {cell([r['hold_seconds'] for r in rs], 0)} | "
+              f"{cell([100 * x if x is not None else None for x in shares], 2)} | "
+              f"{cell([r.get('pings_answered', 0) for r in rs], 0)} + "
+              f"{cell([r.get('backend_pings_answered') for r in rs], 0)} |")
+        w("")
+
+    # Ping cost: from the run with Pings every `pi` s, minus the idle baseline of "on".
+    ping_runs = [r for r in holds if r["target"] == "gateway_pings" and cpu_share(r) is not None and pings(r)]
+    base_runs = [r for r in holds if r["target"] == "gateway_on" and cpu_share(r) is not None]
+    base = med([cpu_share(r) for r in base_runs]) if base_runs else 0.0
+    per_ping = [(r["proxy_cpu_ticks"] / hz - base * r["window_seconds"]) / pings(r) for r in ping_runs]
+    share = [base + n_conns * 2 * c / di for c in per_ping]
+    if ping_runs:
+        r0 = ping_runs[0] if len(ping_runs) == 1 else None
+        w("### What heartbeats cost on idle sockets")
+        w("")
+        each = (f"{r0['window_seconds']:.1f} s, {r0['pings_answered']:,} Pings answered by the clients and "
+                f"{r0.get('backend_pings_answered') or 0:,} by the echo backend, the gateway's CPU "
+                f"{r0['proxy_cpu_ticks'] / hz:.2f} s" if r0 else
+                "the figures of each run in the table above")
+        rate = med([pings(r) / r["window_seconds"] / r["alive_after_hold"] for r in ping_runs if r["alive_after_hold"]])
+        w(f"- Measured: {n_conns} idle sockets with Pings every {pi:g} s both ways; over the hold ({each}), "
+          f"{fmt(rate, 2)} Pings per socket per second (one each way per interval and round trip).")
+        w(f"- Idle baseline B: the gateway's CPU over the hold of \"on\" (same sockets, no Ping due): "
+          + (f"{100 * base:.2f}% of a core." if base_runs else "not measured, taken as 0."))
+        w(f"- CPU per Ping c = (gateway CPU in the window − B × window) / Pings answered in the window "
+          f"(clients + echo backend): **{cell([c * 1e6 for c in per_ping], 1)} µs**. One Ping here is the "
+          "whole exchange as the gateway sees it: the timer that finds the side silent, the Ping written, the "
+          "Pong read, recognised and dropped.")
+        w(f"- At the defaults an idle socket gets one Ping toward the client and one toward the agent every "
+          f"{di:g} s (plus a round trip), so {n_conns} idle sockets cost B + {n_conns} × 2 × c / {di:g} s = "
+          f"**{cell([100 * x for x in share], 2)}% of one core**.")
+        w(f"- Caveat: at {pi:g} s the sockets' state stays warmer in the caches and more timers fall due per "
+          f"wake-up than at {di:g} s, so c is if anything a little low; measuring at {di:g} s directly would take "
+          "minutes per run. Kernel time in softirq for loopback is not charged to the gateway (as everywhere "
+          "in this report).")
+        w("")
+
+    w("### Issue 15 targets (gateway)")
+    w("")
+    w("| target | measured | met? |")
+    w("|---|---|---|")
+    if diffs:
+        meds = {l: med(d) for l, d in diffs.items() if d}
+        cols = " / ".join(f"L{l} {'+' if m >= 0 else ''}{fmt(m)} %" for l, m in meds.items())
+        ok = "yes" if meds and all(m <= TARGET_LIVE_CPU_PCT for m in meds.values()) else "no"
+        w(f"| proxy CPU per message with heartbeats and rate limits on within {TARGET_LIVE_CPU_PCT:g}% of off "
+          f"(median of the per-round differences) | {cols or '-'}{'' if limits else ' (heartbeats only)'} | "
+          f"{ok if meds else 'not measured'} |")
+    on = [r for r in holds if r["target"] == "gateway_on"]
+    if on:
+        kib = med([r["kib_per_conn_held"] for r in on])
+        alive_all = all(r["alive_after_hold"] == n_conns for r in on)
+        ref = [r["kib_per_conn_held"] for r in holds if r["target"] == "gateway_off"]
+        pings_kib = [r["kib_per_conn_held"] for r in holds if r["target"] == "gateway_pings"]
+        extra = ", ".join(x for x in (f"off {fmt(med(ref), 2)}" if ref else "",
+                                      f"with Pings every {pi:g} s {fmt(med(pings_kib), 2)}" if pings_kib else "") if x)
+        w(f"| ≤ {TARGET_LIVE_KIB:g} KiB per idle WebSocket at {n_conns} with heartbeats on, all alive after the hold | "
+          f"{fmt(kib, 2)} KiB{f' ({extra})' if extra else ''}, {'all' if alive_all else 'NOT all'} alive | "
+          f"{'yes' if kib <= TARGET_LIVE_KIB and alive_all else 'no'} |")
+    if share:
+        m = med(share) * 100
+        w(f"| {n_conns} idle sockets pinged every {di:g} s cost < {TARGET_PING_CORE_PCT:g}% of a core | "
+          f"{m:.2f}% | {'yes' if m < TARGET_PING_CORE_PCT else 'no'} |")
+    w("")
 
 
 if __name__ == "__main__":

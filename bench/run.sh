@@ -3,11 +3,14 @@
 # 127.0.0.1. One command: installs what it needs, builds, runs, writes
 # bench/results/RESULTS.md and prints it. See bench/README.md.
 #
-#   bench/run.sh            full run (about 25 minutes on 2 cores)
+#   bench/run.sh            full run (about 25 minutes on 2 cores), liveness phase included
 #   bench/run.sh --quick    smoke run (a few minutes): fewer rounds, shorter runs
 #
 # Options: --no-install (never call apt-get), --no-build (reuse target/release/agent-gateway),
-# --rounds N (override the number of load rounds).
+# --rounds N (override the number of load rounds), --liveness / --no-liveness (the issue 15
+# phase: heartbeats and rate limits off vs on, idle memory, ping cost; on by default in a full
+# run only), --bin-dir DIR (test DIR/agent-gateway and DIR/examples/bare_pingora, built
+# elsewhere, instead of building this tree; GATEWAY_REV=... names them in the report).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,13 +21,18 @@ MODE=full
 INSTALL=1
 BUILD=1
 ROUNDS_OVERRIDE=""
+LIVENESS=""     # empty: on in a full run, off in a quick one
+BIN_DIR=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) MODE=quick ;;
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS_OVERRIDE="${2:?--rounds needs a number}"; shift ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        --liveness) LIVENESS=1 ;;
+        --no-liveness) LIVENESS=0 ;;
+        --bin-dir) BIN_DIR="$(cd "${2:?--bin-dir needs a folder}" && pwd)"; BUILD=0; shift ;;
+        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -42,6 +50,21 @@ else
     ROUNDS=2; DUR=2; WARMUP=0.5; MEM_ROUNDS=1; HOLD=3; BUDGET=600
 fi
 [[ -n $ROUNDS_OVERRIDE ]] && ROUNDS=$ROUNDS_OVERRIDE
+[[ -n $LIVENESS ]] || { [[ $MODE == full ]] && LIVENESS=1 || LIVENESS=0; }
+
+# Liveness and cost control (issue 15), with --liveness: gateway_off (heartbeats and rate
+# limits off) against gateway_on (heartbeats at their defaults, rate limits far above the
+# load) in the closed-loop ping-pong, both layouts, LIVE_ROUNDS rounds; then LIVE_CONNS idle
+# sockets held by each (memory, and the idle CPU baseline), and by gateway_pings (gateway_on
+# with Pings every PING_INTERVAL s both ways) for PING_HOLD s: the ping cost.
+LIVE_ROUNDS=$ROUNDS
+LIVE_MEM_ROUNDS=$MEM_ROUNDS
+LIVE_CONNS=9000
+PING_INTERVAL=1        # s, both directions, in the ping-cost run ...
+PING_TIMEOUT=30        # ... with a timeout no slow answer can reach
+DEFAULT_PING_INTERVAL=25  # the defaults gateway_on runs with and the cost is projected to
+DEFAULT_PING_TIMEOUT=10
+[[ $MODE == full ]] && PING_HOLD=15 || PING_HOLD=5
 
 ECHO_PORT=${ECHO_PORT:-18001}
 HELLO_PORT=${HELLO_PORT:-18002}
@@ -50,6 +73,12 @@ GATEWAY_ADMIN_PORT=${GATEWAY_ADMIN_PORT:-18090}
 NGINX_PORT=${NGINX_PORT:-18081}
 HAPROXY_PORT=${HAPROXY_PORT:-18082}
 PINGORA_PORT=${PINGORA_PORT:-18083}
+GATEWAY_OFF_PORT=${GATEWAY_OFF_PORT:-18084}      # the liveness phase's gateway variants
+GATEWAY_ON_PORT=${GATEWAY_ON_PORT:-18085}
+GATEWAY_PINGS_PORT=${GATEWAY_PINGS_PORT:-18086}
+GATEWAY_OFF_ADMIN_PORT=${GATEWAY_OFF_ADMIN_PORT:-18091}
+GATEWAY_ON_ADMIN_PORT=${GATEWAY_ON_ADMIN_PORT:-18092}
+GATEWAY_PINGS_ADMIN_PORT=${GATEWAY_PINGS_ADMIN_PORT:-18093}
 
 HTTP_CONNS=64          # wrk connections (one wrk thread)
 WS_CONNS=64            # closed-loop WebSocket connections
@@ -129,11 +158,16 @@ if ((BUILD)); then
     (cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example bare_pingora) ||
         die "the gateway does not build"
 fi
-[[ -x "$ROOT/target/release/agent-gateway" ]] || die "no target/release/agent-gateway"
-[[ -x "$ROOT/target/release/examples/bare_pingora" ]] || die "no target/release/examples/bare_pingora"
+GW_DIR="${BIN_DIR:-$ROOT/target/release}"
+[[ -x "$GW_DIR/agent-gateway" ]] || die "no $GW_DIR/agent-gateway"
+[[ -x "$GW_DIR/examples/bare_pingora" ]] || die "no $GW_DIR/examples/bare_pingora"
 # Copies: a rebuild by someone else during the run cannot swap the binaries under test.
-cp "$ROOT/target/release/agent-gateway" "$ROOT/target/release/examples/bare_pingora" "$BIN/"
-GATEWAY_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local-changes')"
+cp "$GW_DIR/agent-gateway" "$GW_DIR/examples/bare_pingora" "$BIN/"
+if [[ -n $BIN_DIR ]]; then
+    GATEWAY_REV="${GATEWAY_REV:-unknown, from --bin-dir}"
+else
+    GATEWAY_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+local-changes')"
+fi
 log "building the load generator and backends (bench/loadgen)"
 (cd "$HERE/loadgen" && cargo build --release --quiet) || die "bench/loadgen does not build"
 for b in echo-backend hello-backend wsload; do cp "$HERE/loadgen/target/release/$b" "$BIN/"; done
@@ -155,7 +189,10 @@ pick_port() {
     done
     die "no free port near $p"
 }
-for var in ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT PINGORA_PORT; do
+PORT_VARS=(ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT PINGORA_PORT)
+((LIVENESS)) && PORT_VARS+=(GATEWAY_OFF_PORT GATEWAY_ON_PORT GATEWAY_PINGS_PORT GATEWAY_OFF_ADMIN_PORT
+    GATEWAY_ON_ADMIN_PORT GATEWAY_PINGS_ADMIN_PORT)
+for var in "${PORT_VARS[@]}"; do
     chosen=$(pick_port "${!var}")
     [[ $chosen == "${!var}" ]] || log "port ${!var} is taken; $var=$chosen"
     printf -v "$var" '%s' "$chosen"
@@ -167,7 +204,7 @@ render() {
         -e "s|@GATEWAY_PORT@|$GATEWAY_PORT|g" -e "s|@GATEWAY_ADMIN_PORT@|$GATEWAY_ADMIN_PORT|g" \
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
         -e "s|@NOFILE@|$NOFILE|g" -e "s|@NGINX_WORKER_CONNECTIONS@|$NGINX_WORKER_CONNECTIONS|g" \
-        -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" "$HERE/conf/$1.tmpl" >"$RUN/$1"
+        -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" "$HERE/conf/$1.tmpl" >"$RUN/${2:-$1}"
 }
 render gateway.toml
 render nginx.conf
@@ -178,6 +215,34 @@ mkdir -p "$RUN/nginx-tmp"
 export OPENROUTER_API_KEY="${OPENROUTER_API_KEY:-bench-placeholder-not-a-key}"
 "$BIN/agent-gateway" check -c "$RUN/gateway.toml" >"$RUN/gateway-check.txt" 2>&1 ||
     { cat "$RUN/gateway-check.txt" >&2; die "gateway config refused"; }
+
+# The liveness phase's variants: gateway.toml on ports of their own, plus a [websocket] table.
+render_variant() { # name port admin_port fragment ping_interval ping_timeout
+    (GATEWAY_PORT=$2; GATEWAY_ADMIN_PORT=$3; render gateway.toml "$1.toml")
+    sed -e "s|@PING_INTERVAL@|$5|g" -e "s|@PING_TIMEOUT@|$6|g" "$HERE/conf/$4.tmpl" >>"$RUN/$1.toml"
+}
+check_variant() { "$BIN/agent-gateway" check -c "$RUN/$1.toml" >"$RUN/$1-check.txt" 2>&1; }
+RATE_LIMITS=""          # the rate-limit lines gateway_on runs with, when the gateway took them
+RATE_LIMITS_REFUSED=""  # else what `check` said about them
+if ((LIVENESS)); then
+    render_variant gateway_off "$GATEWAY_OFF_PORT" "$GATEWAY_OFF_ADMIN_PORT" websocket-off.toml 0s 0s
+    render_variant gateway_on "$GATEWAY_ON_PORT" "$GATEWAY_ON_ADMIN_PORT" websocket-on.toml \
+        "${DEFAULT_PING_INTERVAL}s" "${DEFAULT_PING_TIMEOUT}s"
+    render_variant gateway_pings "$GATEWAY_PINGS_PORT" "$GATEWAY_PINGS_ADMIN_PORT" websocket-on.toml \
+        "${PING_INTERVAL}s" "${PING_TIMEOUT}s"
+    if check_variant gateway_on; then
+        RATE_LIMITS=$(sed -n '/# rate-limits: begin/,/# rate-limits: end/{/^[a-z]/p}' "$RUN/gateway_on.toml")
+    else
+        # A gateway without rate limits yet (or with keys named otherwise): heartbeats only.
+        RATE_LIMITS_REFUSED=$( (grep -m1 -iE 'error|unknown' "$RUN/gateway_on-check.txt" || head -1 "$RUN/gateway_on-check.txt") |
+            sed -e 's/, expected one of.*//' -e "s|$RUN/||" -e 's/^error: //')
+        log "warning: the gateway refuses the rate-limit keys ($RATE_LIMITS_REFUSED); gateway_on runs without rate limits"
+        sed -i '/# rate-limits: begin/,/# rate-limits: end/d' "$RUN/gateway_on.toml" "$RUN/gateway_pings.toml"
+    fi
+    for v in gateway_off gateway_on gateway_pings; do
+        check_variant "$v" || { cat "$RUN/$v-check.txt" >&2; die "$v config refused"; }
+    done
+fi
 nginx -t -q -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" || die "nginx config refused"
 haproxy -c -q -f "$RUN/haproxy.cfg" || die "haproxy config refused"
 
@@ -194,7 +259,8 @@ wait_port() {
 port_of() {
     case $1 in
         gateway) echo "$GATEWAY_PORT" ;; nginx) echo "$NGINX_PORT" ;; haproxy) echo "$HAPROXY_PORT" ;;
-        pingora) echo "$PINGORA_PORT" ;;
+        pingora) echo "$PINGORA_PORT" ;; gateway_off) echo "$GATEWAY_OFF_PORT" ;;
+        gateway_on) echo "$GATEWAY_ON_PORT" ;; gateway_pings) echo "$GATEWAY_PINGS_PORT" ;;
     esac
 }
 
@@ -209,10 +275,10 @@ start_backends() {
 # Proxies run on core 0, every thread (affinity is inherited from taskset).
 start_proxy() {
     case $1 in
-        gateway)
-            RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$BIN/agent-gateway" run -c "$RUN/gateway.toml" \
-                >>"$RUN/gateway.log" 2>&1 &
-            PID[gateway]=$! ;;
+        gateway | gateway_off | gateway_on | gateway_pings)
+            RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$BIN/agent-gateway" run -c "$RUN/$1.toml" \
+                >>"$RUN/$1.log" 2>&1 &
+            PID[$1]=$! ;;
         pingora)
             taskset -c 0 "$BIN/bare_pingora" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$HELLO_PORT" \
                 "127.0.0.1:$ECHO_PORT" >>"$RUN/pingora.log" 2>&1 &
@@ -363,9 +429,9 @@ run_once() { # layout test target -> JSON on stdout
 FOREIGN_RETRIES=0
 SKIPPED=0
 over_budget() { (($(date +%s) - STARTED + ${1:-0} > BUDGET)); }
-measure() { # round layout test target: runs until quiet enough (bounded), appends to RAW
-    local round=$1 layout=$2 test=$3 target=$4 attempt=0 json idle u0 o0 t0 u1 o1 t1 client foreign noisy s0 s1 steal
-    if over_budget "$MEM_RESERVE"; then SKIPPED=$((SKIPPED + 1)); return 0; fi
+measure() { # round layout test target [phase]: runs until quiet enough (bounded), appends to RAW
+    local round=$1 layout=$2 test=$3 target=$4 phase=${5:-load} attempt=0 json idle u0 o0 t0 u1 o1 t1 client foreign noisy s0 s1 steal
+    if over_budget "$RESERVE"; then SKIPPED=$((SKIPPED + 1)); return 0; fi
     while :; do
         attempt=$((attempt + 1))
         idle=$(wait_quiet)
@@ -379,7 +445,7 @@ measure() { # round layout test target: runs until quiet enough (bounded), appen
         steal=$(awk -v d=$((s1 - s0)) -v hz="$HZ" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", 100 * d / ((b - a) * hz) }')
         noisy=false
         if awk -v f="$foreign" -v s="$steal" -v m="$FOREIGN_MAX" 'BEGIN { exit !(f > m || s > m) }'; then noisy=true; fi
-        if [[ $noisy == true && $attempt -le $MAX_RETRIES ]] && ! over_budget "$MEM_RESERVE"; then
+        if [[ $noisy == true && $attempt -le $MAX_RETRIES ]] && ! over_budget "$RESERVE"; then
             FOREIGN_RETRIES=$((FOREIGN_RETRIES + 1))
             log "  other load took ${foreign}% of a core (steal ${steal}%) during $test/$target; repeating"
             continue
@@ -387,7 +453,7 @@ measure() { # round layout test target: runs until quiet enough (bounded), appen
         break
     done
     [[ -n $json ]] || return 0
-    echo "${json%\}},\"phase\":\"load\",\"round\":$round,\"layout\":$layout,\"test\":\"$test\",\"target\":\"$target\",\"attempt\":$attempt,\"idle_before_pct\":$idle,\"foreign_pct\":$foreign,\"steal_pct\":$steal,\"noisy\":$noisy}" >>"$RAW"
+    echo "${json%\}},\"phase\":\"$phase\",\"round\":$round,\"layout\":$layout,\"test\":\"$test\",\"target\":\"$target\",\"attempt\":$attempt,\"idle_before_pct\":$idle,\"foreign_pct\":$foreign,\"steal_pct\":$steal,\"noisy\":$noisy}" >>"$RAW"
     local summary
     summary=$(echo "$json" | python3 -c 'import json, sys
 r = json.load(sys.stdin)
@@ -412,13 +478,18 @@ start_backends
 for p in "${PROXIES[@]}"; do start_proxy "$p"; done
 log "all targets answer on both paths"
 
-# Time left for the load rounds: the memory runs need their share of the budget.
+# Time left for the load rounds: the memory runs (and the liveness phase) need their share.
 MEM_RESERVE=$((MEM_ROUNDS * ${#PROXIES[@]} * (2 * ${HOLD%.*} + 30) + 30))
+# The liveness phase: its ping-pong runs, then per round two idle holds and the ping run
+# (a 9000-socket hold takes about 8 s more than the hold itself: start, open, settle, check).
+LIVE_HOLD_RESERVE=$((LIVE_MEM_ROUNDS * (2 * (${HOLD%.*} + 15) + PING_HOLD + 15)))
+LIVE_RESERVE=$((LIVENESS ? LIVE_ROUNDS * 4 * (DUR + ${WARMUP%.*} + 3) + LIVE_HOLD_RESERVE : 0))
+RESERVE=$((MEM_RESERVE + LIVE_RESERVE))
 ROUNDS_DONE=0
 round_seconds=0
 for ((round = 1; round <= ROUNDS; round++)); do
     elapsed=$(($(date +%s) - STARTED))
-    if ((round > 1 && elapsed + round_seconds + MEM_RESERVE > BUDGET)); then
+    if ((round > 1 && elapsed + round_seconds + RESERVE > BUDGET)); then
         log "time budget: stopping after $ROUNDS_DONE load rounds"
         break
     fi
@@ -436,6 +507,57 @@ for ((round = 1; round <= ROUNDS; round++)); do
     round_seconds=$(($(date +%s) - round_start))
 done
 curl -fsS --max-time 2 "http://127.0.0.1:$GATEWAY_ADMIN_PORT/metrics" >"$RUN/gateway-metrics.txt" || true
+
+# ---- 7b. Liveness and cost control (issue 15), with --liveness ----------------------------
+# Heartbeats and rate limits off vs on in the closed loop (the pairs alternate which goes
+# first); then LIVE_CONNS idle sockets on each, and on gateway_pings, whose Pings every
+# PING_INTERVAL s the clients and the echo backend answer and count, while wsload reads the
+# gateway's CPU time over the hold. It runs before the memory phase and never takes its time.
+LIVE_DONE=0
+if ((LIVENESS)); then
+    log "liveness: ping-pong with heartbeats and rate limits off vs on ($LIVE_ROUNDS round(s)), $LIVE_CONNS idle sockets, Pings every ${PING_INTERVAL}s for ${PING_HOLD}s"
+    [[ -n $RATE_LIMITS ]] || log "  (gateway_on without rate limits: the gateway refused the keys)"
+    RESERVE=$((MEM_RESERVE + LIVE_HOLD_RESERVE))
+    for ((round = 1; round <= LIVE_ROUNDS; round++)); do
+        for layout in 1 2; do
+            if over_budget "$RESERVE"; then SKIPPED=$((SKIPPED + 2)); continue; fi
+            pin_layout "$layout"
+            # Fresh processes for every pair: the luck of one process (where its memory and
+            # threads land) must not sit in every run of one variant.
+            for v in gateway_off gateway_on; do restart_proxy "$v"; done
+            for target in $(rotate $((round + layout)) gateway_off gateway_on); do
+                measure "$round" "$layout" ws_pingpong "$target" liveness
+            done
+        done
+    done
+    for v in gateway_off gateway_on; do stop_proc "$v"; done
+    RESERVE=$MEM_RESERVE
+    pin_layout 1
+    for ((round = 1; round <= LIVE_MEM_ROUNDS; round++)); do
+        for target in $(rotate $((round - 1)) gateway_off gateway_on) gateway_pings; do
+            [[ $target == gateway_pings ]] && hold=$PING_HOLD || hold=${HOLD%.*}
+            if over_budget $((RESERVE + hold + 40)); then
+                log "time budget: skipping liveness $target $LIVE_CONNS"; SKIPPED=$((SKIPPED + 1)); continue
+            fi
+            start_proxy "$target"
+            idle=$(wait_quiet)
+            pids=$(csv $(proxy_pids "$target"))
+            json=$(timeout $((hold + 120)) taskset -c 1 "$WSLOAD" hold \
+                --url "ws://127.0.0.1:$(port_of "$target")/agents/bench/l{i}" --conns "$LIVE_CONNS" \
+                --hold "$hold" --concurrency 64 --mem-pids "$pids" --cpu-pids "$pids" \
+                --backend-stats "127.0.0.1:$ECHO_PORT" 2>>"$RUN/hold.log") ||
+                { log "hold run failed: $target $LIVE_CONNS"; stop_proc "$target"; continue; }
+            stop_proc "$target"
+            echo "${json%\}},\"phase\":\"liveness\",\"round\":$round,\"layout\":1,\"test\":\"idle_$LIVE_CONNS\",\"target\":\"$target\",\"idle_before_pct\":$idle}" >>"$RAW"
+            log "  $target $LIVE_CONNS idle sockets: $(echo "$json" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+cpu = r["proxy_cpu_ticks"] / int(sys.argv[1]) / r["window_seconds"] * 100 if r.get("proxy_cpu_ticks") is not None else float("nan")
+print("%d alive after the hold, %.1f KiB each, gateway CPU %.2f%% of a core over %.0f s, Pings answered: %d by clients, %s by the backend"
+      % (r["alive_after_hold"], r["kib_per_conn_held"], cpu, r["window_seconds"], r["pings_answered"], r["backend_pings_answered"]))' "$HZ" 2>/dev/null || echo "?")"
+        done
+        LIVE_DONE=$round
+    done
+fi
 
 log "idle memory: ${MEM_SIZES// /, } sockets, $MEM_ROUNDS round(s)"
 pin_layout 1
@@ -459,6 +581,15 @@ done
 for p in "${PROXIES[@]}"; do stop_proc "$p"; done
 
 # ---- 8. Report ----------------------------------------------------------------------------
+# What the liveness phase ran with, for the report (JSON made by python3: the settings quote).
+LIVE_META=$(python3 -c 'import json, sys
+a = sys.argv[1:]
+print(json.dumps({"rounds": int(a[0]), "mem_rounds": int(a[1]), "conns": int(a[2]),
+    "ping_interval_s": float(a[3]), "ping_timeout_s": float(a[4]), "ping_hold_s": float(a[5]),
+    "default_ping_interval_s": float(a[6]), "default_ping_timeout_s": float(a[7]),
+    "rate_limits": [l for l in a[8].splitlines() if l.strip()] or None, "rate_limits_refused": a[9] or None}))' \
+    "$LIVE_ROUNDS" "$LIVE_DONE" "$LIVE_CONNS" "$PING_INTERVAL" "$PING_TIMEOUT" "$PING_HOLD" \
+    "$DEFAULT_PING_INTERVAL" "$DEFAULT_PING_TIMEOUT" "$RATE_LIMITS" "$RATE_LIMITS_REFUSED")
 cat >"$RUN/meta.json" <<EOF
 {"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "mode": "$MODE", "nproc": $(nproc),
  "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')",
@@ -470,7 +601,8 @@ cat >"$RUN/meta.json" <<EOF
  "rounds_planned": $ROUNDS, "rounds_done": $ROUNDS_DONE, "mem_rounds": $MEM_DONE, "duration_s": $DUR,
  "warmup_s": $WARMUP, "hold_s": $HOLD, "http_conns": $HTTP_CONNS, "ws_conns": $WS_CONNS,
  "ws_size": $WS_SIZE, "rate": $RATE, "rate_conns": $RATE_CONNS, "nofile": $NOFILE,
- "foreign_max_pct": $FOREIGN_MAX, "noisy_repeats": $FOREIGN_RETRIES, "skipped_runs": $SKIPPED, "hz": $HZ,
+ "foreign_max_pct": $FOREIGN_MAX, "noisy_repeats": $FOREIGN_RETRIES, "skipped_runs": $SKIPPED, "hz": $HZ,$( ((LIVENESS)) && echo "
+ \"liveness\": $LIVE_META," || true)
  "elapsed_s": $(($(date +%s) - STARTED)), "raw": "results/$(basename "$RAW")"}
 EOF
 cp "$RUN/meta.json" "${RAW%.jsonl}.meta.json"

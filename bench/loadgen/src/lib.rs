@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -20,6 +21,24 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 pub const HELLO_BODY: &[u8] = b"Hello, world\n";
 const HELLO_RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, world\n";
+
+/// The echo backend's counters, served as JSON on `GET STATS_PATH` (plain HTTP to the backend
+/// itself): how many Pings it answered, which the liveness phase needs to count the gateway's
+/// heartbeats toward upstreams.
+pub const STATS_PATH: &str = "/_bench/stats";
+static PINGS_ANSWERED: AtomicU64 = AtomicU64::new(0);
+
+fn stats_response() -> Vec<u8> {
+    let body = format!(
+        "{{\"pings_answered\":{}}}",
+        PINGS_ANSWERED.load(Ordering::Relaxed)
+    );
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Binds with a deep accept queue: the hold test opens thousands of sockets in a burst.
 pub fn listen(addr: &str) -> io::Result<TcpListener> {
@@ -55,6 +74,8 @@ struct HeadInfo {
     key: Option<Vec<u8>>,
     close: bool,
     body: usize,
+    /// A request for [`STATS_PATH`] (looked for by the echo backend only).
+    stats: bool,
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
@@ -63,7 +84,7 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn parse_request(buf: &[u8]) -> io::Result<Option<HeadInfo>> {
+fn parse_request(buf: &[u8], echo: bool) -> io::Result<Option<HeadInfo>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -74,6 +95,7 @@ fn parse_request(buf: &[u8]) -> io::Result<Option<HeadInfo>> {
                 key: None,
                 close: false,
                 body: 0,
+                stats: echo && req.path == Some(STATS_PATH),
             };
             let mut upgrade_ws = false;
             let mut connection_upgrade = false;
@@ -116,7 +138,7 @@ async fn serve_connection(mut s: TcpStream, websocket: bool) -> io::Result<()> {
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     loop {
         let mut consumed = 0;
-        while let Some(head) = parse_request(&inb[consumed..])? {
+        while let Some(head) = parse_request(&inb[consumed..], websocket)? {
             if websocket && head.upgrade {
                 let key = head.key.unwrap_or_default();
                 if !out.is_empty() {
@@ -136,7 +158,11 @@ async fn serve_connection(mut s: TcpStream, websocket: bool) -> io::Result<()> {
                 break; // body still arriving
             }
             consumed += head.len + head.body;
-            out.extend_from_slice(HELLO_RESPONSE);
+            if head.stats {
+                out.extend_from_slice(&stats_response());
+            } else {
+                out.extend_from_slice(HELLO_RESPONSE);
+            }
             if head.close {
                 s.write_all(&out).await?;
                 return s.shutdown().await;
@@ -257,8 +283,9 @@ pub fn push_frame(
     }
 }
 
-/// The echo side of a WebSocket: every data frame comes back unmasked, pings get pongs, a
-/// Close is answered with the same payload and ends the connection.
+/// The echo side of a WebSocket: every data frame comes back unmasked, pings get pongs
+/// (counted, for [`STATS_PATH`]), a Close is answered with the same payload and ends the
+/// connection.
 async fn echo_websocket(mut s: TcpStream, leftover: Vec<u8>) -> io::Result<()> {
     let mut inb = leftover;
     inb.reserve(2048);
@@ -279,7 +306,10 @@ async fn echo_websocket(mut s: TcpStream, leftover: Vec<u8>) -> io::Result<()> {
                     s.write_all(&out).await?;
                     return s.shutdown().await;
                 }
-                0x9 => push_frame(&mut out, 0x8a, payload, head.mask, None),
+                0x9 => {
+                    push_frame(&mut out, 0x8a, payload, head.mask, None);
+                    PINGS_ANSWERED.fetch_add(1, Ordering::Relaxed);
+                }
                 0xa => {}
                 _ => push_frame(&mut out, head.b0 & 0x8f, payload, head.mask, None),
             }

@@ -8,8 +8,12 @@
 //!     Open loop at a fixed total rate, spread evenly over the connections by a sender thread;
 //!     each payload carries its send time, so every echo gives a round-trip latency.
 //! wsload hold --url ... --conns 9000 --hold 10 [--mem-pids 1,2] [--concurrency 64]
+//!            [--cpu-pids 1,2] [--backend-stats 127.0.0.1:18001]
 //!     Opens N sockets and checks each echoes, reads the proxy's PSS, holds them idle, reads
-//!     PSS again, checks every socket still echoes, and reports.
+//!     PSS again, checks every socket still echoes, and reports. Idle is not deaf: from the
+//!     moment they are open until the hold ends, every socket is read and a Ping gets its
+//!     Pong, as a browser's would (counted). With --cpu-pids, the proxy's CPU time over the
+//!     hold; with --backend-stats, the Pings the echo backend answered over the hold.
 //! wsload probe --url ...       one connection, one echo: exit 0 when it works.
 //! wsload exec --out FILE -- cmd args...
 //!     Runs cmd and writes its CPU time (getrusage of children) to FILE, for the noise check.
@@ -19,7 +23,9 @@
 
 use gateway_bench_loadgen::args::{die, Args};
 use gateway_bench_loadgen::procfs::{sum_cpu_ticks, sum_pss_kib, ticks_per_second};
-use gateway_bench_loadgen::{client_frame, run_local, WsClient, CLIENT_MASK};
+use gateway_bench_loadgen::{
+    client_frame, push_frame, run_local, WsClient, CLIENT_MASK, STATS_PATH,
+};
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -30,6 +36,7 @@ const USAGE: &str = "usage:
   wsload pingpong --url ws://127.0.0.1:PORT/path/c{i} [--conns 64] [--size 64] [--warmup 1] [--duration 5] [--cpu-pids P,..]
   wsload rate     --url ... [--conns 100] [--rate 20000] [--size 64] [--warmup 1] [--duration 5] [--cpu-pids P,..]
   wsload hold     --url ... [--conns 1000] [--hold 10] [--settle 1] [--concurrency 64] [--mem-pids P,..]
+                  [--cpu-pids P,..] [--backend-stats IP:PORT]
   wsload probe    --url ...
   wsload exec     --out FILE -- command args...
 Each run prints one JSON object; {i} in the path becomes the connection's index.";
@@ -541,18 +548,41 @@ async fn hold(args: &Args) {
     let settle = args.secs("settle", 1.0);
     let concurrency: usize = args.get("concurrency", 64);
     let mem_pids = args.pids("mem-pids");
+    let cpu_pids = args.pids("cpu-pids");
+    let backend = args.str("backend-stats").map(|a| {
+        a.parse::<SocketAddr>()
+            .unwrap_or_else(|_| die("--backend-stats must be ip:port"))
+    });
     let pss_before = sum_pss_kib(&mem_pids);
     let opened_at = Instant::now();
     let (slots, error) = open_all(target, conns, concurrency, 16).await;
     let open_seconds = opened_at.elapsed().as_secs_f64();
     let opened = slots.iter().filter(|s| s.is_some()).count();
+    // From here to the end of the hold every socket answers Pings (a proxy's heartbeats).
+    let end = tokio::time::Instant::now() + settle + hold;
+    let pongs = Rc::new(Cell::new(0u64));
+    let readers: Vec<_> = slots
+        .into_iter()
+        .flatten()
+        .map(|c| tokio::task::spawn_local(answer_pings(c, end, pongs.clone())))
+        .collect();
     tokio::time::sleep(settle).await;
     let pss_open = sum_pss_kib(&mem_pids);
     eprintln!("hold: {opened}/{conns} open and echoing; holding {hold:?}");
-    tokio::time::sleep(hold).await;
+    // The measured window: the hold.
+    let (cpu0, pongs0, t0) = (sum_cpu_ticks(&cpu_pids), pongs.get(), Instant::now());
+    let backend0 = backend_pings(backend).await;
+    tokio::time::sleep_until(end).await;
+    let (cpu1, pongs1, window) = (sum_cpu_ticks(&cpu_pids), pongs.get(), t0.elapsed());
+    let backend1 = backend_pings(backend).await;
     let pss_held = sum_pss_kib(&mem_pids);
     // Every socket must still echo after the idle hold.
-    let clients: Vec<WsClient> = slots.into_iter().flatten().collect();
+    let mut clients: Vec<WsClient> = Vec::with_capacity(readers.len());
+    for r in readers {
+        if let Ok(Some(c)) = r.await {
+            clients.push(c);
+        }
+    }
     let queue = Rc::new(RefCell::new(clients));
     let alive = Rc::new(Cell::new(0usize));
     let frame = Rc::new(client_frame(b"still-there?"));
@@ -587,8 +617,80 @@ async fn hold(args: &Args) {
         ("pss_held_kib", pss_held.to_string()),
         ("kib_per_conn_open", num(per_conn(pss_open))),
         ("kib_per_conn_held", num(per_conn(pss_held))),
+        ("window_seconds", num(window.as_secs_f64())),
+        ("pings_answered", (pongs1 - pongs0).to_string()),
+        ("pings_answered_total", pongs.get().to_string()),
+        (
+            "backend_pings_answered",
+            match (backend0, backend1) {
+                (Some(a), Some(b)) => b.saturating_sub(a).to_string(),
+                _ => "null".into(),
+            },
+        ),
+        (
+            "proxy_cpu_ticks",
+            if cpu_pids.is_empty() {
+                "null".into()
+            } else {
+                (cpu1 - cpu0).to_string()
+            },
+        ),
         ("error", error.map_or("null".into(), |e| json_str(&e))),
     ]);
+}
+
+/// Reads a held socket until `end`, answering every Ping with its Pong; gives the socket
+/// back, or None if it closed (it would not echo any more).
+async fn answer_pings(
+    mut c: WsClient,
+    end: tokio::time::Instant,
+    pongs: Rc<Cell<u64>>,
+) -> Option<WsClient> {
+    use tokio::io::AsyncWriteExt;
+    let mut pong = Vec::with_capacity(32);
+    loop {
+        // read_frame only awaits the socket's read, which loses nothing when cut short.
+        match tokio::time::timeout_at(end, c.read_frame()).await {
+            Err(_) => return Some(c),
+            Ok(Ok((0x9, range))) => {
+                pong.clear();
+                push_frame(&mut pong, 0x8a, c.payload(range), None, Some(CLIENT_MASK));
+                if c.stream.write_all(&pong).await.is_err() {
+                    return None;
+                }
+                pongs.set(pongs.get() + 1);
+            }
+            Ok(Ok((0x8, _))) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The echo backend's count of Pings answered (GET STATS_PATH on the backend itself).
+async fn backend_pings(addr: Option<SocketAddr>) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = addr?;
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let request =
+            format!("GET {STATS_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<_, io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    let value = text.split("\"pings_answered\":").nth(1)?;
+    value
+        .trim_start()
+        .split(|ch: char| !ch.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn probe(args: &Args) {
