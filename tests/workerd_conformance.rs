@@ -896,3 +896,58 @@ async fn the_documented_reconnect_policy_works_with_partysocket() {
     );
     assert_eq!(report[0]["still_closed"], true, "{}", report[0]);
 }
+
+/// Starts `ws-deflate-server.mjs` and waits for the port it prints.
+fn start_ws_deflate_server() -> Proc {
+    let mut child = Command::new("node")
+        .arg(workerd_dir().join("ws-deflate-server.mjs"))
+        .current_dir(workerd_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run node ({e}): Node 20+ must be on PATH"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(STARTUP_WAIT)
+        .expect("the ws server's port line");
+    let port = serde_json::from_str::<Value>(&line).expect("a JSON line")["port"]
+        .as_u64()
+        .expect("a port");
+    Proc {
+        child,
+        address: SocketAddr::from(([127, 0, 0, 1], port as u16)),
+    }
+}
+
+#[tokio::test]
+async fn compressed_messages_of_every_size_round_trip_between_ws_client_and_ws_server() {
+    setup();
+    let server = start_ws_deflate_server();
+    let gateway = start_gateway(&local_config(&[server.address]));
+    let report = run_script(
+        "ws-deflate-client.mjs",
+        &[&gateway.url("/agents/CoderAgent/deflate")],
+    )
+    .await;
+    let report = &report[0];
+    let extensions = report["extensions"].as_str().unwrap_or_default();
+    assert!(extensions.starts_with("permessage-deflate"), "{report}");
+    assert_eq!(
+        report["negotiated"],
+        json!(["permessage-deflate"]),
+        "{report}"
+    );
+    assert_eq!(
+        report["round_trips"],
+        json!([1, 125, 126, 4096, 65_535, 65_536, 1_000_000]),
+        "{report}"
+    );
+    assert_eq!(report["close_code"], 1000, "{report}");
+}
