@@ -115,30 +115,9 @@ fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Opens a WebSocket by hand, so that the test client can stay silent; returns the stream
 /// and when the 101 arrived.
-async fn raw_upgrade(gateway: &Gateway, room: &str) -> (TcpStream, Instant) {
-    let mut stream = TcpStream::connect(gateway.address())
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /agents/CoderAgent/{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+async fn raw_upgrade_at(gateway: &Gateway, room: &str) -> (TcpStream, Instant) {
+    let stream = raw_upgrade(gateway.address(), room).await;
     (stream, Instant::now())
-}
-
-async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
-            .await
-            .expect("head in time")
-            .expect("read");
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// A hand-made upstream: accepts one upgrade and answers it with a valid 101.
@@ -177,7 +156,7 @@ async fn next_raw(ws: &mut Ws) -> Message {
 async fn a_client_that_never_answers_is_dropped_and_the_agent_told_why() {
     let backend = start_backend(Some(TEST_KEY));
     let gateway = start_gateway(&config(backend.address, CLIENT_ONLY));
-    let (mut stream, upgraded) = raw_upgrade(&gateway, "silent").await;
+    let (mut stream, upgraded) = raw_upgrade_at(&gateway, "silent").await;
     let mut pings = 0;
     loop {
         match tokio::time::timeout(WAIT, read_frame(&mut stream))

@@ -6,8 +6,7 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
@@ -171,32 +170,6 @@ async fn idle_timeout_closes_with_1001() {
     gateway.wait_metric(&closes("gateway", "1001"), 1.0).await;
 }
 
-/// Opens a WebSocket by hand, so the test can write frames a library would refuse to send.
-async fn raw_upgrade(gateway: &Gateway, room: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(gateway.address())
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /agents/CoderAgent/{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
-            .await
-            .expect("head in time")
-            .expect("read");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
-}
-
 fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let key = [0x37, 0xfa, 0x21, 0x3d];
     assert!(payload.len() < 126);
@@ -209,7 +182,7 @@ fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn fragmented_message_with_a_ping_in_the_middle() {
     let (_backend, gateway) = setup().await;
-    let mut stream = raw_upgrade(&gateway, "fragments").await;
+    let mut stream = raw_upgrade(gateway.address(), "fragments").await;
     let mut bytes = masked_frame(false, 0x1, b"frag");
     bytes.extend(masked_frame(true, 0x9, b"ping!"));
     bytes.extend(masked_frame(false, 0x0, b"men"));
@@ -249,7 +222,7 @@ async fn fragmented_message_with_a_ping_in_the_middle() {
 #[tokio::test]
 async fn malformed_frame_closes_1002_both_ways() {
     let (_backend, gateway) = setup().await;
-    let mut stream = raw_upgrade(&gateway, "malformed").await;
+    let mut stream = raw_upgrade(gateway.address(), "malformed").await;
     let mut bytes = masked_frame(true, 0x1, b"fine");
     bytes.extend(masked_frame(true, 0x3, b"reserved opcode"));
     bytes.extend(masked_frame(true, 0x1, b"never forwarded"));

@@ -907,16 +907,7 @@ fn start_ws_deflate_server() -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run node ({e}): Node 20+ must be on PATH"));
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(STARTUP_WAIT)
-        .expect("the ws server's port line");
+    let line = first_line(&mut child, STARTUP_WAIT);
     let port = serde_json::from_str::<Value>(&line).expect("a JSON line")["port"]
         .as_u64()
         .expect("a port");

@@ -72,14 +72,7 @@ pub fn start_backend_at(address: SocketAddr, key: Option<&str>) -> Proc {
         command.env("OPENROUTER_API_KEY", key);
     }
     let mut child = command.spawn().expect("backend starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(WAIT).expect("backend readiness line");
+    let line = first_line(&mut child, WAIT);
     let address = line
         .trim()
         .rsplit("http://")
@@ -87,6 +80,45 @@ pub fn start_backend_at(address: SocketAddr, key: Option<&str>) -> Proc {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("unexpected backend line {line:?}"));
     Proc { child, address }
+}
+
+/// The first line a child prints on its piped stdout: its readiness signal.
+pub fn first_line(child: &mut Child, wait: Duration) -> String {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(wait).expect("a readiness line in time")
+}
+
+/// Reads a response head byte by byte, so nothing after it (WebSocket frames) is consumed.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
+            .await
+            .expect("head in time")
+            .expect("read");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Opens a WebSocket to CoderAgent's `room` by hand (a valid handshake, read up to the 101),
+/// so a test can stay silent or write frames a library would refuse to send.
+pub async fn raw_upgrade(address: SocketAddr, room: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let request = format!(
+        "GET /agents/CoderAgent/{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
 }
 
 /// A gateway started from a config text; `{listen}` in it is replaced by a free port.
