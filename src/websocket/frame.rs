@@ -596,7 +596,7 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
-pub mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Encodes one frame, masking it when `mask` is given.
