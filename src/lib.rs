@@ -7,6 +7,7 @@
 //! decisions, and [`websocket`] carries an upgraded connection. [`config`] is read once per
 //! load, [`runtime`] wires the server, and [`telemetry`] reports.
 
+pub mod auth;
 pub mod config;
 pub mod edge;
 pub mod proxy;

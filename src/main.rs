@@ -32,13 +32,14 @@ enum Command {
         #[arg(short, long)]
         upgrade: bool,
     },
-    /// Validate the configuration, print the resolved routing table and the state of the
-    /// secrets each route needs (names only). Fails when a required secret is missing.
+    /// Validate the configuration, print the resolved routing table, the state of the
+    /// secrets each route needs (names only) and each agent's authentication policy. Fails
+    /// when a required secret is missing or a policy cannot let anyone through.
     Check {
         /// The configuration file.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
-        /// Report missing secrets without failing.
+        /// Report missing secrets and unusable policies without failing.
         #[arg(long)]
         warn_secrets: bool,
     },
@@ -86,6 +87,14 @@ fn check(path: &Path, warn_secrets: bool) -> ExitCode {
     let missing = table.missing_secrets();
     if missing > 0 && !warn_secrets {
         eprintln!("error: {missing} required secret(s) missing (see above); --warn-secrets reports without failing");
+        return ExitCode::FAILURE;
+    }
+    let unusable = table.unusable_policies();
+    for why in unusable {
+        eprintln!("{}: {why}", if warn_secrets { "warning" } else { "error" });
+    }
+    if !unusable.is_empty() && !warn_secrets {
+        eprintln!("error: {} authentication policy(ies) cannot let anyone through; their agents answer 503", unusable.len());
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -11,7 +11,13 @@
 //!   to the instance's other connections, and closes with a chosen code when a text message
 //!   says `{"type":"close","code":4001,"reason":"..."}`. It answers Pings (tungstenite does)
 //!   and counts the Pings and Pongs it receives per instance.
-//! - Plain HTTP requests get a JSON description of what arrived (method, path, headers).
+//! - Plain HTTP requests get a JSON description of what arrived (method, path, headers) and
+//!   of the instance's state: the Closes and control frames it received, and in
+//!   `last_upgrade` the path (with its query) and headers of its most recent WebSocket
+//!   upgrade request (`null` before the first), so that tests can see what an upgrade carried
+//!   upstream. Headers are named in lower case; a repeated one has its values joined with
+//!   `, `; credential-looking ones (`authorization`, `cookie`, names with `key`, `secret` or
+//!   `token`) are shown as fingerprints, never as they are.
 
 use agent_gateway::secrets::fingerprint;
 use bytes::BytesMut;
@@ -48,6 +54,8 @@ struct Instances {
     received_close_reasons: Mutex<HashMap<(String, String), Vec<String>>>,
     /// (namespace, room) -> the Pings and Pongs its connections received.
     received_control: Mutex<HashMap<(String, String), ControlSeen>>,
+    /// (namespace, room) -> the path and headers of its most recent upgrade request.
+    last_upgrades: Mutex<HashMap<(String, String), serde_json::Value>>,
     next_id: AtomicU64,
 }
 
@@ -176,12 +184,7 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
             .iter()
             .map(|(k, v)| {
                 let name = k.to_ascii_lowercase();
-                let value = if is_credential(&name) {
-                    fingerprint(v)
-                } else {
-                    v.clone()
-                };
-                (name, json!(value))
+                (name.clone(), json!(shown(&name, v)))
             })
             .collect();
         let body = json!({
@@ -190,9 +193,11 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
             "received_closes": instances.received_closes(&namespace, &room),
             "received_close_reasons": instances.received_close_reasons(&namespace, &room),
             "received_control": instances.received_control(&namespace, &room),
+            "last_upgrade": instances.last_upgrade(&namespace, &room),
         });
         return respond(&mut stream, 200, "application/json", &body.to_string()).await;
     }
+    instances.upgraded(&namespace, &room, &request);
     let Some(key) = request.header("sec-websocket-key") else {
         return respond(&mut stream, 400, "text/plain", "missing Sec-WebSocket-Key").await;
     };
@@ -309,6 +314,32 @@ impl Instances {
             .unwrap_or_default()
     }
 
+    fn last_upgrade(&self, namespace: &str, room: &str) -> serde_json::Value {
+        self.last_upgrades
+            .lock()
+            .ok()
+            .and_then(|u| u.get(&(namespace.to_owned(), room.to_owned())).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Records `request` as the instance's most recent upgrade request.
+    fn upgraded(&self, namespace: &str, room: &str, request: &Request) {
+        let mut headers = serde_json::Map::new();
+        for (k, v) in &request.headers {
+            let name = k.to_ascii_lowercase();
+            let value = shown(&name, v);
+            let joined = match headers.get(&name).and_then(|e| e.as_str()) {
+                Some(earlier) => format!("{earlier}, {value}"),
+                None => value,
+            };
+            headers.insert(name, json!(joined));
+        }
+        let upgrade = json!({"path": request.path, "headers": headers});
+        if let Ok(mut upgrades) = self.last_upgrades.lock() {
+            upgrades.insert((namespace.to_owned(), room.to_owned()), upgrade);
+        }
+    }
+
     fn control_seen(&self, key: &(String, String), update: impl FnOnce(&mut ControlSeen)) {
         if let Ok(mut seen) = self.received_control.lock() {
             update(seen.entry(key.clone()).or_default());
@@ -340,6 +371,15 @@ fn close_request(text: &str) -> Option<CloseFrame> {
         code: CloseCode::from(code),
         reason: reason.into(),
     })
+}
+
+/// A header's value as reported: credentials are described, never echoed.
+fn shown(name: &str, value: &str) -> String {
+    if is_credential(name) {
+        fingerprint(value)
+    } else {
+        value.to_owned()
+    }
 }
 
 /// Headers that carry credentials are described, never echoed.

@@ -8,19 +8,25 @@ use super::extract_websocket::over;
 use super::file::{AgentSection, RouteSection, SpannedString, WebSocketSection};
 use super::values::{is_label_safe, is_word};
 use super::{Agent, ConfigError, Route, DEFAULT_INSTANCE, DEFAULT_PREFIX, DEFAULT_REQUIRED};
+use crate::auth::AuthPolicy;
 use crate::edge::cors::CorsPolicy;
 use crate::routing::agent_name::{fold_key, is_valid_agent_name, sdk_slug, MAX_AGENT_NAME_LEN};
 use crate::routing::agent_path::parse_agent_path;
 use crate::websocket::pump::PumpSettings;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
-/// A route's WebSocket settings, and the table they came from, for agents to override.
-struct RouteWebSocket<'a> {
+/// What a route's agents inherit and may override: its WebSocket settings with the table
+/// they came from, and its authentication policy.
+struct RouteDefaults<'a> {
     settings: &'a Arc<PumpSettings>,
     section: &'a WebSocketSection,
+    auth: Option<&'a Arc<AuthPolicy>>,
+    policies: &'a Policies,
 }
+
+type Policies = BTreeMap<String, Arc<AuthPolicy>>;
 
 /// What names a route: checked before the rest, so that a repeated route is reported as such.
 struct RouteHead {
@@ -39,6 +45,7 @@ impl Ctx<'_> {
         upstreams: &Upstreams,
         global_cors: Option<&Arc<CorsPolicy>>,
         global_websocket: &WebSocketSection,
+        policies: &Policies,
     ) -> Result<Vec<Route>, ConfigError> {
         if sections.is_empty() {
             return Err(self.error_at(
@@ -63,8 +70,14 @@ impl Ctx<'_> {
                 ));
             }
             let line = head.span.as_ref().map_or(0, |s| self.line(s));
-            let route =
-                self.extract_route(head, section, upstreams, global_cors, global_websocket)?;
+            let route = self.extract_route(
+                head,
+                section,
+                upstreams,
+                global_cors,
+                global_websocket,
+                policies,
+            )?;
             routes.push((route, line));
         }
         let mut routes: Vec<Route> = routes.into_iter().map(|(r, _)| r).collect();
@@ -111,6 +124,7 @@ impl Ctx<'_> {
         upstreams: &Upstreams,
         global_cors: Option<&Arc<CorsPolicy>>,
         global_websocket: &WebSocketSection,
+        policies: &Policies,
     ) -> Result<Route, ConfigError> {
         let default_instance = match &section.default_instance {
             Some(d) => self.default_instance(d)?,
@@ -135,9 +149,15 @@ impl Ctx<'_> {
             .map(|own| over(own, global_websocket));
         let websocket_section = merged.as_ref().unwrap_or(global_websocket);
         let websocket = Arc::new(self.extract_websocket(websocket_section)?);
-        let route_websocket = RouteWebSocket {
+        let auth = match &section.auth {
+            Some(name) => self.policy_named(policies, name)?,
+            None => None,
+        };
+        let route_websocket = RouteDefaults {
             settings: &websocket,
             section: websocket_section,
+            auth: auth.as_ref(),
+            policies,
         };
         let agents =
             self.extract_agents(section.agents, &route_requires, upstreams, &route_websocket)?;
@@ -174,7 +194,7 @@ impl Ctx<'_> {
         sections: Vec<AgentSection>,
         route_requires: &[String],
         upstreams: &Upstreams,
-        websocket: &RouteWebSocket<'_>,
+        websocket: &RouteDefaults<'_>,
     ) -> Result<HashMap<String, Arc<Agent>>, ConfigError> {
         // Each agent with the line of its name, for the message about a later one.
         let mut agents: HashMap<String, (Arc<Agent>, usize)> = HashMap::new();
@@ -208,7 +228,7 @@ impl Ctx<'_> {
         section: &AgentSection,
         route_requires: &[String],
         upstreams: &Upstreams,
-        websocket: &RouteWebSocket<'_>,
+        defaults: &RouteDefaults<'_>,
     ) -> Result<Agent, ConfigError> {
         let name = section.name.get_ref();
         let slug = match &section.slug {
@@ -237,10 +257,14 @@ impl Ctx<'_> {
         // An agent's own table makes settings of its own; the others share their route's.
         let (websocket, own_websocket) = match &section.websocket {
             Some(own) => (
-                Arc::new(self.extract_websocket(&over(own, websocket.section))?),
+                Arc::new(self.extract_websocket(&over(own, defaults.section))?),
                 true,
             ),
-            None => (Arc::clone(websocket.settings), false),
+            None => (Arc::clone(defaults.settings), false),
+        };
+        let auth = match &section.auth {
+            Some(own) => self.policy_named(defaults.policies, own)?,
+            None => defaults.auth.cloned(),
         };
         Ok(Agent {
             name: name.clone(),
@@ -249,6 +273,7 @@ impl Ctx<'_> {
             required_secrets,
             websocket,
             own_websocket,
+            auth,
         })
     }
 }

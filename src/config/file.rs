@@ -37,6 +37,45 @@ pub(crate) struct ConfigFile {
     /// environment variable of its name.
     #[serde(default)]
     pub(crate) secrets: BTreeMap<String, SecretSection>,
+    /// Authentication policies by name, for routes and agents to name in `auth`.
+    #[serde(default)]
+    pub(crate) auth: BTreeMap<String, AuthSection>,
+}
+
+/// `[auth.NAME]`: one policy. Which keys apply depends on `method`; the validation names any
+/// key given to a method that does not use it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthSection {
+    /// `jwt`, `api_key` or `forward`.
+    pub(crate) method: Option<SpannedString>,
+    /// Where the credential is looked for, in order (`bearer`, `cookie:NAME`, ...).
+    pub(crate) credentials: Option<Vec<SpannedString>>,
+    pub(crate) algorithms: Option<Vec<SpannedString>>,
+    pub(crate) jwks_url: Option<SpannedString>,
+    pub(crate) jwks_file: Option<SpannedString>,
+    pub(crate) jwks_refresh: Option<SpannedString>,
+    /// A secret holding the HMAC key or a PEM public key.
+    pub(crate) key_secret: Option<SpannedString>,
+    pub(crate) issuers: Option<Vec<SpannedString>>,
+    pub(crate) audiences: Option<Vec<SpannedString>>,
+    pub(crate) leeway: Option<SpannedString>,
+    /// API keys: subject -> the secret holding its key.
+    pub(crate) keys: Option<Spanned<BTreeMap<String, SpannedString>>>,
+    pub(crate) url: Option<SpannedString>,
+    pub(crate) timeout: Option<SpannedString>,
+    pub(crate) cache: Option<SpannedString>,
+    pub(crate) subject_header: Option<SpannedString>,
+    pub(crate) identity_from: Option<Vec<SpannedString>>,
+    pub(crate) instance_claim: Option<SpannedString>,
+    pub(crate) scope_claim: Option<SpannedString>,
+    /// Claim -> the header that carries it upstream.
+    pub(crate) identity_headers: Option<Spanned<BTreeMap<String, SpannedString>>>,
+    pub(crate) sign_with: Option<SpannedString>,
+    pub(crate) expiry_close_code: Option<Spanned<i64>>,
+    pub(crate) expiry_close_reason: Option<SpannedString>,
+    pub(crate) max_websockets_per_subject: Option<Spanned<i64>>,
+    pub(crate) upgrades_per_subject_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +182,8 @@ pub(crate) struct RouteSection {
     pub(crate) require: Option<Vec<SpannedString>>,
     /// Overrides `[websocket]` for this route, key by key.
     pub(crate) websocket: Option<WebSocketSection>,
+    /// The `[auth.NAME]` policy of this route's agents; `"none"` or absent: public.
+    pub(crate) auth: Option<SpannedString>,
     #[serde(default)]
     pub(crate) agents: Vec<AgentSection>,
 }
@@ -170,6 +211,8 @@ pub(crate) struct AgentSection {
     pub(crate) slug: Option<SpannedString>,
     /// Overrides its route's WebSocket settings for this agent, key by key.
     pub(crate) websocket: Option<WebSocketSection>,
+    /// Overrides its route's `auth` for this agent; `"none"` makes it public.
+    pub(crate) auth: Option<SpannedString>,
 }
 
 /// One table for both kinds, so that a field given to the wrong kind gets a sentence of its

@@ -5,6 +5,7 @@
 
 mod context;
 mod extract;
+mod extract_auth;
 mod extract_routes;
 mod extract_upstreams;
 mod extract_websocket;
@@ -14,6 +15,7 @@ mod file;
 pub(crate) mod fixtures;
 mod values;
 
+use crate::auth::AuthPolicy;
 use crate::edge::client_address::Cidr;
 use crate::edge::cors::CorsPolicy;
 use crate::edge::limits::LimitSettings;
@@ -93,6 +95,8 @@ pub struct GatewayConfig {
     /// The TLS listener and its certificates, read at load (and so at every reload).
     pub(crate) tls: Option<TlsListener>,
     pub log: LogSettings,
+    /// The `[auth.NAME]` policies, by name; routes and agents hold the ones they use.
+    pub(crate) auth_policies: BTreeMap<String, Arc<AuthPolicy>>,
 }
 
 #[derive(Debug)]
@@ -144,6 +148,8 @@ pub(crate) struct Agent {
     /// them (`own_websocket`).
     pub(crate) websocket: Arc<PumpSettings>,
     pub(crate) own_websocket: bool,
+    /// Who may reach it: its own `auth`, else its route's; `None`: anyone.
+    pub(crate) auth: Option<Arc<AuthPolicy>>,
 }
 
 impl Route {
@@ -266,8 +272,14 @@ impl Ctx<'_> {
             .as_ref()
             .map(|c| self.extract_cors(c))
             .transpose()?;
-        let routes =
-            self.extract_routes(file.routes, &upstreams, cors.as_ref(), &file.websocket)?;
+        let auth_policies = self.extract_auth(&file.auth, &mut secrets)?;
+        let routes = self.extract_routes(
+            file.routes,
+            &upstreams,
+            cors.as_ref(),
+            &file.websocket,
+            &auth_policies,
+        )?;
         extract::add_required_secrets(&mut secrets, &routes);
         let drain_grace =
             self.duration_or(file.server.drain_grace.as_ref(), DEFAULT_DRAIN_GRACE)?;
@@ -297,6 +309,7 @@ impl Ctx<'_> {
             trusted_proxies,
             tls,
             log,
+            auth_policies,
         })
     }
 }

@@ -42,12 +42,19 @@ pub(crate) enum LimitRefusal {
     WebSocketsTotal,
     HeaderTooLarge,
     BodyTooLarge,
+    /// An authenticated subject's upgrades per second (its policy's limit).
+    UpgradeRatePerSubject,
+    /// An authenticated subject's open WebSockets (its policy's limit).
+    WebSocketsPerSubject,
 }
 
 impl LimitRefusal {
     pub(crate) fn status(self) -> u16 {
         match self {
-            LimitRefusal::UpgradeRate | LimitRefusal::WebSocketsPerIp => 429,
+            LimitRefusal::UpgradeRate
+            | LimitRefusal::WebSocketsPerIp
+            | LimitRefusal::UpgradeRatePerSubject
+            | LimitRefusal::WebSocketsPerSubject => 429,
             LimitRefusal::WebSocketsTotal => 503,
             LimitRefusal::HeaderTooLarge => 431,
             LimitRefusal::BodyTooLarge => 413,
@@ -62,6 +69,8 @@ impl LimitRefusal {
             LimitRefusal::WebSocketsTotal => "websockets_total",
             LimitRefusal::HeaderTooLarge => "request_header_too_large",
             LimitRefusal::BodyTooLarge => "request_body_too_large",
+            LimitRefusal::UpgradeRatePerSubject => "upgrade_rate_per_subject",
+            LimitRefusal::WebSocketsPerSubject => "websockets_per_subject",
         }
     }
 }
@@ -71,6 +80,9 @@ pub(crate) struct LimitState {
     upgrades: Rate,
     open_per_ip: Mutex<HashMap<IpAddr, usize>>,
     open_total: AtomicUsize,
+    /// By subject key (policy and subject: two policies' subjects are different people).
+    subject_upgrades: Rate,
+    open_per_subject: Mutex<HashMap<String, usize>>,
 }
 
 impl Default for LimitState {
@@ -79,6 +91,8 @@ impl Default for LimitState {
             upgrades: Rate::new(Duration::from_secs(1)),
             open_per_ip: Mutex::new(HashMap::new()),
             open_total: AtomicUsize::new(0),
+            subject_upgrades: Rate::new(Duration::from_secs(1)),
+            open_per_subject: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -139,6 +153,64 @@ impl LimitState {
         Ok(WebSocketSlot {
             state: Arc::clone(self),
             ip,
+        })
+    }
+}
+
+/// The per-subject limits of an authentication policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SubjectLimits {
+    pub(crate) upgrades_per_second: Option<u32>,
+    pub(crate) open_websockets: Option<usize>,
+}
+
+/// An authenticated subject's open WebSocket, given back when dropped.
+pub(crate) struct SubjectSlot {
+    state: Arc<LimitState>,
+    key: String,
+}
+
+impl Drop for SubjectSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.state.open_per_subject.lock() {
+            if let Some(count) = open.get_mut(&self.key) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+impl LimitState {
+    /// Admits an upgrade by the subject `key`, beside the per-address limits.
+    pub(crate) fn admit_subject(
+        self: &Arc<Self>,
+        limits: SubjectLimits,
+        key: String,
+    ) -> Result<SubjectSlot, LimitRefusal> {
+        if let Some(per_second) = limits.upgrades_per_second {
+            let allowed = isize::try_from(per_second).unwrap_or(isize::MAX);
+            if self.subject_upgrades.observe(&key, 1) > allowed {
+                return Err(LimitRefusal::UpgradeRatePerSubject);
+            }
+        }
+        let mut open = self
+            .open_per_subject
+            .lock()
+            .map_err(|_| LimitRefusal::WebSocketsPerSubject)?;
+        let count = open.entry(key.clone()).or_default();
+        if limits.open_websockets.is_some_and(|max| *count >= max) {
+            if *count == 0 {
+                open.remove(&key);
+            }
+            return Err(LimitRefusal::WebSocketsPerSubject);
+        }
+        *count += 1;
+        Ok(SubjectSlot {
+            state: Arc::clone(self),
+            key,
         })
     }
 }
@@ -204,6 +276,32 @@ mod tests {
         );
         drop(first);
         assert!(state.admit_websocket(&settings, a).is_ok());
+    }
+
+    #[test]
+    fn subjects_are_counted_apart_from_addresses_and_from_each_other() {
+        let state = Arc::new(LimitState::default());
+        let limits = SubjectLimits {
+            upgrades_per_second: None,
+            open_websockets: Some(2),
+        };
+        let first = state.admit_subject(limits, "p\0alice".into()).expect("1");
+        let _second = state.admit_subject(limits, "p\0alice".into()).expect("2");
+        assert_eq!(
+            state.admit_subject(limits, "p\0alice".into()).err(),
+            Some(LimitRefusal::WebSocketsPerSubject)
+        );
+        assert!(state.admit_subject(limits, "p\0bob".into()).is_ok());
+        drop(first);
+        assert!(state.admit_subject(limits, "p\0alice".into()).is_ok());
+        let rate = SubjectLimits {
+            upgrades_per_second: Some(3),
+            open_websockets: None,
+        };
+        let refused = (0..10)
+            .filter(|_| state.admit_subject(rate, "q\0carol".into()).is_err())
+            .count();
+        assert!(refused >= 6, "{refused} refused");
     }
 
     #[test]

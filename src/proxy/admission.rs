@@ -103,6 +103,8 @@ pub(crate) enum RefusalReason {
     Draining,
     WebSocketOverHttp2,
     InvalidUpgrade,
+    /// The agent's authentication policy did not let it through.
+    Auth,
 }
 
 impl Refused {
@@ -120,7 +122,8 @@ impl Refused {
             | RefusalReason::BadOriginHeader
             | RefusalReason::Draining
             | RefusalReason::WebSocketOverHttp2
-            | RefusalReason::InvalidUpgrade => HandshakeResult::Status(self.problem.status),
+            | RefusalReason::InvalidUpgrade
+            | RefusalReason::Auth => HandshakeResult::Status(self.problem.status),
         })
     }
 }

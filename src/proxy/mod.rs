@@ -3,6 +3,7 @@
 //! edge and secrets modules); the hooks perform them and record what happened.
 
 pub mod admission;
+pub mod authorization;
 pub mod problem;
 pub mod responses;
 pub mod upstream_request;
@@ -16,6 +17,7 @@ use crate::runtime::state::{ActiveConfig, GatewayState};
 use crate::upstream::upgrade_connector;
 use admission::{admit, Admission, AllowedCors, ConnectionFacts, RefusalReason, Refused, NO_ROUTE};
 use async_trait::async_trait;
+use authorization::authorize;
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -89,6 +91,7 @@ fn client_info(session: &Session, config: &GatewayConfig) -> ClientInfo {
         tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         request_id: request_id(from_trusted_proxy, header(REQUEST_ID_HEADER)),
         trace_id: trace_id(header(TRACEPARENT_HEADER)).map(str::to_owned),
+        identity: None,
     }
 }
 
@@ -129,6 +132,9 @@ impl ProxyHttp for Gateway {
             draining: self.state.drain.draining(),
         };
         let admission = admit(&active, &active.secrets, session.req_header(), connection);
+        let auth_metrics = &self.state.metrics.auth;
+        let request = session.req_header();
+        let admission = authorize(&active, auth_metrics, request, admission, &mut ctx.client).await;
         ctx.route = admission.route().to_owned();
         if active.log.access_log {
             ctx.access = Some(access_facts(session.req_header(), &admission));

@@ -1,5 +1,6 @@
 //! The gateway's own error answers: an HTTP status and a short JSON body naming the problem.
 
+use crate::auth::AuthFailure;
 use crate::edge::cors::OriginHeaderError;
 use crate::edge::limits::LimitRefusal;
 use crate::edge::request_id::REQUEST_ID_HEADER;
@@ -16,8 +17,11 @@ use serde_json::{json, Value};
 pub(crate) struct Problem {
     pub(crate) status: u16,
     pub(crate) body: Value,
-    /// Headers the answer needs besides the JSON ones (`Sec-WebSocket-Version` on a 426).
-    headers: Vec<(&'static str, &'static str)>,
+    /// Headers the answer needs besides the JSON ones (`Sec-WebSocket-Version` on a 426,
+    /// `WWW-Authenticate` on a 401).
+    headers: Vec<(&'static str, String)>,
+    /// Another service's answer relayed as it is, in place of the JSON body.
+    relayed_body: Option<Bytes>,
 }
 
 impl Problem {
@@ -26,6 +30,7 @@ impl Problem {
             status,
             body,
             headers: Vec::new(),
+            relayed_body: None,
         }
     }
 
@@ -36,8 +41,8 @@ impl Problem {
         match why {
             InvalidUpgrade::Version => Problem {
                 headers: vec![
-                    ("sec-websocket-version", WEBSOCKET_VERSION),
-                    ("upgrade", "websocket"),
+                    ("sec-websocket-version", WEBSOCKET_VERSION.to_owned()),
+                    ("upgrade", "websocket".to_owned()),
                 ],
                 ..Problem::new(426, body)
             },
@@ -156,11 +161,64 @@ impl Problem {
             }
             LimitRefusal::HeaderTooLarge => "the request header is larger than the gateway accepts",
             LimitRefusal::BodyTooLarge => "the request body is larger than the gateway accepts",
+            LimitRefusal::UpgradeRatePerSubject => {
+                "too many WebSocket upgrades by this user; retry in a second"
+            }
+            LimitRefusal::WebSocketsPerSubject => "too many open WebSockets by this user",
         };
         Problem::new(
             refusal.status(),
             json!({"error": refusal.kind(), "detail": detail}),
         )
+    }
+
+    /// A request a policy did not let through. 401s carry `WWW-Authenticate: Bearer` with
+    /// the RFC 6750 error; the detail never contains the credential.
+    pub(crate) fn auth(failure: &AuthFailure, policy: &str) -> Self {
+        let (status, error, detail) = match failure {
+            AuthFailure::Missing => (401, "unauthorized", "no credential".to_owned()),
+            AuthFailure::Invalid(why) => (401, "invalid_token", why.clone()),
+            AuthFailure::Expired => (401, "token_expired", "the token has expired".to_owned()),
+            AuthFailure::Forbidden(why) => (403, "forbidden", why.clone()),
+            AuthFailure::Unavailable(why) => (503, "auth_unavailable", why.clone()),
+            AuthFailure::Denied {
+                status,
+                headers,
+                body,
+            } => {
+                // The auth service's own 401 or 403 reaches the client as it is.
+                let mut problem =
+                    Problem::new(*status, json!({"error": "denied", "policy": policy}));
+                for (name, value) in headers {
+                    let known = match name {
+                        n if n == http::header::WWW_AUTHENTICATE => "www-authenticate",
+                        n if n == http::header::CONTENT_TYPE => "content-type",
+                        _ => continue,
+                    };
+                    if let Ok(value) = value.to_str() {
+                        problem.headers.push((known, value.to_owned()));
+                    }
+                }
+                problem.relayed_body = Some(body.clone());
+                return problem;
+            }
+        };
+        let mut problem = Problem::new(
+            status,
+            json!({"error": error, "policy": policy, "detail": detail}),
+        );
+        let challenge = match failure {
+            // RFC 6750 §3.1: no error code when the request had no credential at all.
+            AuthFailure::Missing => Some("Bearer realm=\"agent-gateway\"".to_owned()),
+            AuthFailure::Invalid(why) => Some(bearer_error("invalid_token", why)),
+            AuthFailure::Expired => Some(bearer_error("invalid_token", "the token has expired")),
+            AuthFailure::Forbidden(why) => Some(bearer_error("insufficient_scope", why)),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            problem.headers.push(("www-authenticate", challenge));
+        }
+        problem
     }
 
     pub(crate) fn bad_origin_header(error: OriginHeaderError) -> Self {
@@ -176,6 +234,9 @@ impl Problem {
 
     /// The JSON body, naming the request's ID as the `x-request-id` header does.
     pub(crate) fn body_bytes(&self, request_id: &str) -> Bytes {
+        if let Some(body) = &self.relayed_body {
+            return body.clone();
+        }
         let mut body = self.body.clone();
         if let Value::Object(fields) = &mut body {
             fields.insert("request_id".to_owned(), json!(request_id));
@@ -191,7 +252,7 @@ impl Problem {
         header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         header.insert_header(REQUEST_ID_HEADER, request_id)?;
         for (name, value) in &self.headers {
-            header.insert_header(*name, *value)?;
+            header.insert_header(*name, value.as_str())?;
         }
         Ok((header, body))
     }
@@ -223,6 +284,18 @@ impl From<&Refusal> for Problem {
             ),
         }
     }
+}
+
+/// A `WWW-Authenticate: Bearer` challenge with an RFC 6750 error. The description is the
+/// gateway's own text; quotes and backslashes are dropped so it stays one quoted-string.
+fn bearer_error(error: &str, description: &str) -> String {
+    let description: String = description
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect();
+    format!(
+        "Bearer realm=\"agent-gateway\", error=\"{error}\", error_description=\"{description}\""
+    )
 }
 
 /// The `kind` label of `agent_gateway_upstream_errors_total` for a Pingora error type.

@@ -1,5 +1,7 @@
 //! What the upstream receives: the request header rewritten for the target.
 
+use crate::auth::authenticator::Verified;
+use crate::auth::credential::strip_credentials;
 use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Target;
 use crate::secrets::SecretStore;
@@ -9,9 +11,10 @@ use http::header::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::Result;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Header name prefixes a client may never choose for itself.
-const RESERVED_PREFIXES: [&str; 2] = ["x-partykit-", "x-agents-"];
+const RESERVED_PREFIXES: [&str; 3] = ["x-partykit-", "x-agents-", "x-gateway-identity-"];
 
 /// Headers the gateway sets for the upstream, whatever the client sent.
 const MANAGED: [&str; 4] = [
@@ -45,6 +48,8 @@ pub(crate) struct ClientInfo {
     pub(crate) request_id: String,
     /// The trace ID of the request's `traceparent`, for log lines.
     pub(crate) trace_id: Option<String>,
+    /// Who the client is, when the agent's policy verified it.
+    pub(crate) identity: Option<Arc<Verified>>,
 }
 
 /// Rewrites `req` for `target`: path, Host, routing headers, forwarding headers, and no
@@ -92,6 +97,14 @@ pub(crate) fn prepare_upstream_request(
     let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
     req.insert_header("x-forwarded-proto", proto)?;
     req.insert_header(REQUEST_ID_HEADER, client.request_id.as_str())?;
+    if let Some(policy) = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref()) {
+        strip_credentials(&policy.credentials, req)?;
+    }
+    if let Some(verified) = &client.identity {
+        for (name, value) in &verified.headers {
+            req.insert_header(name.clone(), value.clone())?;
+        }
+    }
     Ok(())
 }
 
@@ -125,18 +138,26 @@ fn remove_hop_by_hop(req: &mut RequestHeader) {
 /// `X_Forwarded_For`, `keep_alive`): frameworks that map both to one variable would read the
 /// client's alias as the gateway's header.
 fn remove_reserved(req: &mut RequestHeader, target: &Target) {
+    let policy = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref());
+    // The identity headers are the gateway's to set, under the names the policy gives them.
+    let identity_headers = policy
+        .into_iter()
+        .flat_map(|p| p.identity_headers.iter().map(|(_, header)| header.as_str()));
     let secret_headers: Vec<&str> = target
         .upstream
         .forward_secrets
         .iter()
         .map(|(_, header)| header.as_str())
+        .chain(identity_headers)
         .collect();
     let reserved: Vec<HeaderName> = req
         .headers
         .keys()
         .filter(|name| {
             let name = name.as_str();
-            if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p))
+                || secret_headers.contains(&name)
+            {
                 return true;
             }
             if !name.contains('_') {
@@ -182,6 +203,7 @@ mod tests {
             tls: false,
             request_id: "req-1".to_owned(),
             trace_id: None,
+            identity: None,
         };
         prepare_upstream_request(
             &mut req,

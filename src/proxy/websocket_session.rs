@@ -5,7 +5,8 @@ use super::admission::{agent_label, Admitted};
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
-use crate::edge::limits::WebSocketSlot;
+use crate::auth::credential::offered_protocols;
+use crate::edge::limits::{LimitRefusal, SubjectLimits, SubjectSlot, WebSocketSlot};
 use crate::edge::request_id::REQUEST_ID_HEADER;
 use crate::routing::resolve::Target;
 use crate::runtime::drain::ConnectionGuard;
@@ -16,17 +17,18 @@ use crate::websocket::handshake::{
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::pump::{pump, Ends, PumpSettings};
+use crate::websocket::pump::{pump, Ends, Expiry, PumpSettings};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
 use bytes::Bytes;
 use log::{info, warn};
 use pingora::connectors::TransportConnector;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 
 /// What the client was answered: the HTTP status and the handshake counter's result.
@@ -72,8 +74,12 @@ pub(crate) async fn serve_websocket(
     let metrics = &state.metrics;
     let target = admitted.target;
     let upstream_name = target.upstream.name.as_str();
-    let slot = match state.limits.admit_websocket(&active.limits, client.ip) {
-        Ok(slot) => slot,
+    let slots = state
+        .limits
+        .admit_websocket(&active.limits, client.ip)
+        .and_then(|slot| Ok((slot, subject_slot(state, &target, client)?)));
+    let (slot, subject_slot) = match slots {
+        Ok(slots) => slots,
         Err(refusal) => {
             metrics.limit_refused(refusal.kind());
             let problem = Problem::limit(refusal);
@@ -139,6 +145,14 @@ pub(crate) async fn serve_websocket(
         return Ok(answered.written(written));
     }
     state.upstream_answered_well(upstream_name);
+    if let Err(e) = answer_offered_protocol(session.req_header(), &request, &mut response, &target)
+    {
+        let answered = Answered {
+            status: 101,
+            result: HandshakeResult::Upgraded,
+        };
+        return Ok(answered.written(Err(e)));
+    }
     let upgraded = Answered {
         status: 101,
         result: HandshakeResult::Upgraded,
@@ -161,6 +175,9 @@ pub(crate) async fn serve_websocket(
         metrics: metrics.websocket.connection_opened(agent_label(&target)),
         _open: state.connections.open(),
         _slot: slot,
+        _subject_slot: subject_slot,
+        expiry: expiry(&target, client),
+        client_key: client_key(&target, client),
         state: Arc::clone(state),
         active,
         target,
@@ -169,7 +186,6 @@ pub(crate) async fn serve_websocket(
         deflate,
         request_id: client.request_id.clone(),
         trace_id: client.trace_id.clone(),
-        client_key: client.ip.map(ClientKey::Address),
     };
     let head = response_head_bytes(&response);
     if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
@@ -187,6 +203,9 @@ struct UpgradedConnection {
     metrics: ConnectionMetrics,
     _open: ConnectionGuard,
     _slot: WebSocketSlot,
+    _subject_slot: Option<SubjectSlot>,
+    /// When the client's credential expires, and how it is told.
+    expiry: Option<Expiry>,
     state: Arc<GatewayState>,
     active: Arc<ActiveConfig>,
     target: Target,
@@ -214,7 +233,8 @@ impl UpgradedConnection {
             deflate: self.deflate,
         };
         let drain = self.state.drain.signal();
-        let outcome = pump(ends, drain, settings, limiter, &self.metrics).await;
+        let expiry = self.expiry.as_ref();
+        let outcome = pump(ends, drain, settings, limiter, expiry, &self.metrics).await;
         let metrics = &self.state.metrics;
         if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
             let kind = match outcome.drop_kind {
@@ -247,6 +267,82 @@ impl UpgradedConnection {
         let counters = RateLimitCounters::new(websocket_metrics, agent_label(&self.target), limits);
         Some(ConnectionLimiter::new(limits, share, counters))
     }
+}
+
+/// The verified client's place in its policy's per-subject limits, if it has any.
+fn subject_slot(
+    state: &GatewayState,
+    target: &Target,
+    client: &ClientInfo,
+) -> std::result::Result<Option<SubjectSlot>, LimitRefusal> {
+    let policy = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref());
+    let (Some(policy), Some(verified)) = (policy, &client.identity) else {
+        return Ok(None);
+    };
+    let limits = SubjectLimits {
+        upgrades_per_second: policy.upgrades_per_subject_per_second,
+        open_websockets: policy.max_websockets_per_subject,
+    };
+    if limits == SubjectLimits::default() {
+        return Ok(None);
+    }
+    let key = subject_key(&policy.name, &verified.identity.subject);
+    state.limits.admit_subject(limits, key).map(Some)
+}
+
+/// Who the client is for its rate limits across connections: its verified subject, else its
+/// address.
+fn client_key(target: &Target, client: &ClientInfo) -> Option<ClientKey> {
+    let policy = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref());
+    match (policy, &client.identity) {
+        (Some(policy), Some(verified)) => Some(ClientKey::Subject(subject_key(
+            &policy.name,
+            &verified.identity.subject,
+        ))),
+        _ => client.ip.map(ClientKey::Address),
+    }
+}
+
+/// Subjects of two policies are different people, whatever their names.
+fn subject_key(policy: &str, subject: &str) -> String {
+    format!("{policy}\0{subject}")
+}
+
+/// When the verified client's credential expires, as the pump's clock reads it.
+fn expiry(target: &Target, client: &ClientInfo) -> Option<Expiry> {
+    let policy = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref())?;
+    let expires_at = client.identity.as_ref()?.identity.expires_at?;
+    let left = expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Some(Expiry {
+        at: Instant::now() + left,
+        code: policy.expiry_close_code,
+        reason: policy.expiry_close_reason.clone(),
+    })
+}
+
+/// A client that sent its credential as a `Sec-WebSocket-Protocol` entry must get a protocol
+/// back (browsers fail the handshake otherwise), but never that entry: when the upstream
+/// selected none, the answer names the first other protocol the client offered.
+fn answer_offered_protocol(
+    client_request: &RequestHeader,
+    upstream_request: &RequestHeader,
+    response: &mut ResponseHeader,
+    target: &Target,
+) -> Result<()> {
+    let Some(policy) = target.agent.as_ref().and_then(|a| a.agent.auth.as_ref()) else {
+        return Ok(());
+    };
+    let protocol = http::header::SEC_WEBSOCKET_PROTOCOL;
+    let stripped = client_request.headers.get(&protocol) != upstream_request.headers.get(&protocol);
+    if !stripped || response.headers.contains_key(&protocol) {
+        return Ok(());
+    }
+    if let Some(first) = offered_protocols(&policy.credentials, client_request).first() {
+        response.insert_header(protocol, first.as_str())?;
+    }
+    Ok(())
 }
 
 /// One connection line per WebSocket at close. The instance is hashed: its name can be a

@@ -3,6 +3,8 @@
 //! rendered as text by `agent-gateway check` and as JSON by the admin `/config`. Secrets
 //! appear by name and state only, never by value.
 
+use crate::auth::jwks::JwksRegistry;
+use crate::auth::{AuthPolicy, Authenticator};
 use crate::config::{GatewayConfig, Route};
 use crate::routing::agent_name::example_spellings;
 use crate::secrets::presence::{hint, secret_state, SecretState};
@@ -13,6 +15,7 @@ use crate::websocket::pump::PumpSettings;
 use crate::websocket::rate_limit::{Limit, Rate};
 use serde_json::{json, Value};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct RoutingTable {
@@ -22,6 +25,9 @@ pub struct RoutingTable {
     pub(crate) routes: Vec<RouteRow>,
     pub(crate) upstreams: Vec<UpstreamRow>,
     pub(crate) fallback: Option<UpstreamRow>,
+    /// Why each authentication policy that cannot let anyone through cannot (a secret or key
+    /// file it needs is missing or unusable).
+    pub(crate) unusable_policies: Vec<String>,
 }
 
 pub(crate) struct RouteRow {
@@ -44,6 +50,8 @@ pub(crate) struct AgentRow {
     pub(crate) secrets: Vec<SecretRow>,
     /// Its own WebSocket settings (`[routes.agents.websocket]`); `None`: its route's.
     pub(crate) websocket: Option<WebSocketRow>,
+    /// Its authentication policy; `None`: public.
+    pub(crate) auth: Option<Arc<AuthPolicy>>,
 }
 
 /// WebSocket settings as `check` and `/config` show them.
@@ -259,7 +267,17 @@ impl RoutingTable {
                 .map(|u| UpstreamRow::of(u))
                 .collect(),
             fallback: config.fallback_upstream.as_deref().map(UpstreamRow::of),
+            unusable_policies: Authenticator::new(config, secrets, &JwksRegistry::default())
+                .unusable()
+                .into_iter()
+                .map(|(_, why)| why.to_owned())
+                .collect(),
         }
+    }
+
+    /// Why each policy that cannot let anyone through cannot.
+    pub fn unusable_policies(&self) -> &[String] {
+        &self.unusable_policies
     }
 
     /// How many secrets the gateway should hold and does not.
@@ -316,6 +334,15 @@ impl RoutingTable {
                 if let Some(own) = &agent.websocket {
                     own.write_text(out, "    ", "  (its own)")?;
                 }
+                match (&agent.auth, agent.secrets.first()) {
+                    (Some(policy), _) => writeln!(out, "    auth      {}", policy.describe())?,
+                    (None, Some(secret)) => writeln!(
+                        out,
+                        "    auth      none  WARNING: public, and its upstream needs {}: anyone who reaches the gateway can open it",
+                        secret.name
+                    )?,
+                    (None, None) => writeln!(out, "    auth      none (public)")?,
+                }
             }
         }
         if let Some(fallback) = &self.fallback {
@@ -349,6 +376,7 @@ impl RoutingTable {
                         if let Some(own) = &a.websocket {
                             agent["websocket"] = own.to_json();
                         }
+                        agent["auth"] = a.auth.as_ref().map_or(Value::Null, |p| p.to_json());
                         agent
                     })
                     .collect();
@@ -414,6 +442,7 @@ fn route_row(config: &GatewayConfig, secrets: &SecretStore, route: &Route) -> Ro
             websocket: agent
                 .own_websocket
                 .then(|| WebSocketRow(PumpSettings::clone(&agent.websocket))),
+            auth: agent.auth.clone(),
         })
         .collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1,6 +1,7 @@
 //! Server wiring: the Pingora server, the public proxy service, the admin service, the secret
-//! probes, and the signal watcher that drains before Pingora shuts down.
+//! probes, the JWKS refresh, and the signal watcher that drains before Pingora shuts down.
 
+use super::jwks_refresh::JwksRefresh;
 use super::probes::SecretProbes;
 use crate::config::GatewayConfig;
 use crate::edge::header_deadline::HeaderDeadline;
@@ -85,6 +86,10 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(probes);
+    let jwks = JwksRefresh {
+        state: state.clone(),
+    };
+    server.add_service(background_service("jwks refresh", jwks));
     log::info!("agent-gateway listening on http://{listen}, admin on http://{admin_listen}");
     server.run(RunArgs {
         shutdown_signal: Box::new(GatewaySignals { state }),

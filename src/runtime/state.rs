@@ -4,6 +4,8 @@
 
 use super::drain::{ConnectionTracker, Drain};
 use super::reload::restart_needed;
+use crate::auth::jwks::JwksRegistry;
+use crate::auth::Authenticator;
 use crate::config::{ConfigError, GatewayConfig};
 use crate::edge::limits::LimitState;
 use crate::edge::tls::SniResolver;
@@ -28,17 +30,22 @@ pub(crate) struct ActiveConfig {
     /// The per-client rate-limit buckets of this configuration: made anew with each one, so
     /// that a reload starts them full.
     pub(crate) client_limits: ClientLimits,
+    /// The checks of the authentication policies, with their keys and caches.
+    pub(crate) auth: Authenticator,
 }
 
 impl ActiveConfig {
-    /// Reads the secrets `config` names (start-up and reload do this, parsing does not).
-    pub(crate) fn new(config: GatewayConfig) -> Self {
+    /// Reads the secrets `config` names (start-up and reload do this, parsing does not),
+    /// and the JWKS files its policies name. JWKS URLs are `jwks`'s, which outlives it.
+    pub(crate) fn new(config: GatewayConfig, jwks: &JwksRegistry) -> Self {
         let secrets = SecretStore::read(&config);
         let client_limits = ClientLimits::of(&config);
+        let auth = Authenticator::new(&config, &secrets, jwks);
         ActiveConfig {
             config,
             secrets,
             client_limits,
+            auth,
         }
     }
 }
@@ -107,6 +114,8 @@ pub(crate) struct GatewayState {
     pub(crate) limits: Arc<LimitState>,
     pub(crate) drain: Drain,
     pub(crate) connections: Arc<ConnectionTracker>,
+    /// The JWKS URLs of every policy so far, with their keys: kept across reloads.
+    pub(crate) jwks: Arc<JwksRegistry>,
     /// The TLS listener's certificates, replaced on reload.
     tls_resolver: Option<Arc<SniResolver>>,
 }
@@ -118,9 +127,11 @@ impl GatewayState {
             .as_ref()
             .and_then(|t| t.certificates.clone())
             .map(|store| Arc::new(SniResolver::new(store)));
+        let jwks = Arc::new(JwksRegistry::default());
         let state = Arc::new(GatewayState {
             tls_resolver,
-            active: ArcSwap::from_pointee(ActiveConfig::new(config)),
+            active: ArcSwap::from_pointee(ActiveConfig::new(config, &jwks)),
+            jwks,
             config_path,
             metrics: Metrics::new(),
             reports: UpstreamReports::default(),
@@ -159,7 +170,8 @@ impl GatewayState {
         for field in &needs_restart {
             log::warn!("reload ({trigger}): {field} changed; it takes effect only after a restart");
         }
-        self.active.store(Arc::new(ActiveConfig::new(new)));
+        self.active
+            .store(Arc::new(ActiveConfig::new(new, &self.jwks)));
         self.refresh_secret_gauges();
         log::info!("reload ({trigger}) applied");
         Ok(json!({"reloaded": true, "needs_restart": needs_restart}))

@@ -36,6 +36,30 @@ pub(crate) fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
     out
 }
 
+/// Headers whose values are credentials. Pingora's own debug lines print whole request heads
+/// (`Sending header to upstream ...`), and a bearer token or session cookie forwarded upstream
+/// would be in them: their values are redacted from every log line, whatever logged it.
+const CREDENTIAL_HEADERS: &str =
+    r#"(?i)"(authorization|proxy-authorization|cookie|set-cookie|sec-websocket-protocol|x-auth-credential|x-gateway-identity-signature)": "(?:[^"\\]|\\.)*""#;
+
+/// `text` with the values of credential headers, as a header map's `Debug` prints them,
+/// replaced.
+fn redact_credential_headers(text: &str) -> std::borrow::Cow<'_, str> {
+    static PATTERN: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
+    let lower_has = |name: &str| text.len() >= name.len() && text.to_ascii_lowercase().contains(name);
+    if !["authorization", "cookie", "protocol", "credential", "signature"]
+        .iter()
+        .any(|name| lower_has(name))
+    {
+        return text.into();
+    }
+    match PATTERN.get_or_init(|| regex::Regex::new(CREDENTIAL_HEADERS).ok()) {
+        Some(pattern) => pattern.replace_all(text, r#""$1": "[redacted]""#),
+        // Unreachable with the constant above; fail closed rather than print.
+        None => REDACTED.into(),
+    }
+}
+
 struct ScrubbingLogger {
     inner: env_logger::Logger,
 }
@@ -50,7 +74,8 @@ impl Log for ScrubbingLogger {
             return;
         }
         let message = record.args().to_string();
-        let scrubbed = scrub(&message);
+        let redacted = redact_credential_headers(&message);
+        let scrubbed = scrub(&redacted);
         self.inner.log(
             &Record::builder()
                 .args(format_args!("{scrubbed}"))
@@ -129,5 +154,22 @@ mod tests {
             "x-key: [redacted], again [redacted]"
         );
         assert_eq!(scrub("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn credential_headers_are_redacted_as_a_header_map_prints_them() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer eyJ.secret\"quoted".parse().unwrap());
+        headers.insert("cookie", "session=abc123".parse().unwrap());
+        headers.insert("sec-websocket-protocol", "chat, bearer.tok".parse().unwrap());
+        headers.insert("x-user-id", "alice".parse().unwrap());
+        let line = format!("Sending header to upstream {headers:?}");
+        let redacted = redact_credential_headers(&line);
+        for secret in ["eyJ.secret", "abc123", "bearer.tok"] {
+            assert!(!redacted.contains(secret), "{redacted}");
+        }
+        assert!(redacted.contains(r#""authorization": "[redacted]""#), "{redacted}");
+        assert!(redacted.contains("alice"), "{redacted}");
+        assert_eq!(redact_credential_headers("plain line"), "plain line");
     }
 }

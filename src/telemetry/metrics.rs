@@ -2,8 +2,10 @@
 //!
 //! Label values come from the configuration (route, upstream and secret names) or from fixed
 //! sets, never from raw client input. The WebSocket families live beside the pump
-//! ([`crate::websocket::metrics`]) and are registered here with the rest.
+//! ([`crate::websocket::metrics`]), the authentication ones beside the policies
+//! ([`crate::auth::metrics`]); both are registered here with the rest.
 
+use crate::auth::metrics::AuthMetrics;
 use crate::secrets::presence::SecretPresence;
 use crate::websocket::metrics::{counter, gauge, histogram, status_label, WebSocketMetrics};
 use prometheus::core::Collector;
@@ -12,6 +14,7 @@ use prometheus::{Encoder, HistogramVec, IntCounterVec, IntGaugeVec, Registry, Te
 pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) websocket: WebSocketMetrics,
+    pub(crate) auth: AuthMetrics,
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -64,6 +67,7 @@ impl Metrics {
             ),
             registry,
             websocket: WebSocketMetrics::new(),
+            auth: AuthMetrics::new(),
         };
         // Both results exist from the start, so that increase() sees the first failure.
         for result in ["success", "failure"] {
@@ -87,7 +91,9 @@ impl Metrics {
             Box::new(metrics.limit_refusals.clone()),
             Box::new(build_info),
         ];
-        for collector in own.into_iter().chain(metrics.websocket.collectors()) {
+        let families = metrics.websocket.collectors().into_iter();
+        let families = families.chain(metrics.auth.collectors());
+        for collector in own.into_iter().chain(families) {
             metrics
                 .registry
                 .register(collector)

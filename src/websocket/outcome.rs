@@ -75,6 +75,8 @@ pub(crate) enum Cause {
     ProtocolError,
     /// The client went over a rate limit whose action is `close`.
     RateLimit,
+    /// The client's credential expired while its WebSocket was open.
+    TokenExpired,
 }
 
 impl Cause {
@@ -87,6 +89,7 @@ impl Cause {
             Cause::Drain => "drain",
             Cause::ProtocolError => "protocol_error",
             Cause::RateLimit => "rate_limit",
+            Cause::TokenExpired => "token_expired",
         }
     }
 }

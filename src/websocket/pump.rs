@@ -55,6 +55,17 @@ struct GatewayClose {
     cause: Cause,
 }
 
+/// When the client's credential expires, and the Close it gets then (the agent gets 1001).
+#[derive(Debug, Clone)]
+pub(crate) struct Expiry {
+    pub(crate) at: Instant,
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+}
+
+/// The reason the agent's Close gives when its client's credential expired.
+const EXPIRED_AGENT_REASON: &str = "client credential expired";
+
 /// Requests from outside the pump: the drain of the whole gateway.
 pub(crate) type DrainSignal = watch::Receiver<bool>;
 
@@ -76,6 +87,7 @@ pub(crate) async fn pump(
     mut drain: DrainSignal,
     settings: &PumpSettings,
     mut limiter: Option<Box<ConnectionLimiter>>,
+    expiry: Option<&Expiry>,
     metrics: &ConnectionMetrics,
 ) -> ConnectionOutcome {
     let Ends {
@@ -148,9 +160,11 @@ pub(crate) async fn pump(
     let timed = settings.idle_timeout.is_some()
         || settings.client_heartbeat.is_some()
         || settings.upstream_heartbeat.is_some()
-        || limiter.is_some();
+        || limiter.is_some()
+        || expiry.is_some();
+    let until_expiry = |at: Instant| expiry.map_or(at, |e| e.at.min(at));
     let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c, None) {
-        Due::Next(at) => at,
+        Due::Next(at) => until_expiry(at),
         _ => started,
     };
     let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(first));
@@ -194,8 +208,14 @@ pub(crate) async fn pump(
                     timer.as_mut().reset(sooner_of(deadline, throttle));
                     continue;
                 }
+                if let Some(expiry) = expiry.filter(|e| now >= e.at && gateway_close.is_none()) {
+                    close_expired(&mut c2u, &mut u2c, &mut gateway_close, expiry);
+                    continue;
+                }
                 match tick(now, settings, &mut watches, &mut c2u, &mut u2c, throttle) {
-                    Due::Next(at) => timer.as_mut().reset(tokio::time::Instant::from_std(at)),
+                    Due::Next(at) => timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(until_expiry(at))),
                     Due::Idle => close_both(
                         &mut c2u,
                         &mut u2c,
@@ -445,6 +465,25 @@ fn close_both(
     });
 }
 
+/// The client's credential expired: it gets the policy's Close (1008 "token expired" unless
+/// configured otherwise), so that it refreshes before reconnecting; the agent gets 1001, as
+/// for any client that leaves.
+fn close_expired(
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    gateway_close: &mut Option<GatewayClose>,
+    expiry: &Expiry,
+) {
+    u2c.queue_close(close_frame(expiry.code, &expiry.reason, None));
+    c2u.queue_close(close_frame(1001, EXPIRED_AGENT_REASON, Some(mask_key())));
+    gateway_close.get_or_insert(GatewayClose {
+        code: expiry.code,
+        reason_len: expiry.reason.len().min(123),
+        at: Instant::now(),
+        cause: Cause::TokenExpired,
+    });
+}
+
 /// What woke the pump's loop.
 enum Wake {
     Stopped(Initiator, Stop),
@@ -631,7 +670,7 @@ mod tests {
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, &settings, limiter, &connection).await
+            pump(ends, drain, &settings, limiter, None, &connection).await
         });
         (client, upstream, pumping)
     }
@@ -842,7 +881,7 @@ mod tests {
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, &settings, None, &connection).await
+            pump(ends, drain, &settings, None, None, &connection).await
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut sent = frame(true, 0, 0x2, &payload, None);

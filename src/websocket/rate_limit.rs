@@ -118,12 +118,14 @@ impl Limit {
     }
 }
 
-/// Who a client is, for the limits across its connections: its address for now. An
-/// authenticated subject becomes a variant of its own once the gateway authenticates
-/// clients, so that a subject's connections share buckets whatever their addresses.
+/// Who a client is, for the limits across its connections: its authenticated subject when
+/// its agent has a policy, so that a subject's connections share buckets whatever their
+/// addresses; else its address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum ClientKey {
     Address(IpAddr),
+    /// An authenticated subject, by its policy's name and its own.
+    Subject(String),
 }
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<Instant>>;
