@@ -37,15 +37,19 @@ COUNTERS = {
     "agent_gateway_config_reloads_total",
     "agent_gateway_origin_refusals_total",
     "agent_gateway_limit_refusals_total",
+    "agent_gateway_auth_decisions_total",
+    "agent_gateway_auth_jwks_fetch_failures_total",
 }
 GAUGES = {
     "agent_gateway_ws_connections_active",
     "agent_gateway_secret_present",
     "agent_gateway_build_info",
+    "agent_gateway_auth_jwks_last_success_timestamp_seconds",
 }
 HISTOGRAMS = {
     "agent_gateway_ws_connection_duration_seconds",
     "agent_gateway_upstream_request_duration_seconds",
+    "agent_gateway_auth_forward_duration_seconds",
 }
 ALLOWED = (
     COUNTERS
