@@ -17,7 +17,8 @@ use crate::websocket::handshake::{
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::pump::{pump, Ends, Expiry, PumpSettings};
+use crate::websocket::expiry::Expiry;
+use crate::websocket::pump::{pump, Ends, PumpSettings};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
 use bytes::Bytes;

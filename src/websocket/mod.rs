@@ -2,11 +2,13 @@
 //! the upstream, [`pump`] carries the two streams after the 101 (see it for why the gateway
 //! pumps them itself) one [`direction`] each, writing through an [`outbox`]; [`frame`] parses
 //! RFC 6455 frames as they pass, [`heartbeat`] finds peers that vanished, [`rate_limit`] holds
-//! back or closes clients that send too fast, and [`outcome`] and [`metrics`] say how each
+//! back or closes clients that send too fast, [`expiry`] closes a connection whose client's
+//! credential expired, and [`outcome`] and [`metrics`] say how each
 //! connection went. Nothing here reads the configuration or the gateway's state: callers pass
 //! in what a connection needs.
 
 pub mod direction;
+pub mod expiry;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;

@@ -9,6 +9,7 @@
 //! [`Direction`], and writes frames of its own (Close, heartbeat Pings) only between frames.
 
 use super::direction::Direction;
+use super::expiry::Expiry;
 use super::frame::{close_frame, mask_key, CloseFrame, ProtocolError, Sender};
 use super::heartbeat::{Beat, Heartbeat, PeerWatch};
 use super::metrics::ConnectionMetrics;
@@ -54,17 +55,6 @@ struct GatewayClose {
     at: Instant,
     cause: Cause,
 }
-
-/// When the client's credential expires, and the Close it gets then (the agent gets 1001).
-#[derive(Debug, Clone)]
-pub(crate) struct Expiry {
-    pub(crate) at: Instant,
-    pub(crate) code: u16,
-    pub(crate) reason: String,
-}
-
-/// The reason the agent's Close gives when its client's credential expired.
-const EXPIRED_AGENT_REASON: &str = "client credential expired";
 
 /// Requests from outside the pump: the drain of the whole gateway.
 pub(crate) type DrainSignal = watch::Receiver<bool>;
@@ -465,17 +455,16 @@ fn close_both(
     });
 }
 
-/// The client's credential expired: it gets the policy's Close (1008 "token expired" unless
-/// configured otherwise), so that it refreshes before reconnecting; the agent gets 1001, as
-/// for any client that leaves.
+/// The client's credential expired: each side gets its Close (see [`Expiry::closes`]).
 fn close_expired(
     c2u: &mut Direction,
     u2c: &mut Direction,
     gateway_close: &mut Option<GatewayClose>,
     expiry: &Expiry,
 ) {
-    u2c.queue_close(close_frame(expiry.code, &expiry.reason, None));
-    c2u.queue_close(close_frame(1001, EXPIRED_AGENT_REASON, Some(mask_key())));
+    let (to_client, to_agent) = expiry.closes();
+    u2c.queue_close(to_client);
+    c2u.queue_close(to_agent);
     gateway_close.get_or_insert(GatewayClose {
         code: expiry.code,
         reason_len: expiry.reason.len().min(123),

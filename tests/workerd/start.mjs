@@ -1,7 +1,7 @@
 // Bundles one of the test workers with esbuild and serves it in a real workerd (via Miniflare)
 // on an ephemeral loopback port.
 //
-//   node start.mjs [--worker current|agents-011]
+//   node start.mjs [--worker current|agents-011|auth]
 //
 // The Worker's OPENROUTER_API_KEY binding is this process's OPENROUTER_API_KEY, when set and
 // not empty; otherwise the Worker has none. Prints exactly one line on stdout once serving:
@@ -17,6 +17,8 @@ const here = fileURLToPath(new URL(".", import.meta.url));
 const workers = {
   current: { entry: "worker.js", agents: ["CoderAgent", "StateAgent"] },
   "agents-011": { entry: "worker-011.js", agents: ["CoderAgent"] },
+  // tests/workerd_auth.rs: its binding GATEWAY_IDENTITY_KEY is this process's, when set.
+  auth: { entry: "worker-auth.js", agents: ["CoderAgent"], secrets: ["GATEWAY_IDENTITY_KEY"] },
 };
 const flag = process.argv.indexOf("--worker");
 const name = flag === -1 ? "current" : process.argv[flag + 1];
@@ -60,6 +62,8 @@ class StderrLog extends Log {
 }
 
 const key = process.env.OPENROUTER_API_KEY?.trim();
+const bindings = key ? { OPENROUTER_API_KEY: key } : {};
+for (const secret of worker.secrets ?? []) if (process.env[secret]) bindings[secret] = process.env[secret];
 const mf = new Miniflare({
   modules: true,
   script: bundle.outputFiles[0].text,
@@ -71,7 +75,7 @@ const mf = new Miniflare({
   host: "127.0.0.1",
   port: 0,
   durableObjects: Object.fromEntries(worker.agents.map((a) => [a, { className: a, useSQLite: true }])),
-  bindings: key ? { OPENROUTER_API_KEY: key } : {},
+  bindings,
   log: new StderrLog(LogLevel.WARN, { prefix: "miniflare" }),
   handleRuntimeStdio(stdout, stderr) {
     stdout.pipe(process.stderr);
