@@ -1,11 +1,14 @@
 //! What authenticating one WebSocket upgrade costs at the edge: a JWT verification per
-//! algorithm, and the token-cache hit that spares a reconnecting client that verification.
+//! algorithm, the token-cache hit that spares a reconnecting client that verification, and an
+//! API-key lookup.
 //! Tokens carry a typical claim set and are signed with the test-only keys of
 //! `tests/fixtures/auth/`.
 
+use agent_gateway::auth::api_key::ApiKeyTable;
 use agent_gateway::auth::jwks::KeySet;
 use agent_gateway::auth::jwt::{JwtKeys, JwtVerifier};
 use agent_gateway::auth::token_cache::TokenCache;
+use agent_gateway::auth::Identity;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
@@ -63,24 +66,49 @@ fn verify(c: &mut Criterion) {
             Duration::from_secs(30),
         );
         let token = signed(alg, private);
-        assert_eq!(
-            verifier.verify_subject(&keys, &token),
-            Ok("user-1234".to_string())
-        );
+        let identity = verifier
+            .verify_with_keys(&keys, &token)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(identity.subject, "user-1234");
         group.bench_function(format!("jwt_{name}"), |b| {
-            b.iter(|| verifier.verify_subject(&keys, black_box(&token)))
+            b.iter(|| verifier.verify_with_keys(&keys, black_box(&token)))
         });
     }
 
     // A reconnecting client: its token was verified moments ago.
     let cache = TokenCache::new(100_000);
     let token = signed(Algorithm::ES256, EC256_PRIVATE);
-    let expires = SystemTime::now() + Duration::from_secs(3600);
-    cache.put_subject(&token, "user-1234", Some(expires));
-    assert_eq!(cache.get_subject(&token).as_deref(), Some("user-1234"));
+    let identity = Identity {
+        subject: "user-1234".to_string(),
+        claims: json!({"sub": "user-1234", "scope": "agents:chat"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
+    };
+    cache.put(&token, &identity);
+    assert_eq!(cache.get(&token), Some(identity));
     group.bench_function("token_cache_hit", |b| {
-        b.iter(|| cache.get_subject(black_box(&token)))
+        b.iter(|| cache.get(black_box(&token)))
     });
+
+    // An API key among 100: every entry is compared, in constant time, whichever matches.
+    let table = ApiKeyTable::new(
+        (0..100)
+            .map(|i| {
+                (
+                    format!("client-{i}"),
+                    format!("ak_test_{i:04}_0123456789abcdef0123456789"),
+                )
+            })
+            .collect(),
+    );
+    let key = "ak_test_0042_0123456789abcdef0123456789";
+    assert_eq!(
+        table.verify(key).map(|identity| identity.subject),
+        Ok("client-42".to_string())
+    );
+    group.bench_function("api_key_100", |b| b.iter(|| table.verify(black_box(key))));
     group.finish();
 }
 

@@ -43,7 +43,7 @@ impl ApiKeyTable {
     }
 
     /// Whose key `presented` is. An empty key never matches, even an empty configured one.
-    pub(crate) fn verify(&self, presented: &str) -> Result<Identity, AuthFailure> {
+    pub fn verify(&self, presented: &str) -> Result<Identity, AuthFailure> {
         if presented.is_empty() {
             return Err(invalid());
         }

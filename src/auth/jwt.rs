@@ -5,7 +5,8 @@
 //!
 //! No error text carries the token or key material: they reach logs and 401 answers.
 
-use super::jwks::{algorithm_names, KeyChoice, KeySet, RemoteJwks, VerifyKey};
+use super::jwks::{algorithm_names, KeyChoice, KeySet, VerifyKey};
+use super::jwks_remote::RemoteJwks;
 use super::{AuthFailure, Identity, JwtSettings};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -181,23 +182,10 @@ impl JwtVerifier {
 
     /// [`Self::verify`] against the given keys, without any fetching: what `verify` does with
     /// a static set, and what the benches measure.
-    pub(crate) fn verify_with_keys(
-        &self,
-        keys: &KeySet,
-        token: &str,
-    ) -> Result<Identity, AuthFailure> {
+    pub fn verify_with_keys(&self, keys: &KeySet, token: &str) -> Result<Identity, AuthFailure> {
         let (header, validation) = self.read_header(token)?;
         self.check(keys, token, &header, validation)
             .map_err(Miss::into_failure)
-    }
-
-    /// [`Self::verify_with_keys`] in types an outside crate can name (`Identity` and
-    /// `AuthFailure` are crate-private): the subject, or the failure's `result` label.
-    #[doc(hidden)]
-    pub fn verify_subject(&self, keys: &KeySet, token: &str) -> Result<String, &'static str> {
-        self.verify_with_keys(keys, token)
-            .map(|identity| identity.subject)
-            .map_err(|failure| failure.result())
     }
 
     /// The token's header, and the validation of its algorithm if the policy accepts it.
@@ -380,7 +368,7 @@ fn shown_alg(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::jwks::test_keys::*;
+    use super::super::test_keys::*;
     use super::*;
     use serde_json::json;
 
@@ -692,7 +680,7 @@ mod tests {
             Algorithm::HS256,
             HMAC_SECRET,
             None,
-            &super::super::jwks::test_keys::claims(),
+            &super::super::test_keys::claims(),
         );
         let parts: Vec<&str> = good.split('.').collect();
         let cases = [
@@ -833,26 +821,29 @@ mod tests {
     }
 
     #[test]
-    fn the_bench_face_reports_subject_or_result() {
+    fn verify_with_keys_checks_against_the_given_keys() {
         let set = KeySet::from_secret(HMAC_SECRET, &[Algorithm::HS256]).expect("a key");
-        let verifier = verifier_of(
-            &[Algorithm::HS256],
-            JwtKeys::Static(Arc::new(
-                KeySet::from_secret(HMAC_SECRET, &[Algorithm::HS256]).expect("a key"),
-            )),
-        );
+        let other = KeySet::from_secret("another shared secret of 32+ bytes", &[Algorithm::HS256])
+            .expect("a key");
+        let verifier = verifier_of(&[Algorithm::HS256], static_keys(other));
         let token = sign(Algorithm::HS256, HMAC_SECRET, None, &claims());
+        let identity = verifier.verify_with_keys(&set, &token).expect("verified");
+        assert_eq!(identity.subject, "alice");
+        assert_eq!(identity.claims["team"], json!("red"));
+        assert!(identity.expires_at.is_some());
         assert_eq!(
-            verifier.verify_subject(&set, &token),
-            Ok("alice".to_string())
+            verifier.verify_with_keys(&set, "x").map_err(|f| f.result()),
+            Err("invalid")
         );
-        assert_eq!(verifier.verify_subject(&set, "x"), Err("invalid"));
         let expired = sign(
             Algorithm::HS256,
             HMAC_SECRET,
             None,
             &json!({"sub": "a", "exp": 1}),
         );
-        assert_eq!(verifier.verify_subject(&set, &expired), Err("expired"));
+        assert_eq!(
+            verifier.verify_with_keys(&set, &expired),
+            Err(AuthFailure::Expired)
+        );
     }
 }

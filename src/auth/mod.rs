@@ -5,7 +5,10 @@
 //! ([`AuthMethod`]), where its credential is ([`credential`]), which instances it may open
 //! ([`scope`]) and what the upstream is told about it ([`identity`]). The policy is plain
 //! configuration; [`Authenticator`] holds what checking it needs at run time (keys, digests,
-//! caches) and is made anew with every configuration, beside its secret values.
+//! caches) and is made anew with every configuration, beside its secret values. A JWT policy's
+//! keys are a [`jwks::KeySet`] (parsed from a secret or a JWKS document; [`jwks`] also picks
+//! the keys a token is checked with), which may come from a JWKS URL that [`jwks_remote`]
+//! fetches and keeps fresh.
 
 pub mod api_key;
 pub mod authenticator;
@@ -13,9 +16,12 @@ pub mod credential;
 pub mod forward;
 pub mod identity;
 pub mod jwks;
+pub mod jwks_remote;
 pub mod jwt;
 pub mod metrics;
 pub mod scope;
+#[cfg(test)]
+pub(crate) mod test_keys;
 pub mod token_cache;
 
 pub(crate) use authenticator::Authenticator;
@@ -130,21 +136,21 @@ impl AuthMethod {
 }
 
 #[derive(Debug)]
-pub(crate) struct JwtSettings {
+pub struct JwtSettings {
     /// The algorithms accepted; a token naming any other is invalid (no `none`, ever).
-    pub(crate) algorithms: Vec<jsonwebtoken::Algorithm>,
-    pub(crate) keys: KeySource,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub keys: KeySource,
     /// Accepted `iss` values; empty: not checked.
-    pub(crate) issuers: Vec<String>,
+    pub issuers: Vec<String>,
     /// Accepted `aud` values; empty: not checked.
-    pub(crate) audiences: Vec<String>,
+    pub audiences: Vec<String>,
     /// Allowed clock difference for `exp` and `nbf`.
-    pub(crate) leeway: Duration,
+    pub leeway: Duration,
 }
 
 /// Where a JWT policy's verification keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum KeySource {
+pub enum KeySource {
     /// A secret from `[secrets]`: the shared key of HS* algorithms, or a PEM public key.
     Secret(String),
     /// A JWKS document on disk, read at start-up and on every reload.
@@ -181,19 +187,19 @@ pub(crate) struct ForwardSettings {
 
 /// A client whose credential was verified.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Identity {
+pub struct Identity {
     /// Who it is: `sub`, an API key's name, or the forward-auth service's subject header.
-    pub(crate) subject: String,
+    pub subject: String,
     /// What is known about it, by claim name: a JWT's claims, `{"sub": name}` for an API key,
     /// the `identity_from` headers of a forward-auth answer.
-    pub(crate) claims: Map<String, Value>,
+    pub claims: Map<String, Value>,
     /// When the credential stops being valid: a JWT's `exp` plus the policy's leeway.
-    pub(crate) expires_at: Option<SystemTime>,
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Why a request was not let through. Each maps to an answer and to a `result` label.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum AuthFailure {
+pub enum AuthFailure {
     /// No credential where the policy looks: 401.
     Missing,
     /// A credential that does not verify: 401. The text says why, without the credential.

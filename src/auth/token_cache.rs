@@ -10,7 +10,6 @@
 use super::Identity;
 use pingora_memory_cache::MemoryCache;
 use ring::digest::{digest, SHA256};
-use serde_json::Map;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -61,7 +60,7 @@ impl TokenCache {
     }
 
     /// The identity `token` was verified as, unless forgotten or expired.
-    pub(crate) fn get(&self, token: &str) -> Option<Identity> {
+    pub fn get(&self, token: &str) -> Option<Identity> {
         let cache = self.cache.as_ref()?;
         let digest = token_digest(token);
         let (entry, _) = cache.get(&digest);
@@ -78,7 +77,7 @@ impl TokenCache {
     }
 
     /// Remembers that `token` verified as `identity`, until its `expires_at`.
-    pub(crate) fn put(&self, token: &str, identity: &Identity) {
+    pub fn put(&self, token: &str, identity: &Identity) {
         let Some(cache) = self.cache.as_ref() else {
             return;
         };
@@ -100,32 +99,12 @@ impl TokenCache {
         };
         cache.put(&digest, entry, Some(ttl));
     }
-
-    /// [`Self::put`] in types an outside crate can name (`Identity` is crate-private), for the
-    /// benches.
-    #[doc(hidden)]
-    pub fn put_subject(&self, token: &str, subject: &str, expires_at: Option<SystemTime>) {
-        let mut claims = Map::new();
-        claims.insert("sub".to_string(), subject.into());
-        let identity = Identity {
-            subject: subject.to_string(),
-            claims,
-            expires_at,
-        };
-        self.put(token, &identity);
-    }
-
-    /// [`Self::get`] in types an outside crate can name, for the benches.
-    #[doc(hidden)]
-    pub fn get_subject(&self, token: &str) -> Option<String> {
-        self.get(token).map(|identity| identity.subject)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     fn identity(subject: &str, expires_at: Option<SystemTime>) -> Identity {
         let mut claims = Map::new();
@@ -190,13 +169,5 @@ mod tests {
             .as_ref()
             .and_then(|c| c.get(&token_digest("abc")).0);
         assert_eq!(stored.map(|entry| entry.digest), Some(token_digest("abc")));
-    }
-
-    #[test]
-    fn the_bench_face_round_trips() {
-        let cache = TokenCache::new(10);
-        cache.put_subject("t", "alice", in_secs(60));
-        assert_eq!(cache.get_subject("t").as_deref(), Some("alice"));
-        assert_eq!(cache.get_subject("u"), None);
     }
 }

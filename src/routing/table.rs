@@ -3,7 +3,7 @@
 //! rendered as text by `agent-gateway check` and as JSON by the admin `/config`. Secrets
 //! appear by name and state only, never by value.
 
-use crate::auth::jwks::JwksRegistry;
+use crate::auth::jwks_remote::JwksRegistry;
 use crate::auth::{AuthPolicy, Authenticator};
 use crate::config::{GatewayConfig, Route};
 use crate::routing::agent_name::example_spellings;

@@ -4,7 +4,7 @@
 
 use super::drain::{ConnectionTracker, Drain};
 use super::reload::restart_needed;
-use crate::auth::jwks::JwksRegistry;
+use crate::auth::jwks_remote::JwksRegistry;
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, GatewayConfig};
 use crate::edge::limits::LimitState;
