@@ -39,17 +39,23 @@ pub(crate) fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
 /// Headers whose values are credentials. Pingora's own debug lines print whole request heads
 /// (`Sending header to upstream ...`), and a bearer token or session cookie forwarded upstream
 /// would be in them: their values are redacted from every log line, whatever logged it.
-const CREDENTIAL_HEADERS: &str =
-    r#"(?i)"(authorization|proxy-authorization|cookie|set-cookie|sec-websocket-protocol|x-auth-credential|x-gateway-identity-signature)": "(?:[^"\\]|\\.)*""#;
+const CREDENTIAL_HEADERS: &str = r#"(?i)"(authorization|proxy-authorization|cookie|set-cookie|sec-websocket-protocol|x-auth-credential|x-gateway-identity-signature)": "(?:[^"\\]|\\.)*""#;
 
 /// `text` with the values of credential headers, as a header map's `Debug` prints them,
 /// replaced.
 fn redact_credential_headers(text: &str) -> std::borrow::Cow<'_, str> {
     static PATTERN: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
-    let lower_has = |name: &str| text.len() >= name.len() && text.to_ascii_lowercase().contains(name);
-    if !["authorization", "cookie", "protocol", "credential", "signature"]
-        .iter()
-        .any(|name| lower_has(name))
+    let lower_has =
+        |name: &str| text.len() >= name.len() && text.to_ascii_lowercase().contains(name);
+    if ![
+        "authorization",
+        "cookie",
+        "protocol",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|name| lower_has(name))
     {
         return text.into();
     }
@@ -159,16 +165,25 @@ mod tests {
     #[test]
     fn credential_headers_are_redacted_as_a_header_map_prints_them() {
         let mut headers = http::HeaderMap::new();
-        headers.insert("authorization", "Bearer eyJ.secret\"quoted".parse().unwrap());
+        headers.insert(
+            "authorization",
+            "Bearer eyJ.secret\"quoted".parse().unwrap(),
+        );
         headers.insert("cookie", "session=abc123".parse().unwrap());
-        headers.insert("sec-websocket-protocol", "chat, bearer.tok".parse().unwrap());
+        headers.insert(
+            "sec-websocket-protocol",
+            "chat, bearer.tok".parse().unwrap(),
+        );
         headers.insert("x-user-id", "alice".parse().unwrap());
         let line = format!("Sending header to upstream {headers:?}");
         let redacted = redact_credential_headers(&line);
         for secret in ["eyJ.secret", "abc123", "bearer.tok"] {
             assert!(!redacted.contains(secret), "{redacted}");
         }
-        assert!(redacted.contains(r#""authorization": "[redacted]""#), "{redacted}");
+        assert!(
+            redacted.contains(r#""authorization": "[redacted]""#),
+            "{redacted}"
+        );
         assert!(redacted.contains("alice"), "{redacted}");
         assert_eq!(redact_credential_headers("plain line"), "plain line");
     }
