@@ -8,96 +8,50 @@
 
 mod common;
 
+use common::auth::*;
 use common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const TIMEOUT: Duration = Duration::from_millis(500);
 const DENIAL: &str = r#"{"title":"log in first"}"#;
 const CHALLENGE: &str = r#"Bearer realm="corp", error="login_required""#;
-
-/// A request the auth service received: its target and headers (names in lower case).
-#[derive(Debug, Clone)]
-struct Seen {
-    target: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
 
 /// An HTTP/1.1 auth service on a real socket, keeping connections alive. It decides by the
 /// bearer token (or `X-Auth-Credential`): `allow-NAME` is NAME, `slow` answers after three
 /// seconds, `forbidden` gets 403, anything else (or nothing) 401.
 struct AuthService {
     address: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    seen: Arc<Mutex<Vec<Request>>>,
 }
 
 impl AuthService {
     async fn start() -> AuthService {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, Arc::clone(&record)));
-            }
-        });
+        let (address, _) = serve(move |stream| serve_auth(stream, Arc::clone(&record))).await;
         AuthService { address, seen }
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    fn seen(&self) -> Vec<Request> {
         self.seen.lock().expect("lock").clone()
     }
 
     /// How many requests came with this `Authorization`.
     fn asked_with(&self, authorization: &str) -> usize {
         let seen = self.seen();
-        let with = |s: &&Seen| s.header("authorization") == Some(authorization);
+        let with = |s: &&Request| s.header("authorization") == Some(authorization);
         seen.iter().filter(with).count()
     }
 }
 
-async fn serve(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn serve_auth(mut stream: TcpStream, seen: Arc<Mutex<Vec<Request>>>) {
     let mut buffer = Vec::new();
-    loop {
-        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(n) if n > 0 => buffer.extend_from_slice(&chunk[..n]),
-                _ => return,
-            }
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut request = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(length)) = request.parse(&buffer) else {
-            return;
-        };
-        let request = Seen {
-            target: request.path.unwrap_or_default().to_owned(),
-            headers: request
-                .headers
-                .iter()
-                .map(|h| {
-                    let value = String::from_utf8_lossy(h.value).into_owned();
-                    (h.name.to_ascii_lowercase(), value)
-                })
-                .collect(),
-        };
-        buffer.drain(..length);
+    while let Some(request) = read_request(&mut stream, &mut buffer).await {
         seen.lock().expect("lock").push(request.clone());
         let token = request
             .header("authorization")
@@ -133,33 +87,10 @@ async fn serve(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
     }
 }
 
-fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> String {
-    let mut text = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
-    for (k, v) in headers {
-        text.push_str(&format!("{k}: {v}\r\n"));
-    }
-    text + "\r\n" + body
-}
-
 /// Three forward policies on three routes: `corp` on /agents, `cached` (30 s) on /cached,
 /// and `down` (its service's port closed) on /down.
 fn config(node: SocketAddr, service: SocketAddr, closed: u16) -> String {
-    let text = r#"
-[server]
-listen = "{listen}"
-threads = 2
-
-[admin]
-listen = "{admin}"
-
-[websocket]
-ping_interval = "0s"
-upstream_ping_interval = "0s"
-
-[upstreams.local]
-kind = "local"
-nodes = ["NODE"]
-
+    let policies = r#"
 [auth.corp]
 method = "forward"
 url = "http://SERVICE/check?policy=corp"
@@ -176,32 +107,14 @@ cache = "30s"
 [auth.down]
 method = "forward"
 url = "http://127.0.0.1:CLOSED/check"
-
-[[routes]]
-prefix = "/agents"
-auth = "corp"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-
-[[routes]]
-prefix = "/cached"
-auth = "cached"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-
-[[routes]]
-prefix = "/down"
-auth = "down"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
 "#;
-    text.replace("NODE", &node.to_string())
+    let routes = [
+        ("/agents", "corp"),
+        ("/cached", "cached"),
+        ("/down", "down"),
+    ]
+    .map(|(prefix, auth)| route(prefix, Some(auth)) + &agent("CoderAgent", "local", None));
+    (quiet_config(&[("local", node)]) + policies + &routes.concat())
         .replace("SERVICE", &service.to_string())
         .replace("CLOSED", &closed.to_string())
         .replace("TIMEOUT", &format!("{}ms", TIMEOUT.as_millis()))
@@ -216,8 +129,8 @@ async fn setup() -> (Proc, AuthService, Gateway) {
     (backend, service, gateway)
 }
 
-fn decisions(route: &str, result: &str) -> String {
-    format!("agent_gateway_auth_decisions_total{{method=\"forward\",result=\"{result}\",route=\"{route}\"}}")
+fn forward_decisions(route: &str, result: &str) -> String {
+    decisions(route, "forward", result)
 }
 
 /// The backend's record of the most recent upgrade of CoderAgent's `room`, asked as alice.
@@ -235,46 +148,19 @@ async fn last_upgrade(gateway: &Gateway, room: &str) -> Value {
 
 /// A WebSocket upgrade by hand; the refusal it got, or `None` for a 101 (the stream is held
 /// open in `held` so that the connection stays up).
-async fn upgrade(
+async fn upgrade_held(
     address: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
     held: &mut Vec<TcpStream>,
 ) -> Option<RawResponse> {
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n"
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
+    match upgrade(address, path, headers).await {
+        Upgrade::Open(stream, _) => {
+            held.push(stream);
+            None
+        }
+        Upgrade::Refused(answer) => Some(answer),
     }
-    request.push_str("\r\n");
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    if head.starts_with("HTTP/1.1 101") {
-        held.push(stream);
-        return None;
-    }
-    let mut answer = RawResponse {
-        status: head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        head: head.trim_end().to_owned(),
-        body: String::new(),
-    };
-    let length: usize = answer
-        .header("content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut body))
-        .await
-        .expect("body in time")
-        .expect("body");
-    answer.body = String::from_utf8_lossy(&body).into_owned();
-    Some(answer)
 }
 
 #[tokio::test]
@@ -313,7 +199,7 @@ async fn an_allowed_request_reaches_the_agent_with_the_services_identity() {
     // A credential in the query: the service gets it in X-Auth-Credential, the agent never.
     let mut held = Vec::new();
     let path = "/agents/CoderAgent/fw-ws?token=allow-bob&v=2";
-    assert!(upgrade(gateway.address(), path, &[], &mut held)
+    assert!(upgrade_held(gateway.address(), path, &[], &mut held)
         .await
         .is_none());
     let asked = service.seen().pop().expect("asked");
@@ -328,7 +214,12 @@ async fn an_allowed_request_reaches_the_agent_with_the_services_identity() {
     assert_eq!(upgraded["headers"]["x-user-id"], "bob", "{upgraded}");
     assert_eq!(upgraded["headers"]["x-user-email"], "bob@example.com");
 
-    assert_eq!(gateway.metric(&decisions("agents", "allowed")).await, 3.0);
+    assert_eq!(
+        gateway
+            .metric(&forward_decisions("agents", "allowed"))
+            .await,
+        3.0
+    );
     let timed = "agent_gateway_auth_forward_duration_seconds_count{policy=\"corp\"}";
     assert_eq!(gateway.metric(timed).await, 3.0);
     let metrics = gateway.metrics().await;
@@ -344,7 +235,7 @@ async fn the_services_401_and_403_reach_the_client_as_they_are_and_nothing_the_a
     let address = gateway.address();
     let mut held = Vec::new();
 
-    let denied = upgrade(
+    let denied = upgrade_held(
         address,
         "/agents/CoderAgent/deny-1",
         &[("Authorization", "Bearer nope")],
@@ -364,7 +255,7 @@ async fn the_services_401_and_403_reach_the_client_as_they_are_and_nothing_the_a
     assert_eq!(denied.header("x-internal"), None, "{}", denied.head);
     assert_eq!(denied.body, DENIAL);
 
-    let anonymous = upgrade(address, "/agents/CoderAgent/deny-2", &[], &mut held)
+    let anonymous = upgrade_held(address, "/agents/CoderAgent/deny-2", &[], &mut held)
         .await
         .expect("refused");
     assert_eq!((anonymous.status, anonymous.body.as_str()), (401, DENIAL));
@@ -382,7 +273,7 @@ async fn the_services_401_and_403_reach_the_client_as_they_are_and_nothing_the_a
     );
     assert_eq!(forbidden.header("www-authenticate"), None);
     assert_eq!(forbidden.body, "not yours");
-    let forbidden = upgrade(
+    let forbidden = upgrade_held(
         address,
         "/agents/CoderAgent/deny-4",
         &[("Authorization", "Bearer forbidden")],
@@ -400,8 +291,18 @@ async fn the_services_401_and_403_reach_the_client_as_they_are_and_nothing_the_a
     }
     assert!(held.is_empty());
     assert_eq!(service.asked_with("Bearer nope"), 1);
-    assert_eq!(gateway.metric(&decisions("agents", "invalid")).await, 2.0);
-    assert_eq!(gateway.metric(&decisions("agents", "forbidden")).await, 2.0);
+    assert_eq!(
+        gateway
+            .metric(&forward_decisions("agents", "invalid"))
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gateway
+            .metric(&forward_decisions("agents", "forbidden"))
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -411,7 +312,7 @@ async fn a_slow_or_down_service_gives_503_quickly_and_nothing_reaches_the_agent(
     let mut held = Vec::new();
 
     let started = Instant::now();
-    let slow = upgrade(
+    let slow = upgrade_held(
         address,
         "/agents/CoderAgent/slow",
         &[("Authorization", "Bearer slow")],
@@ -430,7 +331,7 @@ async fn a_slow_or_down_service_gives_503_quickly_and_nothing_reaches_the_agent(
     assert_eq!(service.asked_with("Bearer slow"), 1);
 
     let started = Instant::now();
-    let down = upgrade(
+    let down = upgrade_held(
         address,
         "/down/CoderAgent/down",
         &[("Authorization", "Bearer allow-alice")],
@@ -455,12 +356,14 @@ async fn a_slow_or_down_service_gives_503_quickly_and_nothing_reaches_the_agent(
     assert!(held.is_empty());
     assert_eq!(
         gateway
-            .metric(&decisions("agents", "auth_unavailable"))
+            .metric(&forward_decisions("agents", "auth_unavailable"))
             .await,
         1.0
     );
     assert_eq!(
-        gateway.metric(&decisions("down", "auth_unavailable")).await,
+        gateway
+            .metric(&forward_decisions("down", "auth_unavailable"))
+            .await,
         2.0
     );
 }
@@ -514,7 +417,12 @@ async fn a_cached_policy_asks_the_service_once_per_credential() {
         assert_eq!(answer.status, 200);
     }
     assert_eq!(service.asked_with("Bearer allow-carol"), 3);
-    assert_eq!(gateway.metric(&decisions("cached", "allowed")).await, 3.0);
+    assert_eq!(
+        gateway
+            .metric(&forward_decisions("cached", "allowed"))
+            .await,
+        3.0
+    );
 }
 
 /// `agent_gateway_auth_forward_duration_seconds` is the time the service took to answer;

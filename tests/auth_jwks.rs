@@ -12,8 +12,9 @@ mod common;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
+use common::auth::*;
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use serde_json::{json, Value};
@@ -21,8 +22,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -33,34 +34,9 @@ const EC256: &str = include_str!("fixtures/auth/ec256-private.pem");
 const EC384: &str = include_str!("fixtures/auth/ec384-private.pem");
 const ED25519: &str = include_str!("fixtures/auth/ed25519-private.pem");
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
-/// A token of `claims` signed with the PEM private key `private`, naming `kid`.
-fn sign(alg: Algorithm, private: &str, kid: &str, claims: &Value) -> String {
-    let pem = private.as_bytes();
-    let key = match alg {
-        Algorithm::HS256 => EncodingKey::from_secret(pem),
-        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(pem).expect("an EC key"),
-        Algorithm::EdDSA => EncodingKey::from_ed_pem(pem).expect("an Ed25519 key"),
-        _ => EncodingKey::from_rsa_pem(pem).expect("an RSA key"),
-    };
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, claims, &key).expect("signed")
-}
-
 /// Claims for `sub`, valid for ten minutes.
 fn claims(sub: &str) -> Value {
     json!({"sub": sub, "exp": now() + 600, "iat": now()})
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
 }
 
 fn der(pem: &str) -> Vec<u8> {
@@ -112,45 +88,13 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(keys: Vec<Value>) -> JwksServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bound");
-        let url = format!(
-            "http://{}/jwks.json",
-            listener.local_addr().expect("address")
-        );
         let keys = Arc::new(Mutex::new(keys));
         let requests = Arc::new(AtomicUsize::new(0));
         let (set, count) = (keys.clone(), requests.clone());
-        let accepting = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let (set, count) = (set.clone(), count.clone());
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let answer = if head.starts_with(b"GET /jwks.json ") {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let body = json!({"keys": *set.lock().expect("unpoisoned")}).to_string();
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                    } else {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                            .to_owned()
-                    };
-                    let _ = stream.write_all(answer.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
+        let (address, accepting) =
+            serve(move |stream| answer_jwks(stream, set.clone(), count.clone())).await;
         JwksServer {
-            url,
+            url: format!("http://{address}/jwks.json"),
             keys,
             requests,
             accepting,
@@ -172,19 +116,33 @@ impl JwksServer {
     }
 }
 
+async fn answer_jwks(mut stream: TcpStream, set: Arc<Mutex<Vec<Value>>>, count: Arc<AtomicUsize>) {
+    let Some(request) = read_request(&mut stream, &mut Vec::new()).await else {
+        return;
+    };
+    let close = [("connection", "close")];
+    let answer = if (request.method.as_str(), request.target.as_str()) == ("GET", "/jwks.json") {
+        count.fetch_add(1, Ordering::SeqCst);
+        let body = json!({"keys": *set.lock().expect("unpoisoned")}).to_string();
+        answer(
+            200,
+            &[("content-type", "application/json"), close[0]],
+            &body,
+        )
+    } else {
+        answer(404, &close, "")
+    };
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
 /// A gateway whose `/agents` route (label `agents`) has `agents` as (name, policy), all on the
 /// reference backend at `node`, with heartbeats off and then `policies`.
 fn start(node: SocketAddr, agents: &[(&str, &str)], policies: &str) -> Gateway {
-    let mut text = local_config(&[node]).replace(
-        "\n[[routes.agents]]\nname = \"CoderAgent\"\nupstream = \"local\"\n",
-        "",
-    );
+    let mut text = quiet_config(&[("local", node)]) + &route("/agents", None);
     for (name, auth) in agents {
-        text += &format!(
-            "\n[[routes.agents]]\nname = \"{name}\"\nupstream = \"local\"\nauth = \"{auth}\"\n"
-        );
+        text += &agent(name, "local", Some(auth));
     }
-    text += "\n[websocket]\nping_interval = \"0s\"\nupstream_ping_interval = \"0s\"\n";
     start_gateway(&(text + policies))
 }
 
@@ -196,10 +154,8 @@ fn jwks_policy(name: &str, url: &str, algorithms: &str, extra: &str) -> String {
     )
 }
 
-fn decisions(result: &str) -> String {
-    format!(
-        "agent_gateway_auth_decisions_total{{method=\"jwt\",result=\"{result}\",route=\"agents\"}}"
-    )
+fn jwt_decisions(result: &str) -> String {
+    decisions("agents", "jwt", result)
 }
 
 fn last_success(url: &str) -> String {
@@ -228,30 +184,20 @@ async fn wait_for(gateway: &Gateway, series: &str, ready: impl Fn(f64) -> bool) 
 }
 
 /// The reference backend's JSON for a plain GET of `path` with `token`, asserting a 200.
-async fn backend_json(gateway: &Gateway, path: &str, token: &str) -> Value {
-    let answer = get(
-        gateway.address(),
-        path,
-        &[("authorization", &bearer(token))],
-    )
-    .await;
-    assert_eq!(answer.status, 200, "{}\n{}", answer.head, answer.body);
-    answer.json()
+async fn backend_as(gateway: &Gateway, path: &str, token: &str) -> Value {
+    backend_json(gateway, path, &[("authorization", &bearer(token))]).await
 }
 
 /// The subject the backend was told for a GET of `path` with `token`.
 async fn subject_upstream(gateway: &Gateway, path: &str, token: &str) -> Value {
-    backend_json(gateway, path, token).await["headers"]["x-user-id"].clone()
+    backend_as(gateway, path, token).await["headers"]["x-user-id"].clone()
 }
 
 /// Opens a WebSocket with `token` as bearer and reads the agent's greeting.
 async fn open_as(gateway: &Gateway, path: &str, token: &str) -> Ws {
-    let request = ws_request(&gateway.url(path), &[("authorization", &bearer(token))]);
-    let (mut ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("handshake in time")
-        .unwrap_or_else(|e| panic!("WebSocket to {path}: {e}"));
-    assert_eq!(response.status(), 101);
+    let authorization = bearer(token);
+    let url = gateway.url(path);
+    let (mut ws, _) = connect_headers(&url, &[("authorization", &authorization)]).await;
     assert_eq!(next_json(&mut ws).await["type"], "cf_agent_identity");
     ws
 }
@@ -302,7 +248,7 @@ async fn rs256_ps256_es256_es384_and_eddsa_tokens_verify_with_one_fetch_of_the_j
     wait_for(&gateway, &last_success(&server.url), |at| at > 0.0).await;
     for (alg, pem, kid) in keys {
         let sub = format!("user-{alg:?}");
-        let token = sign(alg, pem, kid, &claims(&sub));
+        let token = sign(alg, pem, Some(kid), &claims(&sub));
         let path = format!("/agents/CoderAgent/{alg:?}");
         let mut ws = open_as(&gateway, &path, &token).await;
         assert_echo(&mut ws, "hello").await;
@@ -313,7 +259,7 @@ async fn rs256_ps256_es256_es384_and_eddsa_tokens_verify_with_one_fetch_of_the_j
     }
     let path = "/agents/CoderAgent/room";
     // Another key under a known kid; an HS256 token keyed with the RSA public key's PEM.
-    let impostor = sign(Algorithm::RS256, RSA2, "rsa", &claims("eve"));
+    let impostor = sign(Algorithm::RS256, RSA2, Some("rsa"), &claims("eve"));
     assert_refused(
         &gateway,
         path,
@@ -321,7 +267,7 @@ async fn rs256_ps256_es256_es384_and_eddsa_tokens_verify_with_one_fetch_of_the_j
         (401, "invalid_token", "signature does not verify"),
     )
     .await;
-    let confused = sign(Algorithm::HS256, RSA_PUBLIC, "rsa", &claims("eve"));
+    let confused = sign(Algorithm::HS256, RSA_PUBLIC, Some("rsa"), &claims("eve"));
     assert_refused(
         &gateway,
         path,
@@ -331,8 +277,16 @@ async fn rs256_ps256_es256_es384_and_eddsa_tokens_verify_with_one_fetch_of_the_j
     .await;
     assert_eq!(server.requests(), 1, "known kids need no fetch");
     let text = gateway.metrics().await;
-    assert_eq!(metric_value(&text, &decisions("allowed")), 10.0, "{text}");
-    assert_eq!(metric_value(&text, &decisions("invalid")), 2.0, "{text}");
+    assert_eq!(
+        metric_value(&text, &jwt_decisions("allowed")),
+        10.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, &jwt_decisions("invalid")),
+        2.0,
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -343,8 +297,8 @@ async fn a_rotated_key_is_fetched_once_and_the_rotated_out_key_is_refused() {
     let gateway = start(backend.address, &[("CoderAgent", "users")], &policy);
     wait_for(&gateway, &last_success(&server.url), |at| at > 0.0).await;
     let path = "/agents/CoderAgent/room";
-    let old = |sub: &str| sign(Algorithm::RS256, RSA, "k1", &claims(sub));
-    let new = |sub: &str| sign(Algorithm::RS256, RSA2, "k2", &claims(sub));
+    let old = |sub: &str| sign(Algorithm::RS256, RSA, Some("k1"), &claims(sub));
+    let new = |sub: &str| sign(Algorithm::RS256, RSA2, Some("k2"), &claims(sub));
     assert_eq!(
         subject_upstream(&gateway, path, &old("before")).await,
         "before"
@@ -391,7 +345,7 @@ async fn jwks_failures_answer_503_until_fetched_are_counted_and_keep_the_last_go
     wait_for(&gateway, &failures(&nowhere), |n| n >= 1.0).await;
 
     // Keys never fetched: fail closed, 503, not a 401 the client would "fix" by signing in.
-    let token = |sub: &str| sign(Algorithm::ES256, EC256, "p256", &claims(sub));
+    let token = |sub: &str| sign(Algorithm::ES256, EC256, Some("p256"), &claims(sub));
     let answer = get(
         gateway.address(),
         "/agents/DownAgent/room",
@@ -408,7 +362,7 @@ async fn jwks_failures_answer_503_until_fetched_are_counted_and_keep_the_last_go
     );
     assert_eq!(answer.header("www-authenticate"), None);
     assert_eq!(
-        metric_value(&gateway.metrics().await, &decisions("auth_unavailable")),
+        metric_value(&gateway.metrics().await, &jwt_decisions("auth_unavailable")),
         1.0
     );
     assert_eq!(
@@ -430,7 +384,7 @@ async fn jwks_failures_answer_503_until_fetched_are_counted_and_keep_the_last_go
     );
     let mut ws = open_as(&gateway, path, &token("after-ws")).await;
     assert_echo(&mut ws, "hello").await;
-    let unknown = sign(Algorithm::ES256, EC256, "p256-next", &claims("eve"));
+    let unknown = sign(Algorithm::ES256, EC256, Some("p256-next"), &claims("eve"));
     assert_refused(
         &gateway,
         path,
@@ -470,7 +424,7 @@ async fn close_frame(ws: &mut Ws) -> (u16, String, SystemTime) {
 async fn backend_closes(gateway: &Gateway, path: &str, token: &str) -> (Value, Value) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let seen = backend_json(gateway, path, token).await;
+        let seen = backend_as(gateway, path, token).await;
         let count = seen["received_closes"].as_array().map_or(0, Vec::len);
         if count > 0 || Instant::now() > deadline {
             return (
@@ -500,7 +454,7 @@ async fn a_token_expiring_while_its_websocket_is_open_closes_it_at_exp() {
     let short = sign(
         Algorithm::EdDSA,
         ED25519,
-        "ed",
+        Some("ed"),
         &json!({"sub": "alice", "exp": exp}),
     );
     let (coder, other) = ("/agents/CoderAgent/expiring", "/agents/OtherAgent/expiring");
@@ -520,7 +474,7 @@ async fn a_token_expiring_while_its_websocket_is_open_closes_it_at_exp() {
         );
         assert!(late < Duration::from_secs(2), "closed {late:?} after exp");
     }
-    let long = sign(Algorithm::EdDSA, ED25519, "ed", &claims("alice"));
+    let long = sign(Algorithm::EdDSA, ED25519, Some("ed"), &claims("alice"));
     for path in [coder, other] {
         let (codes, reasons) = backend_closes(&gateway, path, &long).await;
         assert_eq!(codes, json!([1001]), "{path}");

@@ -13,15 +13,15 @@ mod common;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use common::auth::*;
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 const SECRET: &str = "an HMAC secret of the integration tests, 32+ bytes";
@@ -50,24 +50,6 @@ credentials = ["bearer", "cookie:session", "query:token", "protocol:bearer."]
 identity_headers = { sub = "x-user-id" }
 "#;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
-/// A token of `claims` signed with `key`: the HMAC secret, or an RSA private key's PEM.
-fn sign(alg: Algorithm, key: &str, claims: &Value) -> String {
-    let key = match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-            EncodingKey::from_secret(key.as_bytes())
-        }
-        _ => EncodingKey::from_rsa_pem(key.as_bytes()).expect("an RSA key"),
-    };
-    jsonwebtoken::encode(&Header::new(alg), claims, &key).expect("signed")
-}
-
 /// Claims for `sub`, valid for ten minutes, from the policy's issuer for its audience.
 fn claims(sub: &str) -> Value {
     json!({
@@ -82,11 +64,7 @@ fn alice(patch: Value) -> String {
     for (key, value) in patch.as_object().expect("an object") {
         claims[key] = value.clone();
     }
-    sign(Algorithm::HS256, SECRET, &claims)
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
+    sign(Algorithm::HS256, SECRET, None, &claims)
 }
 
 /// A gateway whose `/agents` route (metrics label `agents`) has `agents` as (name, upstream,
@@ -108,21 +86,21 @@ fn config(
     agents: &[(&str, &str, &str)],
     policies: &str,
 ) -> String {
-    let mut text = String::from(
-        "[server]\nlisten = \"{listen}\"\nthreads = 2\nupgrade_sock = \"upgrade.sock\"\n\n\
-         [admin]\nlisten = \"{admin}\"\n\n\
-         [websocket]\nping_interval = \"0s\"\nupstream_ping_interval = \"0s\"\n",
-    );
-    for (name, node) in upstreams {
-        text += &format!("\n[upstreams.{name}]\nkind = \"local\"\nnodes = [\"{node}\"]\n");
-    }
-    text += "\n[[routes]]\nprefix = \"/agents\"\n";
+    let mut text = quiet_config(upstreams);
+    text += &route("/agents", None);
     for (name, upstream, auth) in agents {
-        text += &format!(
-            "\n[[routes.agents]]\nname = \"{name}\"\nupstream = \"{upstream}\"\nauth = \"{auth}\"\n"
-        );
+        text += &agent(name, upstream, Some(auth));
     }
     text + policies
+}
+
+/// A gateway with CoderAgent on the reference backend at `node`, under [`USERS`].
+fn start_users(node: SocketAddr) -> Gateway {
+    start(
+        &[("local", node)],
+        &[("CoderAgent", "local", "users")],
+        USERS,
+    )
 }
 
 /// `GET path` with `token` as bearer.
@@ -135,35 +113,15 @@ async fn get_as(gateway: &Gateway, path: &str, token: &str) -> RawResponse {
     .await
 }
 
-/// The reference backend's JSON for a plain GET of `path` with `headers`, asserting a 200.
-async fn backend_json(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Value {
-    let answer = get(gateway.address(), path, headers).await;
-    assert_eq!(answer.status, 200, "{}\n{}", answer.head, answer.body);
-    answer.json()
-}
-
 /// A WebSocket handshake for `path` with extra headers, sent by hand: for refusals, whose
 /// whole answer (head and body) it returns.
-async fn upgrade(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> RawResponse {
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    for (k, v) in headers {
-        request += &format!("{k}: {v}\r\n");
-    }
-    raw_request(gateway.address(), &(request + "\r\n")).await
+async fn upgrade_refused(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+    upgrade(gateway.address(), path, headers).await.refused()
 }
 
 /// Opens a WebSocket with extra headers, checks the 101 and returns it with the socket.
 async fn ws_with(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> (Ws, http::HeaderMap) {
-    let request = ws_request(&gateway.url(path), headers);
-    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("handshake in time")
-        .unwrap_or_else(|e| panic!("WebSocket to {path}: {e}"));
-    assert_eq!(response.status(), 101);
-    (ws, response.headers().clone())
+    connect_headers(&gateway.url(path), headers).await
 }
 
 /// Opens a WebSocket with extra headers and reads the agent's greeting.
@@ -202,10 +160,15 @@ fn assert_refused(
     }
 }
 
+/// Checks the refusal of an expired token by the policy `users`.
+fn assert_expired(answer: &RawResponse) {
+    assert_refused(answer, 401, "token_expired", "users", Some("invalid_token"));
+}
+
 /// Upgrades `path` with `token` as bearer and checks the 401 `invalid_token` says `why`, in
 /// its JSON detail and its challenge's description (a quoted-string: without quotes).
 async fn assert_invalid(gateway: &Gateway, path: &str, policy: &str, token: &str, why: &str) {
-    let answer = upgrade(gateway, path, &[("authorization", &bearer(token))]).await;
+    let answer = upgrade_refused(gateway, path, &[("authorization", &bearer(token))]).await;
     assert_refused(&answer, 401, "invalid_token", policy, Some("invalid_token"));
     let detail = answer.json()["detail"].clone();
     assert!(
@@ -235,9 +198,7 @@ async fn assert_decisions(gateway: &Gateway, expected: &[(&str, usize)]) {
             .iter()
             .find(|(r, _)| *r == result)
             .map_or(0, |(_, n)| *n);
-        let series = format!(
-            "agent_gateway_auth_decisions_total{{method=\"jwt\",result=\"{result}\",route=\"agents\"}}"
-        );
+        let series = decisions("agents", "jwt", result);
         assert_eq!(
             metric_value(&text, &series),
             want as f64,
@@ -256,15 +217,9 @@ struct Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bound");
-        let address = listener.local_addr().expect("an address");
         let heads = Arc::new(Mutex::new(Vec::new()));
         let seen = heads.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(record(stream, seen.clone()));
-            }
-        });
+        let (address, _) = serve(move |stream| record(stream, seen.clone())).await;
         Recorder { address, heads }
     }
 
@@ -274,23 +229,17 @@ impl Recorder {
 }
 
 async fn record(mut stream: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if !matches!(stream.read(&mut byte).await, Ok(1)) {
-            return;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    seen.lock().expect("unpoisoned").push(head.clone());
-    let answer = match header_of(&head, "sec-websocket-key") {
+    let Some(request) = read_request(&mut stream, &mut Vec::new()).await else {
+        return;
+    };
+    seen.lock().expect("unpoisoned").push(request.head.clone());
+    let answer = match request.header("sec-websocket-key") {
         Some(key) => format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {}\r\n\r\n",
             derive_accept_key(key.as_bytes())
         ),
-        None => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_owned(),
+        None => answer(200, &[("connection", "close")], "ok"),
     };
     let _ = stream.write_all(answer.as_bytes()).await;
     let mut sink = [0u8; 1024];
@@ -316,14 +265,10 @@ fn header_of(head: &str, name: &str) -> Option<String> {
 #[tokio::test]
 async fn hs256_hs384_and_hs512_tokens_verify_with_a_secret_from_the_environment() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(
-        &[("local", backend.address)],
-        &[("CoderAgent", "local", "users")],
-        USERS,
-    );
+    let gateway = start_users(backend.address);
     for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
         let sub = format!("user-{alg:?}");
-        let token = sign(alg, SECRET, &claims(&sub));
+        let token = sign(alg, SECRET, None, &claims(&sub));
         let path = format!("/agents/CoderAgent/room-{alg:?}");
         let mut ws = open_with(&gateway, &path, &[("authorization", &bearer(&token))]).await;
         assert_echo(&mut ws, "hello").await;
@@ -331,7 +276,12 @@ async fn hs256_hs384_and_hs512_tokens_verify_with_a_secret_from_the_environment(
         assert_eq!(seen["headers"]["x-user-id"], sub.as_str(), "{seen}");
         assert_eq!(seen["headers"]["x-user-team"], "red", "{seen}");
         // The same claims under another secret are someone else's.
-        let forged = sign(alg, "another secret entirely, 32+ bytes", &claims(&sub));
+        let forged = sign(
+            alg,
+            "another secret entirely, 32+ bytes",
+            None,
+            &claims(&sub),
+        );
         let answer = get_as(&gateway, &path, &forged).await;
         assert_refused(
             &answer,
@@ -362,7 +312,7 @@ async fn bad_and_missing_tokens_are_refused_before_anything_reaches_the_upstream
     // No credential where the policy looks: on an upgrade, a plain request, another scheme.
     let basic = [("authorization", "Basic YWxpY2U6cHc=")];
     for answer in [
-        upgrade(&gateway, path, &[]).await,
+        upgrade_refused(&gateway, path, &[]).await,
         get(gateway.address(), path, &[]).await,
         get(gateway.address(), path, &basic).await,
     ] {
@@ -370,14 +320,8 @@ async fn bad_and_missing_tokens_are_refused_before_anything_reaches_the_upstream
         assert_eq!(answer.json()["detail"], "no credential");
     }
     let expired = alice(json!({"exp": now() - 3600}));
-    let answer = upgrade(&gateway, path, &[("authorization", &bearer(&expired))]).await;
-    assert_refused(
-        &answer,
-        401,
-        "token_expired",
-        "users",
-        Some("invalid_token"),
-    );
+    let answer = upgrade_refused(&gateway, path, &[("authorization", &bearer(&expired))]).await;
+    assert_expired(&answer);
 
     let mut padded = claims("alice");
     padded["padding"] = json!("x".repeat(9000));
@@ -396,12 +340,12 @@ async fn bad_and_missing_tokens_are_refused_before_anything_reaches_the_upstream
             "issuer is not accepted",
         ),
         (
-            sign(Algorithm::HS256, other_secret, &claims("alice")),
+            sign(Algorithm::HS256, other_secret, None, &claims("alice")),
             "signature does not verify",
         ),
         (unsigned, "\"none\" is not accepted"),
         (
-            sign(Algorithm::HS256, SECRET, &padded),
+            sign(Algorithm::HS256, SECRET, None, &padded),
             "longer than 8192 bytes",
         ),
         ("not-a-jwt".to_owned(), "three dot-separated parts"),
@@ -411,7 +355,7 @@ async fn bad_and_missing_tokens_are_refused_before_anything_reaches_the_upstream
         assert_invalid(&gateway, path, "users", token, why).await;
     }
     // HS256 keyed with the RSA public key's PEM, against an RS256 policy holding that key.
-    let confused = sign(Algorithm::HS256, RSA_PUBLIC, &claims("alice"));
+    let confused = sign(Algorithm::HS256, RSA_PUBLIC, None, &claims("alice"));
     let why = "\"HS256\" is not accepted";
     assert_invalid(&gateway, "/agents/RsaAgent/room", "rsa", &confused, why).await;
     assert_eq!(
@@ -423,7 +367,7 @@ async fn bad_and_missing_tokens_are_refused_before_anything_reaches_the_upstream
     // Good tokens go through, to the trap: it is the agents' upstream.
     let answer = get_as(&gateway, path, &alice(json!({}))).await;
     assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
-    let rs256 = sign(Algorithm::RS256, RSA_PRIVATE, &claims("alice"));
+    let rs256 = sign(Algorithm::RS256, RSA_PRIVATE, None, &claims("alice"));
     let answer = get_as(&gateway, "/agents/RsaAgent/room", &rs256).await;
     assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
     assert_eq!(trap.heads().len(), 2);
@@ -500,7 +444,7 @@ scope_claim = "agents"
         }
     }
     // A WebSocket upgrade is refused alike.
-    let answer = upgrade(
+    let answer = upgrade_refused(
         &gateway,
         "/agents/OwnAgent/bob",
         &[("authorization", &bearer(&plain))],
@@ -617,63 +561,17 @@ async fn leeway_applies_to_exp_as_to_nbf() {
     // `leeway` (30 s by default) is documented for `exp` and `nbf` alike: a token that
     // expired 5 s ago by the gateway's clock is still good, as one valid in 5 s already is.
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(
-        &[("local", backend.address)],
-        &[("CoderAgent", "local", "users")],
-        USERS,
-    );
+    let gateway = start_users(backend.address);
     let path = "/agents/CoderAgent/room";
     let early = alice(json!({"nbf": now() + 5}));
     let seen = backend_json(&gateway, path, &[("authorization", &bearer(&early))]).await;
     assert_eq!(seen["headers"]["x-user-id"], "alice");
     let expired = alice(json!({"exp": now() - 60}));
     let answer = get_as(&gateway, path, &expired).await;
-    assert_refused(
-        &answer,
-        401,
-        "token_expired",
-        "users",
-        Some("invalid_token"),
-    );
+    assert_expired(&answer);
     let late = alice(json!({"exp": now() - 5}));
     let seen = backend_json(&gateway, path, &[("authorization", &bearer(&late))]).await;
     assert_eq!(seen["headers"]["x-user-id"], "alice");
-}
-
-/// Starts the gateway as `start_gateway_with` does, but with `RUST_LOG` unset (so that the
-/// config's `[log] level` rules) and its stderr kept in `stderr.log` beside `stdout.log`.
-fn start_gateway_logging(config: &str) -> Gateway {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let [listen, admin, tls] =
-        free_ports::<3>().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
-    let text = config
-        .replace("{listen}", &listen.to_string())
-        .replace("{admin}", &admin.to_string());
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).expect("config written");
-    let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("a log file");
-    let child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .env("OPENROUTER_API_KEY", TEST_KEY)
-        .env("JWT_KEY", SECRET)
-        .stdout(log("stdout.log"))
-        .stderr(log("stderr.log"))
-        .spawn()
-        .expect("gateway starts");
-    let proc = Proc {
-        child,
-        address: listen,
-    };
-    wait_for_port(listen);
-    wait_for_port(admin);
-    Gateway {
-        proc,
-        admin,
-        tls,
-        dir,
-    }
 }
 
 #[tokio::test]
@@ -681,14 +579,15 @@ async fn no_token_reaches_the_logs_at_debug_the_metrics_or_the_config() {
     let backend = start_backend(Some(TEST_KEY));
     let log = "\n[log]\nlevel = \"debug\"\naccess_log = true\n";
     let agents = [("CoderAgent", "local", "users")];
-    let gateway =
-        start_gateway_logging(&(config(&[("local", backend.address)], &agents, SOURCES) + log));
+    let text = config(&[("local", backend.address)], &agents, SOURCES) + log;
+    let gateway = start_gateway_logged(&text, &[("JWT_KEY", SECRET)]);
     let tokens: Vec<String> = (0..6)
         .map(|i| alice(json!({"sub": format!("user-{i}")})))
         .collect();
     let forged = sign(
         Algorithm::HS256,
         "a forger's secret, 32+ bytes long",
+        None,
         &claims("eve"),
     );
     let expired = alice(json!({"exp": now() - 3600}));
@@ -739,10 +638,7 @@ async fn no_token_reaches_the_logs_at_debug_the_metrics_or_the_config() {
     assert_eq!(config.status, 200);
     let places = [
         ("stdout", gateway.stdout()),
-        (
-            "stderr",
-            std::fs::read_to_string(gateway.dir.path().join("stderr.log")).unwrap_or_default(),
-        ),
+        ("stderr", gateway.stderr()),
         ("/metrics", gateway.metrics().await),
         ("/config", config.body),
     ];

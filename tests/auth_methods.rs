@@ -11,40 +11,20 @@
 
 mod common;
 
+use common::auth::*;
 use common::*;
-use ring::hmac;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use std::time::{Duration, Instant};
 
 const ALICE: &str = "ak-alice-7f3c9e21d4b85a60";
 const BOB: &str = "ak-bob-0c6d2b8e91f4a735";
 const IDENTITY_KEY: &str = "identity-signing-key-5e1f";
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-/// A gateway over the backend at `node` with `policies` and `routes` (NODE stands for it),
-/// heartbeats off.
+/// A gateway over the backend at `node` with `policies` and `routes`, heartbeats off.
 fn config(node: SocketAddr, policies: &str, routes: &str) -> String {
-    let text = r#"
-[server]
-listen = "{listen}"
-threads = 2
-
-[admin]
-listen = "{admin}"
-
-[websocket]
-ping_interval = "0s"
-upstream_ping_interval = "0s"
-
-[upstreams.local]
-kind = "local"
-nodes = ["NODE"]
-"#;
-    format!("{text}\n{policies}\n{routes}").replace("NODE", &node.to_string())
+    format!("{}\n{policies}\n{routes}", quiet_config(&[("local", node)]))
 }
 
 const KEYS: &str = r#"
@@ -55,15 +35,10 @@ keys = { alice = "ALICE_KEY", bob = "BOB_KEY" }
 identity_headers = { sub = "x-user-id" }
 "#;
 
-const GUARDED: &str = r#"
-[[routes]]
-prefix = "/agents"
-auth = "keys"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-"#;
+/// The `/agents` route, guarded by `keys`, with CoderAgent.
+fn guarded() -> String {
+    route("/agents", Some("keys")) + &agent("CoderAgent", "local", None)
+}
 
 /// Starts a gateway with the keys (and the identity signing key) in its environment.
 fn start(text: &str) -> Gateway {
@@ -75,97 +50,28 @@ fn start(text: &str) -> Gateway {
     start_gateway_with(text, &env, |_| {})
 }
 
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
-
-fn decisions(route: &str, method: &str, result: &str) -> String {
-    format!("agent_gateway_auth_decisions_total{{method=\"{method}\",result=\"{result}\",route=\"{route}\"}}")
+fn key_decisions(result: &str) -> String {
+    decisions("agents", "api_key", result)
 }
 
 fn refusals(limit: &str) -> String {
     format!("agent_gateway_limit_refusals_total{{limit=\"{limit}\"}}")
 }
 
-/// What the backend saw of a plain GET to `path`, asked with alice's key.
-async fn backend_view(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Value {
-    let answer = get(gateway.address(), path, headers).await;
-    assert_eq!(answer.status, 200, "{}\n{}", answer.head, answer.body);
-    answer.json()
-}
-
 /// The backend's record of the most recent upgrade of CoderAgent's `room`.
 async fn last_upgrade(gateway: &Gateway, room: &str) -> Value {
     let authorization = bearer(ALICE);
     let path = format!("/agents/CoderAgent/{room}");
-    backend_view(gateway, &path, &[("Authorization", &authorization)]).await["last_upgrade"].clone()
-}
-
-/// A WebSocket upgrade by hand: the open stream and the 101's head, or the refusal.
-enum Upgrade {
-    Open(TcpStream, String),
-    Refused(RawResponse),
-}
-
-impl Upgrade {
-    fn open(self) -> (TcpStream, String) {
-        match self {
-            Upgrade::Open(stream, head) => (stream, head),
-            Upgrade::Refused(answer) => panic!("refused: {}\n{}", answer.head, answer.body),
-        }
-    }
-
-    fn refused(self) -> RawResponse {
-        match self {
-            Upgrade::Refused(answer) => answer,
-            Upgrade::Open(_, head) => panic!("expected a refusal, got {head}"),
-        }
-    }
-}
-
-async fn upgrade(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Upgrade {
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n"
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    if head.starts_with("HTTP/1.1 101") {
-        return Upgrade::Open(stream, head);
-    }
-    let mut answer = RawResponse {
-        status: head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        head: head.trim_end().to_owned(),
-        body: String::new(),
-    };
-    let length: usize = answer
-        .header("content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut body))
-        .await
-        .expect("body in time")
-        .expect("body");
-    answer.body = String::from_utf8_lossy(&body).into_owned();
-    Upgrade::Refused(answer)
+    backend_json(gateway, &path, &[("Authorization", &authorization)]).await["last_upgrade"].clone()
 }
 
 #[tokio::test]
 async fn a_key_as_bearer_query_parameter_or_cookie_lets_its_subject_through() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(&config(backend.address, KEYS, GUARDED));
+    let gateway = start(&config(backend.address, KEYS, &guarded()));
     let address = gateway.address();
 
-    let seen = backend_view(
+    let seen = backend_json(
         &gateway,
         "/agents/CoderAgent/keys",
         &[("Authorization", &bearer(ALICE))],
@@ -174,15 +80,15 @@ async fn a_key_as_bearer_query_parameter_or_cookie_lets_its_subject_through() {
     assert_eq!(seen["headers"]["x-user-id"], "alice", "{seen}");
 
     let query = format!("/agents/CoderAgent/keys?mode=live&api_key={BOB}&x=1");
-    let seen = backend_view(&gateway, &query, &[]).await;
+    let seen = backend_json(&gateway, &query, &[]).await;
     assert_eq!(seen["headers"]["x-user-id"], "bob", "{seen}");
     assert_eq!(seen["path"], "/agents/coder-agent/keys?mode=live&x=1");
     let only = format!("/agents/CoderAgent/keys?api_key={BOB}");
-    let seen = backend_view(&gateway, &only, &[]).await;
+    let seen = backend_json(&gateway, &only, &[]).await;
     assert_eq!(seen["path"], "/agents/coder-agent/keys", "{seen}");
 
     let cookie = format!("theme=dark; session={ALICE}");
-    let seen = backend_view(&gateway, "/agents/CoderAgent/keys", &[("Cookie", &cookie)]).await;
+    let seen = backend_json(&gateway, "/agents/CoderAgent/keys", &[("Cookie", &cookie)]).await;
     assert_eq!(seen["headers"]["x-user-id"], "alice", "{seen}");
 
     // The upgrade: the key in the query is gone from what the agent was asked.
@@ -195,14 +101,14 @@ async fn a_key_as_bearer_query_parameter_or_cookie_lets_its_subject_through() {
     assert!(!seen.to_string().contains(ALICE), "{seen}");
 
     // Four GETs, one upgrade and the GET reading the backend's record.
-    let allowed = decisions("agents", "api_key", "allowed");
+    let allowed = key_decisions("allowed");
     assert_eq!(gateway.metric(&allowed).await, 6.0);
 }
 
 #[tokio::test]
 async fn a_wrong_or_missing_key_is_refused_before_the_agent() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(&config(backend.address, KEYS, GUARDED));
+    let gateway = start(&config(backend.address, KEYS, &guarded()));
     let address = gateway.address();
 
     for wrong in [
@@ -246,18 +152,8 @@ async fn a_wrong_or_missing_key_is_refused_before_the_agent() {
         assert_eq!(last_upgrade(&gateway, room).await, Value::Null, "{room}");
     }
 
-    assert_eq!(
-        gateway
-            .metric(&decisions("agents", "api_key", "invalid"))
-            .await,
-        3.0
-    );
-    assert_eq!(
-        gateway
-            .metric(&decisions("agents", "api_key", "missing"))
-            .await,
-        2.0
-    );
+    assert_eq!(gateway.metric(&key_decisions("invalid")).await, 3.0);
+    assert_eq!(gateway.metric(&key_decisions("missing")).await, 2.0);
 }
 
 /// Client-sent copies of the identity header, its `_` alias in any case, and the gateway's
@@ -265,7 +161,7 @@ async fn a_wrong_or_missing_key_is_refused_before_the_agent() {
 #[tokio::test]
 async fn client_sent_identity_headers_never_reach_the_agent() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(&config(backend.address, KEYS, GUARDED));
+    let gateway = start(&config(backend.address, KEYS, &guarded()));
     let authorization = bearer(BOB);
     let spoofs = [
         ("Authorization", authorization.as_str()),
@@ -274,7 +170,7 @@ async fn client_sent_identity_headers_never_reach_the_agent() {
         ("x-gateway-identity-signature", "forged"),
         ("X-Gateway-Identity-Headers", "x-user-id"),
     ];
-    let seen = backend_view(&gateway, "/agents/CoderAgent/spoof", &spoofs).await;
+    let seen = backend_json(&gateway, "/agents/CoderAgent/spoof", &spoofs).await;
     let (_ws, _) = upgrade(gateway.address(), "/agents/CoderAgent/spoof-ws", &spoofs)
         .await
         .open();
@@ -298,7 +194,7 @@ async fn client_sent_identity_headers_never_reach_the_agent() {
 async fn a_signed_identity_verifies_with_the_documented_hmac() {
     let backend = start_backend(Some(TEST_KEY));
     let signed = KEYS.to_owned() + "sign_with = \"IDENTITY_KEY\"\n";
-    let gateway = start(&config(backend.address, &signed, GUARDED));
+    let gateway = start(&config(backend.address, &signed, &guarded()));
     let authorization = bearer(ALICE);
     let headers = [
         ("Authorization", authorization.as_str()),
@@ -306,7 +202,7 @@ async fn a_signed_identity_verifies_with_the_documented_hmac() {
         ("x-gateway-identity-timestamp", "1"),
         ("x_gateway_identity_headers", "x-user-id,x-admin"),
     ];
-    let seen = backend_view(&gateway, "/agents/CoderAgent/signed-get", &headers).await;
+    let seen = backend_json(&gateway, "/agents/CoderAgent/signed-get", &headers).await;
     assert_signed(&seen["headers"], "signed-get");
     let (_ws, _) = upgrade(gateway.address(), "/agents/CoderAgent/signed-ws", &headers)
         .await
@@ -332,27 +228,17 @@ fn assert_signed(headers: &Value, instance: &str) {
     let timestamp: u64 = text("x-gateway-identity-timestamp")
         .parse()
         .expect("seconds");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = now();
     assert!(now.abs_diff(timestamp) < 60, "{timestamp} vs {now}");
-    let signed = format!(
-        "agent-gateway-identity-v1\n{timestamp}\ncoder-agent\n{instance}\nx-user-id:alice\n"
-    );
-    let key = hmac::Key::new(hmac::HMAC_SHA256, IDENTITY_KEY.as_bytes());
-    let expected: String = hmac::sign(&key, signed.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let identity = [("x-user-id", "alice")];
+    let expected = identity_signature(IDENTITY_KEY, timestamp, "coder-agent", instance, &identity);
     assert_eq!(text("x-gateway-identity-signature"), expected, "{headers}");
 }
 
 #[tokio::test]
 async fn a_key_in_the_subprotocol_is_neither_offered_upstream_nor_echoed() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(&config(backend.address, KEYS, GUARDED));
+    let gateway = start(&config(backend.address, KEYS, &guarded()));
     let offer = format!("bearer.{ALICE}, chat");
     let (_ws, head) = upgrade(
         gateway.address(),
@@ -382,7 +268,7 @@ async fn a_key_in_the_subprotocol_is_neither_offered_upstream_nor_echoed() {
 async fn open_websockets_per_subject_are_limited_apart_from_other_subjects() {
     let backend = start_backend(Some(TEST_KEY));
     let limited = KEYS.to_owned() + "max_websockets_per_subject = 2\n";
-    let gateway = start(&config(backend.address, &limited, GUARDED));
+    let gateway = start(&config(backend.address, &limited, &guarded()));
     let address = gateway.address();
     let alice = bearer(ALICE);
     let as_alice = [("Authorization", alice.as_str())];
@@ -429,7 +315,7 @@ async fn open_websockets_per_subject_are_limited_apart_from_other_subjects() {
 async fn upgrades_per_subject_per_second_are_limited_apart_from_other_subjects() {
     let backend = start_backend(Some(TEST_KEY));
     let paced = KEYS.to_owned() + "upgrades_per_subject_per_second = 2\n";
-    let gateway = start(&config(backend.address, &paced, GUARDED));
+    let gateway = start(&config(backend.address, &paced, &guarded()));
     let address = gateway.address();
     let alice = bearer(ALICE);
     let mut open = Vec::new();
@@ -460,25 +346,15 @@ async fn upgrades_per_subject_per_second_are_limited_apart_from_other_subjects()
     assert_eq!(counted, f64::from(refused));
 }
 
-const PUBLIC_UNDER_GUARD: &str = r#"
-[[routes]]
-prefix = "/agents"
-auth = "keys"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-
-[[routes.agents]]
-name = "PublicAgent"
-upstream = "local"
-auth = "none"
-"#;
+/// [`guarded`], with PublicAgent open to anyone.
+fn public_under_guard() -> String {
+    guarded() + &agent("PublicAgent", "local", Some("none"))
+}
 
 #[tokio::test]
 async fn an_agent_may_be_public_under_a_guarded_route_and_config_shows_no_secret() {
     let backend = start_backend(Some(TEST_KEY));
-    let gateway = start(&config(backend.address, KEYS, PUBLIC_UNDER_GUARD));
+    let gateway = start(&config(backend.address, KEYS, &public_under_guard()));
     let address = gateway.address();
     let headers = [("x-gateway-identity-signature", "forged")];
     let answer = get(address, "/agents/PublicAgent/open", &headers).await;
@@ -496,10 +372,7 @@ async fn an_agent_may_be_public_under_a_guarded_route_and_config_shows_no_secret
         .lines()
         .filter(|l| l.starts_with("agent_gateway_auth_decisions_total{"))
         .collect();
-    assert_eq!(
-        decided,
-        [format!("{} 1", decisions("agents", "api_key", "missing"))]
-    );
+    assert_eq!(decided, [format!("{} 1", key_decisions("missing"))]);
 
     let text = get(gateway.admin, "/config", &[]).await.body;
     assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
@@ -557,7 +430,7 @@ fn check(text: &str, keys: bool, warn_secrets: bool) -> (bool, String, String) {
 #[test]
 fn check_shows_each_agents_policy_and_refuses_unknown_or_unusable_ones() {
     let node: SocketAddr = "127.0.0.1:9".parse().expect("address");
-    let text = config(node, KEYS, PUBLIC_UNDER_GUARD);
+    let text = config(node, KEYS, &public_under_guard());
     let (ok, out, err) = check(&text, true, false);
     assert!(ok, "{out}\n{err}");
     assert!(
@@ -573,7 +446,7 @@ fn check_shows_each_agents_policy_and_refuses_unknown_or_unusable_ones() {
     let unknown = config(
         node,
         KEYS,
-        &PUBLIC_UNDER_GUARD.replace("auth = \"keys\"", "auth = \"staff\""),
+        &public_under_guard().replace("auth = \"keys\"", "auth = \"staff\""),
     );
     let (ok, out, err) = check(&unknown, true, false);
     assert!(!ok, "{out}");
@@ -597,7 +470,7 @@ fn check_shows_each_agents_policy_and_refuses_unknown_or_unusable_ones() {
 async fn a_policy_whose_key_secret_is_missing_answers_503() {
     let backend = start_backend(Some(TEST_KEY));
     // Only bob's key is in the environment: the policy cannot be built, nobody gets in.
-    let text = config(backend.address, KEYS, GUARDED);
+    let text = config(backend.address, KEYS, &guarded());
     let gateway = start_gateway_with(&text, &[("BOB_KEY", BOB)], |_| {});
     let address = gateway.address();
     for headers in [vec![("Authorization", bearer(BOB))], vec![]] {
@@ -611,6 +484,6 @@ async fn a_policy_whose_key_secret_is_missing_answers_503() {
         .await
         .refused();
     assert_eq!(refused.status, 503);
-    let unavailable = decisions("agents", "api_key", "auth_unavailable");
+    let unavailable = key_decisions("auth_unavailable");
     assert_eq!(gateway.metric(&unavailable).await, 3.0);
 }

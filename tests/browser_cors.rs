@@ -14,23 +14,13 @@
 mod common;
 
 use agent_gateway::secrets::fingerprint;
+use common::browser::*;
 use common::*;
 use serde_json::Value;
-use std::collections::HashMap;
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// apt-get installing Chromium on a cold machine, or npm ci on a cold cache.
-const SETUP_WAIT: Duration = Duration::from_secs(600);
-/// The driver's own deadline for the whole run (it reports and exits when it passes) ...
+/// The driver's own deadline for the whole run (it reports and exits when it passes).
 const DRIVER_DEADLINE: Duration = Duration::from_secs(90);
-/// ... and this test's, a little longer, in case the driver cannot even do that.
-const DRIVER_WAIT: Duration = Duration::from_secs(120);
-/// The driver's bound on each browser-side wait.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 const WS_ROOM: &str = "browser-ws";
 /// Used only by the refused page's WebSocket: the backend must never see this room.
@@ -39,93 +29,6 @@ const FETCH_ROOM: &str = "browser-fetch";
 /// Set by the allowed page on its host, 127.0.0.1 (cookies ignore ports): a credentialed
 /// request to the gateway on 127.0.0.1 carries it. A dummy, never a real session.
 const COOKIE: &str = "agw_browser_session=not-a-real-session-1234";
-
-fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `command` to its end, reading both pipes as it goes. Past `limit` it asks the process
-/// to stop (SIGTERM: the driver's Playwright closes Chromium on it), then kills it.
-fn run_bounded(mut command: Command, limit: Duration, what: &str) -> Result<Finished, String> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {what}: {e}"))?;
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let deadline = Instant::now() + limit;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
-        }
-        if Instant::now() > deadline && !timed_out {
-            timed_out = true;
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let grace = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < grace {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let finished = Finished {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    };
-    if timed_out {
-        return Err(format!(
-            "{what} took over {limit:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            finished.stdout, finished.stderr
-        ));
-    }
-    Ok(finished)
-}
-
-/// Reads a pipe to its end on a thread of its own, so a chatty child never blocks on it.
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
-/// Runs `tests/browser/setup.sh` once per test binary; every caller sees its outcome.
-fn setup() {
-    static SETUP: OnceLock<Result<Duration, String>> = OnceLock::new();
-    let outcome = SETUP.get_or_init(|| {
-        let started = Instant::now();
-        let mut command = Command::new("bash");
-        command.arg(browser_dir().join("setup.sh"));
-        let finished = run_bounded(command, SETUP_WAIT, "tests/browser/setup.sh")?;
-        if !finished.status.success() {
-            return Err(format!(
-                "tests/browser/setup.sh failed ({}):\n{}{}",
-                finished.status, finished.stdout, finished.stderr
-            ));
-        }
-        Ok(started.elapsed())
-    });
-    match outcome {
-        Ok(took) => eprintln!("browser setup took {took:?}"),
-        Err(why) => panic!("the real-browser test cannot run: {why}"),
-    }
-}
 
 fn cors_config(backend: std::net::SocketAddr, allowed_origin: &str) -> String {
     // local_config sets [admin] listen = "{admin}": parallel tests never share a port.
@@ -145,66 +48,17 @@ allow_missing_origin = true
         )
 }
 
-/// The driver's output: its checks by name, and everything it printed, for failure messages.
-struct DriverRun {
-    checks: HashMap<String, Value>,
-    transcript: String,
-}
-
-impl DriverRun {
-    /// The check `name`, which must be present and passed.
-    fn passed(&self, name: &str) -> &Value {
-        let check = self.checks.get(name).unwrap_or_else(|| {
-            panic!("the driver reported no {name:?} check\n{}", self.transcript)
-        });
-        assert_eq!(
-            check["ok"], true,
-            "check {name} failed: {check:#}\n{}",
-            self.transcript
-        );
-        check
-    }
-}
-
-async fn run_driver(
-    gateway: std::net::SocketAddr,
-    allowed_port: u16,
-    refused_port: u16,
-) -> DriverRun {
-    let mut command = Command::new("node");
-    command
-        .current_dir(browser_dir())
-        .arg("drive.mjs")
-        .args(["--gateway", &format!("http://{gateway}")])
-        .args(["--allowed-port", &allowed_port.to_string()])
-        .args(["--refused-port", &refused_port.to_string()])
-        .args(["--ws-room", WS_ROOM])
-        .args(["--refused-room", REFUSED_ROOM])
-        .args(["--fetch-room", FETCH_ROOM])
-        .args(["--cookie", COOKIE])
-        .args(["--timeout-ms", &CHECK_TIMEOUT.as_millis().to_string()])
-        .args(["--deadline-ms", &DRIVER_DEADLINE.as_millis().to_string()]);
-    let finished = tokio::task::spawn_blocking(move || {
-        run_bounded(command, DRIVER_WAIT, "tests/browser/drive.mjs")
-    })
-    .await
-    .expect("driver thread")
-    .unwrap_or_else(|why| panic!("{why}"));
-    let transcript = format!(
-        "--- driver ({}) stdout ---\n{}--- driver stderr ---\n{}",
-        finished.status, finished.stdout, finished.stderr
-    );
-    let mut checks = HashMap::new();
-    for line in finished.stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let value: Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("driver line is not JSON ({e}): {line}\n{transcript}"));
-        let name = value["check"]
-            .as_str()
-            .unwrap_or_else(|| panic!("driver line names no check: {line}"))
-            .to_owned();
-        checks.insert(name, value);
-    }
-    DriverRun { checks, transcript }
+async fn drive(gateway: std::net::SocketAddr, allowed_port: u16, refused_port: u16) -> DriverRun {
+    let args = [
+        ("gateway", format!("http://{gateway}")),
+        ("allowed-port", allowed_port.to_string()),
+        ("refused-port", refused_port.to_string()),
+        ("ws-room", WS_ROOM.to_owned()),
+        ("refused-room", REFUSED_ROOM.to_owned()),
+        ("fetch-room", FETCH_ROOM.to_owned()),
+        ("cookie", COOKIE.to_owned()),
+    ];
+    run_driver("drive.mjs", &args, &[], DRIVER_DEADLINE).await
 }
 
 /// What the backend reports for a room, asked through the gateway by a client with no
@@ -233,7 +87,7 @@ async fn a_real_browser_is_held_to_the_origin_policy() {
     let refused_origin = format!("http://localhost:{refused_port}");
     let gateway = start_gateway(&cors_config(backend.address, &allowed_origin));
 
-    let run = run_driver(gateway.address(), allowed_port, refused_port).await;
+    let run = drive(gateway.address(), allowed_port, refused_port).await;
 
     let pages = run.passed("pages");
     assert_eq!(pages["allowed_origin"], allowed_origin.as_str());
@@ -356,11 +210,7 @@ async fn a_real_browser_is_held_to_the_origin_policy() {
 
     // The gateway's side: it refused the upgrade and the preflight itself, nothing else.
     let metrics = gateway.metrics().await;
-    let refusals: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("agent_gateway_origin_refusals_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let refusals = metric_sum(&metrics, "agent_gateway_origin_refusals_total", &[]);
     assert_eq!(
         refusals, 2.0,
         "origin refusals (the upgrade and the preflight)\n{metrics}"

@@ -21,24 +21,13 @@
 
 mod common;
 
+use common::auth::*;
+use common::workerd::*;
 use common::*;
-use jsonwebtoken::{encode, EncodingKey, Header};
-use ring::hmac;
+use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_tungstenite::tungstenite::Message;
-
-/// Installing the npm packages on a cold cache, or starting workerd on a busy machine.
-const SLOW_WAIT: Duration = Duration::from_secs(300);
-const STARTUP_WAIT: Duration = Duration::from_secs(30);
-/// auth-client.mjs bounds itself to 30 s; this is the outer bound.
-const SCRIPT_WAIT: Duration = Duration::from_secs(45);
+use std::time::Instant;
 
 /// The HS256 key the gateway verifies tokens with (its secret JWT_KEY). Test values only.
 const JWT_KEY: &str = "jwt-test-key-workerd-auth-5c1e7b";
@@ -48,199 +37,29 @@ const IDENTITY_KEY: &str = "identity-test-key-workerd-auth-9f2a";
 const NAME: &str = "Zoë Ω";
 const REFUSED: &str = "Unauthorized: no valid gateway identity";
 
-fn workerd_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workerd")
-}
-
-/// Runs `tests/workerd/setup.sh` once per test binary; every caller sees its outcome.
-fn setup() {
-    static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
-    let outcome = SETUP.get_or_init(|| {
-        let mut child = Command::new("bash")
-            .arg(workerd_dir().join("setup.sh"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run tests/workerd/setup.sh with bash: {e}"))?;
-        let deadline = Instant::now() + SLOW_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(format!("tests/workerd/setup.sh took over {SLOW_WAIT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if status.success() {
-            return Ok(());
-        }
-        let mut output = String::new();
-        for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let _ = BufReader::new(pipe).read_to_string(&mut output);
-        }
-        Err(format!(
-            "tests/workerd/setup.sh failed ({status}):\n{output}"
-        ))
-    });
-    if let Err(why) = outcome {
-        panic!("the workerd auth tests cannot run: {why}");
-    }
-}
-
-/// `start.mjs --worker auth` serving worker-auth.js. Dropping it closes stdin (Miniflare
-/// disposes of workerd), then kills the whole process group, so no workerd outlives a test.
-struct Workerd {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    address: SocketAddr,
-    /// Everything the process printed besides the readiness line, shown when a test fails.
-    log: Arc<Mutex<String>>,
-}
-
-impl Workerd {
-    fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.address)
-    }
-}
-
-impl Drop for Workerd {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // The group is this child's own (process_group(0)): node, workerd and esbuild.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.child.id())])
-                .status();
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Ok(log) = self.log.lock() {
-                eprintln!("--- workerd output ({}) ---\n{log}", self.address);
-            }
-        }
-    }
-}
-
-/// Starts worker-auth.js with GATEWAY_IDENTITY_KEY = [`IDENTITY_KEY`] and waits for its
-/// readiness line.
-fn start_workerd() -> Workerd {
-    setup();
-    let mut child = Command::new("node")
-        .arg(workerd_dir().join("start.mjs"))
-        .args(["--worker", "auth"])
-        .current_dir(workerd_dir())
-        .env_remove("OPENROUTER_API_KEY")
-        .env("GATEWAY_IDENTITY_KEY", IDENTITY_KEY)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run node ({e}): the workerd auth tests need Node 20+ on PATH")
-        });
-    let log = Arc::new(Mutex::new(String::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
-    let stdout_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            match line.strip_prefix("workerd listening on http://") {
-                Some(address) => {
-                    let _ = ready_tx.send(address.trim().to_owned());
-                }
-                None => append(&stdout_log, &line),
-            }
-        }
-    });
-    let stderr = child.stderr.take().expect("stderr");
-    let stderr_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            append(&stderr_log, &line);
-        }
-    });
-    let stdin = child.stdin.take();
-    let mut workerd = Workerd {
-        child,
-        stdin,
-        address: "127.0.0.1:0".parse().expect("address"),
-        log,
-    };
-    match ready_rx.recv_timeout(STARTUP_WAIT) {
-        Ok(address) => {
-            workerd.address = address
-                .parse()
-                .unwrap_or_else(|_| panic!("unexpected readiness address {address:?}"));
-            workerd
-        }
-        Err(_) => {
-            let log = workerd.log.lock().map(|l| l.clone()).unwrap_or_default();
-            panic!("workerd (auth) printed no readiness line within {STARTUP_WAIT:?}:\n{log}")
-        }
-    }
-}
-
-fn append(log: &Mutex<String>, line: &str) {
-    if let Ok(mut log) = log.lock() {
-        log.push_str(line);
-        log.push('\n');
-    }
+/// Starts worker-auth.js with GATEWAY_IDENTITY_KEY = [`IDENTITY_KEY`].
+fn start_auth_workerd() -> Workerd {
+    start_workerd("auth", &[("GATEWAY_IDENTITY_KEY", IDENTITY_KEY)])
 }
 
 /// The gateway in front of workerd, with the policy `users` on the whole route: HS256 tokens
 /// as bearer or `?token=`, no leeway (the expiry close comes at `exp`), four claims sent as
 /// identity headers and signed with IDENTITY_KEY.
 fn start_auth_gateway(workerd: SocketAddr) -> Gateway {
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-threads = 2
-
-[admin]
-listen = "{{admin}}"
-
-[upstreams.workerd]
-kind = "worker"
-address = "{workerd}"
-tls = false
-host = "localhost"
-connect_timeout = "2s"
-read_timeout = "10s"
-
+    let policy = r#"
 [auth.users]
 method = "jwt"
 credentials = ["bearer", "query:token"]
 algorithms = ["HS256"]
 key_secret = "JWT_KEY"
 leeway = "0s"
-identity_headers = {{ sub = "x-user-id", email = "x-user-email", name = "x-user-name", n = "x-token-n" }}
+identity_headers = { sub = "x-user-id", email = "x-user-email", name = "x-user-name", n = "x-token-n" }
 sign_with = "IDENTITY_KEY"
-
-[[routes]]
-prefix = "/agents"
-auth = "users"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "workerd"
-"#
-    );
+"#;
+    let config = worker_upstream(workerd)
+        + policy
+        + &route("/agents", Some("users"))
+        + &agent("CoderAgent", "workerd", None);
     start_gateway_with(
         &config,
         &[("JWT_KEY", JWT_KEY), ("IDENTITY_KEY", IDENTITY_KEY)],
@@ -248,21 +67,9 @@ upstream = "workerd"
     )
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
 /// An HS256 token for `claims`.
 fn token(claims: &Value) -> String {
-    encode(
-        &Header::default(),
-        claims,
-        &EncodingKey::from_secret(JWT_KEY.as_bytes()),
-    )
-    .expect("token")
+    sign(Algorithm::HS256, JWT_KEY, None, claims)
 }
 
 /// Request headers, as (name, value).
@@ -277,15 +84,7 @@ fn signed(
     instance: &str,
     headers: &[(&str, &str)],
 ) -> Headers {
-    let mut text = format!("agent-gateway-identity-v1\n{timestamp}\n{agent}\n{instance}\n");
-    for (name, value) in headers {
-        text.push_str(&format!("{name}:{value}\n"));
-    }
-    let tag = hmac::sign(
-        &hmac::Key::new(hmac::HMAC_SHA256, key.as_bytes()),
-        text.as_bytes(),
-    );
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = identity_signature(key, timestamp, agent, instance, headers);
     let names: Vec<&str> = headers.iter().map(|(n, _)| *n).collect();
     let mut all: Vec<(String, String)> = headers
         .iter()
@@ -297,45 +96,27 @@ fn signed(
     all
 }
 
+fn as_strs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect()
+}
+
 /// A WebSocket handshake written by hand with `headers` (tungstenite refuses UTF-8 values),
 /// its 101 required; then a tungstenite client on the same connection.
 async fn connect_with(url: &str, headers: &[(String, String)]) -> Ws {
-    use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::protocol::Role;
     let rest = url.strip_prefix("ws://").expect("a ws:// URL");
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    let mut stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{url}: {head}");
+    let address: SocketAddr = authority.parse().expect("an IP:port authority");
+    let (stream, _) = upgrade(address, path, &as_strs(headers)).await.open();
     tokio_tungstenite::WebSocketStream::from_raw_socket(
         tokio_tungstenite::MaybeTlsStream::Plain(stream),
         Role::Client,
         None,
     )
     .await
-}
-
-/// The next JSON text frame of `kind`, skipping others.
-async fn next_of_type(ws: &mut Ws, kind: &str) -> Value {
-    for _ in 0..16 {
-        if let Message::Text(text) = next_message(ws).await {
-            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if value["type"] == kind {
-                return value;
-            }
-        }
-    }
-    panic!("no {kind} frame among the next 16");
 }
 
 /// Connects, checks the agent's identity frame, and asks the agent what it received.
@@ -346,7 +127,7 @@ async fn whoami(url: &str, headers: &[(String, String)], room: &str) -> Value {
     assert_eq!(identity["agent"], "coder-agent");
     assert_eq!(identity["name"], room);
     send_text(&mut ws, r#"{"type":"whoami"}"#).await;
-    let seen = next_of_type(&mut ws, "whoami").await;
+    let (_, seen) = next_of_type(&mut ws, "whoami").await;
     let _ = ws.close(None).await;
     seen
 }
@@ -358,67 +139,26 @@ async fn direct(
     headers: &[(String, String)],
     upgrade: bool,
 ) -> (u16, String) {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if upgrade {
-        request = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        );
-    }
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
+    let headers = as_strs(headers);
     if !upgrade {
-        let answer = raw_request(workerd.address, &request).await;
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (name, value) in &headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        let answer = raw_request(workerd.address, &(request + "\r\n")).await;
         return (answer.status, answer.body);
     }
-    // An accepted upgrade never ends by itself: the head decides, then the body if any.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(workerd.address)
-        .await
-        .expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; if status == 101 { 0 } else { length }];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut body))
-        .await
-        .expect("body in time")
-        .expect("body");
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// The path and query of an absolute URL.
-fn path_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.find('/').map_or("", |i| &rest[i..])
-}
-
-/// The sum of every series of `name` whose labels include all of `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    match upgrade_as(workerd.address, "localhost", path, &headers).await {
+        Upgrade::Open(..) => (101, String::new()),
+        Upgrade::Refused(answer) => (answer.status, answer.body),
+    }
 }
 
 #[tokio::test]
 async fn the_worker_accepts_the_gateways_signed_identity_and_refuses_any_other() {
     let started = Instant::now();
-    let workerd = start_workerd();
+    let workerd = start_auth_workerd();
     let gateway = start_auth_gateway(workerd.address);
     let room = "signed";
     let alice = token(&json!({
@@ -551,43 +291,14 @@ async fn the_worker_accepts_the_gateways_signed_identity_and_refuses_any_other()
 #[tokio::test]
 async fn the_sdk_client_is_closed_at_token_expiry_and_reconnects_with_a_fresh_token() {
     let started = Instant::now();
-    let workerd = start_workerd();
+    let workerd = start_auth_workerd();
     let gateway = start_auth_gateway(workerd.address);
     let via = gateway.address().to_string();
     let room = "expiring";
 
-    let child = tokio::process::Command::new("node")
-        .arg(workerd_dir().join("auth-client.mjs"))
-        .args(["--host", &via, "--name", room, "--ttl", "3"])
-        .current_dir(workerd_dir())
-        .env("JWT_KEY", JWT_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node auth-client.mjs ({e}): Node 20+ on PATH"));
-    let output = tokio::time::timeout(SCRIPT_WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("auth-client.mjs did not finish within {SCRIPT_WAIT:?}"))
-        .expect("script output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let transcript = format!(
-        "auth-client.mjs ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{transcript}");
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect();
-    let step = |name: &str| -> &Value {
-        lines
-            .iter()
-            .find(|l| l["step"] == name)
-            .unwrap_or_else(|| panic!("no {name} step in {transcript}"))
-    };
+    let args = ["--host", via.as_str(), "--name", room, "--ttl", "3"];
+    let lines = run_script_with("auth-client.mjs", &args, &[("JWT_KEY", JWT_KEY)]).await;
+    let step = |name: &str| step(&lines, name);
 
     // Connected through the gateway with the first token, which the SDK put in the query.
     let connected = step("connected");

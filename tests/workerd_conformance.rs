@@ -10,244 +10,24 @@
 
 mod common;
 
+use common::auth::{agent, route};
+use common::workerd::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Installing the npm packages on a cold cache, or starting workerd on a busy machine.
-const SLOW_WAIT: Duration = Duration::from_secs(300);
-const STARTUP_WAIT: Duration = Duration::from_secs(30);
-/// The node client scripts bound themselves to 30 s; this is the outer bound.
-const SCRIPT_WAIT: Duration = Duration::from_secs(45);
-
-fn workerd_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/workerd")
-}
-
-/// Runs `tests/workerd/setup.sh` once per test binary; every caller sees its outcome.
-fn setup() {
-    static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
-    let outcome = SETUP.get_or_init(|| {
-        let mut child = Command::new("bash")
-            .arg(workerd_dir().join("setup.sh"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run tests/workerd/setup.sh with bash: {e}"))?;
-        let deadline = Instant::now() + SLOW_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(format!("tests/workerd/setup.sh took over {SLOW_WAIT:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if status.success() {
-            return Ok(());
-        }
-        let mut output = String::new();
-        for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let _ = BufReader::new(pipe).read_to_string(&mut output);
-        }
-        Err(format!(
-            "tests/workerd/setup.sh failed ({status}):\n{output}"
-        ))
-    });
-    if let Err(why) = outcome {
-        panic!("the workerd conformance suite cannot run: {why}");
-    }
-}
-
-/// `start.mjs` serving one worker in workerd. Dropping it closes stdin (Miniflare disposes of
-/// workerd), then kills the whole process group, so no workerd outlives a test.
-struct Workerd {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    address: SocketAddr,
-    /// Everything the process printed besides the readiness line, shown when a test fails.
-    log: Arc<Mutex<String>>,
-}
-
-impl Workerd {
-    fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.address)
-    }
-}
-
-impl Drop for Workerd {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // The group is this child's own (process_group(0)): node, workerd and esbuild.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.child.id())])
-                .status();
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Ok(log) = self.log.lock() {
-                eprintln!("--- workerd output ({}) ---\n{log}", self.address);
-            }
-        }
-    }
-}
-
-/// Starts `start.mjs --worker {worker}` ("current" or "agents-011"), with the Worker's
-/// OPENROUTER_API_KEY set to `key` or absent, and waits for its readiness line.
-fn start_workerd(worker: &str, key: Option<&str>) -> Workerd {
-    setup();
-    let mut command = Command::new("node");
-    command
-        .arg(workerd_dir().join("start.mjs"))
-        .args(["--worker", worker])
-        .current_dir(workerd_dir())
-        .env_remove("OPENROUTER_API_KEY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(key) = key {
-        command.env("OPENROUTER_API_KEY", key);
-    }
-    let mut child = command.spawn().unwrap_or_else(|e| {
-        panic!("cannot run node ({e}): the workerd conformance tests need Node 20+ on PATH")
-    });
-    let log = Arc::new(Mutex::new(String::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
-    let stdout_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            match line.strip_prefix("workerd listening on http://") {
-                Some(address) => {
-                    let _ = ready_tx.send(address.trim().to_owned());
-                }
-                None => append(&stdout_log, &line),
-            }
-        }
-    });
-    let stderr = child.stderr.take().expect("stderr");
-    let stderr_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            append(&stderr_log, &line);
-        }
-    });
-    let stdin = child.stdin.take();
-    let mut workerd = Workerd {
-        child,
-        stdin,
-        address: "127.0.0.1:0".parse().expect("address"),
-        log,
-    };
-    match ready_rx.recv_timeout(STARTUP_WAIT) {
-        Ok(address) => {
-            workerd.address = address
-                .parse()
-                .unwrap_or_else(|_| panic!("unexpected readiness address {address:?}"));
-            workerd
-        }
-        Err(_) => {
-            let log = workerd.log.lock().map(|l| l.clone()).unwrap_or_default();
-            panic!("workerd ({worker}) printed no readiness line within {STARTUP_WAIT:?}:\n{log}")
-        }
-    }
-}
-
-fn append(log: &Mutex<String>, line: &str) {
-    if let Ok(mut log) = log.lock() {
-        log.push_str(line);
-        log.push('\n');
-    }
-}
-
 /// A gateway config with `workerd` as a `worker` upstream (no TLS, loopback) for both agents
 /// of `worker.js`. The admin listener (`{admin}`, a free port) serves `/metrics`.
 fn worker_config(workerd: SocketAddr) -> String {
-    format!(
-        r#"
-[server]
-listen = "{{listen}}"
-threads = 2
-
-[admin]
-listen = "{{admin}}"
-
-[upstreams.workerd]
-kind = "worker"
-address = "{workerd}"
-tls = false
-host = "localhost"
-connect_timeout = "2s"
-read_timeout = "10s"
-
-[[routes]]
-prefix = "/agents"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "workerd"
-
-[[routes.agents]]
-name = "StateAgent"
-upstream = "workerd"
-"#
-    )
-}
-
-/// Runs a node script of `tests/workerd/` and returns the JSON lines it printed.
-async fn run_script(script: &str, args: &[&str]) -> Vec<Value> {
-    let child = tokio::process::Command::new("node")
-        .arg(workerd_dir().join(script))
-        .args(args)
-        .current_dir(workerd_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node {script} ({e}): Node 20+ must be on PATH"));
-    let output = tokio::time::timeout(SCRIPT_WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{script} did not finish within {SCRIPT_WAIT:?}"))
-        .expect("script output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{script} printed {l:?}: {e}")))
-        .collect();
-    assert!(
-        output.status.success(),
-        "{script} {args:?} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    lines
+    worker_upstream(workerd)
+        + &route("/agents", None)
+        + &agent("CoderAgent", "workerd", None)
+        + &agent("StateAgent", "workerd", None)
 }
 
 /// Connects and reads the connect sequence of an agent without state: `cf_agent_identity`
@@ -259,19 +39,6 @@ async fn connect_agent(url: &str) -> (Ws, Value) {
     let mcp = next_json(&mut ws).await;
     assert_eq!(mcp["type"], "cf_agent_mcp_servers", "{url}: {mcp}");
     (ws, identity)
-}
-
-/// The next JSON text frame of `kind`, skipping others (such as `peer_closed` reports).
-async fn next_of_type(ws: &mut Ws, kind: &str) -> (String, Value) {
-    for _ in 0..16 {
-        if let Message::Text(text) = next_message(ws).await {
-            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if value["type"] == kind {
-                return (text.to_string(), value);
-            }
-        }
-    }
-    panic!("no {kind} frame among the next 16");
 }
 
 /// Reads until the Close frame: its code and reason (1006 and "" when the stream just ended).
@@ -298,33 +65,16 @@ async fn close_of(ws: &mut Ws) -> (u16, String) {
     seen
 }
 
-/// A WebSocket upgrade request written by hand, and the whole answer read back: tungstenite
+/// A WebSocket upgrade request written by hand, and the whole refusal read back: tungstenite
 /// keeps only the part of a refusal's body that came with its head.
-async fn raw_upgrade(address: SocketAddr, path: &str) -> RawResponse {
-    raw_request(
-        address,
-        &format!(
-            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        ),
-    )
-    .await
-}
-
-/// The path and query of an absolute URL.
-fn path_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.find('/').map_or("", |i| &rest[i..])
+async fn upgrade_refused(address: SocketAddr, path: &str) -> RawResponse {
+    upgrade(address, path, &[]).await.refused()
 }
 
 /// Checks the lines of one `sdk-client.mjs` run: `open_url` is the URL the SDK built, without
 /// the query; the agent always sees the canonical `/agents/coder-agent/{room}`.
 fn check_sdk_run(lines: &[Value], open_url: &str, room: &str) {
-    let step = |name: &str| -> &Value {
-        lines
-            .iter()
-            .find(|l| l["step"] == name)
-            .unwrap_or_else(|| panic!("no {name} step in {lines:#?}"))
-    };
+    let step = |name: &str| step(lines, name);
     let connected = step("connected");
     let pk = connected["pk"].as_str().expect("pk").to_owned();
     assert!(!pk.is_empty());
@@ -385,7 +135,7 @@ fn check_sdk_run(lines: &[Value], open_url: &str, room: &str) {
 
 #[tokio::test]
 async fn sdk_client_gets_identity_and_keeps_its_pk_through_the_gateway() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     let direct = workerd.address.to_string();
     let via = gateway.address().to_string();
@@ -452,7 +202,7 @@ async fn sdk_client_gets_identity_and_keeps_its_pk_through_the_gateway() {
 
 #[tokio::test]
 async fn every_spelling_reaches_the_agent_through_the_gateway_but_not_directly() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     for spelling in ["CoderAgent", "coderagent", "coder_agent", "coder-agent"] {
         let room = format!("Room-{spelling}");
@@ -485,7 +235,7 @@ async fn every_spelling_reaches_the_agent_through_the_gateway_but_not_directly()
             let (status, _) = connect_refused(&direct).await;
             assert_eq!(status, 400, "{spelling}");
             let path = format!("/agents/{spelling}/{room}?_pk={pk}");
-            let answer = raw_upgrade(workerd.address, &path).await;
+            let answer = upgrade_refused(workerd.address, &path).await;
             assert_eq!(
                 (answer.status, answer.body.as_str()),
                 (400, "Invalid request"),
@@ -497,7 +247,7 @@ async fn every_spelling_reaches_the_agent_through_the_gateway_but_not_directly()
 
 #[tokio::test]
 async fn state_frames_pass_through_intact() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     let room = "state-1";
     // Two clients through the gateway, one straight to workerd: all on the same instance.
@@ -551,7 +301,7 @@ async fn state_frames_pass_through_intact() {
 
 #[tokio::test]
 async fn binary_and_64_kib_messages_round_trip() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     let (mut ws, _) = connect_agent(&gateway.url("/agents/CoderAgent/frames")).await;
 
@@ -582,7 +332,7 @@ async fn binary_and_64_kib_messages_round_trip() {
 
 #[tokio::test]
 async fn permessage_deflate_is_negotiated_end_to_end() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     let direct = run_script(
         "ws-client.mjs",
@@ -669,7 +419,7 @@ async fn close_scenario(
 
 #[tokio::test]
 async fn close_codes_reach_both_ends() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     // Straight to workerd first, as the baseline the gateway must not change.
     for base in [
@@ -718,7 +468,7 @@ async fn close_codes_reach_both_ends() {
 
 #[tokio::test]
 async fn agents_011_behind_a_local_upstream_needs_the_gateway() {
-    let workerd = start_workerd("agents-011", Some(TEST_KEY));
+    let workerd = start_workerd("agents-011", &WITH_KEY);
     let gateway = start_gateway(&local_config(&[workerd.address]));
     let field_error = "Missing namespace or room headers when connecting to CoderAgent.\nDid you try connecting directly to this Durable Object? Try using getServerByName(namespace, id) instead.";
 
@@ -777,16 +527,16 @@ async fn agents_011_behind_a_local_upstream_needs_the_gateway() {
 /// the secret and how to set it, the gateway marks the upstream, and the secret gauge says 0.
 #[tokio::test]
 async fn worker_without_its_key_gets_the_gateway_503_json() {
-    let workerd = start_workerd("current", None);
+    let workerd = start_workerd("current", &[]);
     let gateway = start_gateway(&worker_config(workerd.address));
     // Straight to workerd: the bare 500 the browser turns into 1006.
-    let direct = raw_upgrade(workerd.address, "/agents/coder-agent/default").await;
+    let direct = upgrade_refused(workerd.address, "/agents/coder-agent/default").await;
     assert_eq!(
         (direct.status, direct.body.as_str()),
         (500, "OPENROUTER_API_KEY is not set")
     );
     // Through the gateway: a WebSocket client gets an HTTP answer that says what is wrong.
-    let answer = raw_upgrade(gateway.address(), "/agents/CoderAgent/default").await;
+    let answer = upgrade_refused(gateway.address(), "/agents/CoderAgent/default").await;
     assert_eq!(answer.status, 503, "{}", answer.body);
     let body = answer.json();
     assert_eq!(body["error"], "secret_missing");
@@ -828,7 +578,7 @@ fn closes(initiator: &str, code: &str) -> String {
 
 #[tokio::test]
 async fn close_metrics_agree_with_what_happened() {
-    let workerd = start_workerd("current", Some(TEST_KEY));
+    let workerd = start_workerd("current", &WITH_KEY);
     let gateway = start_gateway(&worker_config(workerd.address));
     let base = gateway.url("/agents/CoderAgent/metrics");
     let (mut observer, _) = connect_agent(&format!("{base}?_pk=observer")).await;

@@ -422,6 +422,7 @@ fn cache_key(request: &RequestHeader, credential: Option<&str>) -> Option<Digest
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_keys::closed_port;
     use super::*;
     use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -587,6 +588,22 @@ mod tests {
         reply(200, &[("x-user", "alice"), ("x-org", "acme")], b"ok")
     }
 
+    /// Starts a service answering with `replier` and has it refuse `Bearer t1` (cached 60 s).
+    async fn refusal(
+        replier: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> (u16, AuthFailure) {
+        let service = Service::start(replier).await;
+        let failure = auth(service.port, Duration::from_secs(60))
+            .check(&request("Bearer t1"), None)
+            .await
+            .unwrap_err();
+        (service.port, failure)
+    }
+
+    fn unavailable(port: u16, why: &str) -> AuthFailure {
+        AuthFailure::Unavailable(format!("auth service 127.0.0.1:{port}: {why}"))
+    }
+
     async fn bounded<T>(test: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), test)
             .await
@@ -658,7 +675,7 @@ mod tests {
     #[tokio::test]
     async fn a_401_is_relayed_with_its_challenge_and_body() {
         bounded(async {
-            let service = Service::start(|_| {
+            let (_, failure) = refusal(|_| {
                 reply(
                     401,
                     &[
@@ -670,10 +687,6 @@ mod tests {
                 )
             })
             .await;
-            let failure = auth(service.port, Duration::from_secs(60))
-                .check(&request("Bearer t1"), None)
-                .await
-                .unwrap_err();
             let AuthFailure::Denied {
                 status,
                 headers,
@@ -769,16 +782,7 @@ mod tests {
             let failure = auth.check(&request("Bearer t1"), None).await.unwrap_err();
             let took = started.elapsed();
             assert!(took >= timeout && took < Duration::from_secs(2), "{took:?}");
-            let AuthFailure::Unavailable(text) = failure else {
-                panic!("{failure:?}");
-            };
-            assert_eq!(
-                text,
-                format!(
-                    "auth service 127.0.0.1:{}: no answer within 200ms",
-                    service.port
-                )
-            );
+            assert_eq!(failure, unavailable(service.port, "no answer within 200ms"));
         })
         .await
     }
@@ -786,9 +790,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_that_is_down_is_unavailable() {
         bounded(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            drop(listener);
+            let port = closed_port();
             let failure = auth(port, Duration::ZERO)
                 .check(&request("Bearer t1"), Some("query-token"))
                 .await
@@ -811,18 +813,8 @@ mod tests {
     #[tokio::test]
     async fn a_server_error_is_unavailable() {
         bounded(async {
-            let service = Service::start(|_| reply(500, &[("x-user", "alice")], b"boom")).await;
-            let failure = auth(service.port, Duration::from_secs(60))
-                .check(&request("Bearer t1"), None)
-                .await
-                .unwrap_err();
-            assert_eq!(
-                failure,
-                AuthFailure::Unavailable(format!(
-                    "auth service 127.0.0.1:{}: answered 500",
-                    service.port
-                ))
-            );
+            let (port, failure) = refusal(|_| reply(500, &[("x-user", "alice")], b"boom")).await;
+            assert_eq!(failure, unavailable(port, "answered 500"));
         })
         .await
     }
@@ -830,18 +822,9 @@ mod tests {
     #[tokio::test]
     async fn an_allowed_answer_without_a_subject_is_unavailable() {
         bounded(async {
-            let service = Service::start(|_| reply(204, &[("x-org", "acme")], b"")).await;
-            let failure = auth(service.port, Duration::from_secs(60))
-                .check(&request("Bearer t1"), None)
-                .await
-                .unwrap_err();
-            assert_eq!(
-                failure,
-                AuthFailure::Unavailable(format!(
-                    "auth service 127.0.0.1:{}: allowed the request without a x-user header",
-                    service.port
-                ))
-            );
+            let (port, failure) = refusal(|_| reply(204, &[("x-org", "acme")], b"")).await;
+            let why = "allowed the request without a x-user header";
+            assert_eq!(failure, unavailable(port, why));
         })
         .await
     }

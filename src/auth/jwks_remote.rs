@@ -339,7 +339,6 @@ impl JwksRegistry {
 mod tests {
     use super::super::test_keys::*;
     use super::*;
-    use tokio::net::TcpListener;
 
     #[test]
     fn remote_urls_are_validated() {
@@ -416,9 +415,7 @@ mod tests {
         let error = remote.refresh().await.expect_err("too large");
         assert!(error.contains("larger than 1 MiB"), "{error}");
 
-        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bound");
-        let url = format!("http://{}/jwks", closed.local_addr().expect("an address"));
-        drop(closed);
+        let url = closed_url("/jwks");
         let remote = RemoteJwks::new(&url, Duration::from_secs(60), Duration::ZERO).expect("a URL");
         let error = remote.refresh().await.expect_err("refused");
         assert!(error.contains(&url), "{error}");
@@ -429,13 +426,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_kid_refetches_are_rate_limited_and_shared() {
         let server = jwks_server(jwks(&[oct_jwk(HMAC_SECRET, "k1")])).await;
-        let remote = RemoteJwks::new(
-            &server.url,
-            Duration::from_secs(600),
-            Duration::from_secs(60),
-        )
-        .expect("a URL");
-        remote.refresh().await.expect("fetched");
+        let remote = fetched_jwks(&server.url, Duration::from_secs(60)).await;
         // Twenty callers at once: one fetch, and every one of them learns it happened.
         let results =
             futures_util::future::join_all((0..20).map(|_| remote.refetch_for_unknown_kid())).await;
@@ -468,9 +459,7 @@ mod tests {
             .register("gopher://x", Duration::ZERO, Duration::ZERO)
             .is_err());
 
-        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bound");
-        let down_url = format!("http://{}/jwks", closed.local_addr().expect("an address"));
-        drop(closed);
+        let down_url = closed_url("/jwks");
         let down = registry
             .register(&down_url, Duration::from_secs(60), Duration::from_secs(1))
             .expect("registered");

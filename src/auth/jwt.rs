@@ -713,13 +713,7 @@ mod tests {
     #[tokio::test]
     async fn a_rotated_remote_key_is_fetched_once_and_verifies() {
         let server = jwks_server(jwks(&[rsa_jwk(RSA_PRIVATE, "k1")])).await;
-        let remote = RemoteJwks::new(
-            &server.url,
-            Duration::from_secs(600),
-            Duration::from_secs(60),
-        )
-        .expect("a URL");
-        remote.refresh().await.expect("fetched");
+        let remote = fetched_jwks(&server.url, Duration::from_secs(60)).await;
         let verifier = verifier_of(&[Algorithm::RS256], JwtKeys::Remote(remote.clone()));
         let old = sign(Algorithm::RS256, RSA_PRIVATE, Some("k1"), &claims());
         assert!(verify(&verifier, &old).await.is_ok());
@@ -742,13 +736,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_unknown_kids_refetches_at_most_once() {
         let server = jwks_server(jwks(&[oct_jwk(HMAC_SECRET, "k1")])).await;
-        let remote = RemoteJwks::new(
-            &server.url,
-            Duration::from_secs(600),
-            Duration::from_secs(60),
-        )
-        .expect("a URL");
-        remote.refresh().await.expect("fetched");
+        let remote = fetched_jwks(&server.url, Duration::from_secs(60)).await;
         let verifier = verifier_of(&[Algorithm::HS256], JwtKeys::Remote(remote));
         let tokens: Vec<String> = (0..50)
             .map(|i| {
@@ -776,9 +764,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fetch_keeps_the_old_keys() {
         let server = jwks_server(jwks(&[oct_jwk(HMAC_SECRET, "k1")])).await;
-        let remote =
-            RemoteJwks::new(&server.url, Duration::from_secs(600), Duration::ZERO).expect("a URL");
-        remote.refresh().await.expect("fetched");
+        let remote = fetched_jwks(&server.url, Duration::ZERO).await;
         let verifier = verifier_of(&[Algorithm::HS256], JwtKeys::Remote(remote.clone()));
         server.serve(None);
         assert!(remote.refresh().await.is_err());
@@ -806,11 +792,7 @@ mod tests {
         assert!(verify(&verifier, &token).await.is_ok());
         assert_eq!(server.requests(), 1);
 
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bound");
-        let url = format!("http://{}/jwks", closed.local_addr().expect("an address"));
-        drop(closed);
+        let url = closed_url("/jwks");
         let remote = RemoteJwks::new(&url, Duration::from_secs(600), Duration::from_secs(60))
             .expect("a URL");
         let down = verifier_of(&[Algorithm::HS256], JwtKeys::Remote(remote));

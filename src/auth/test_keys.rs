@@ -1,7 +1,8 @@
-//! Test keys, JWKS documents made from them, signed tokens and a tiny JWKS server, for the
-//! tests of `jwks`, `jwks_remote` and `jwt`.
+//! Test keys, JWKS documents made from them, signed tokens, a tiny JWKS server and a port
+//! where nothing listens, for the tests of the auth modules.
 
 use super::jwks::pem_der;
+use super::jwks_remote::RemoteJwks;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -13,7 +14,7 @@ use ring::signature::{
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -103,6 +104,25 @@ pub(crate) fn sign(alg: Algorithm, private: &str, kid: Option<&str>, claims: &Va
     let mut header = Header::new(alg);
     header.kid = kid.map(str::to_string);
     jsonwebtoken::encode(&header, claims, &encoding_key(alg, private)).expect("signed")
+}
+
+/// A loopback port where nothing listens (bound, then let go).
+pub(crate) fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+    listener.local_addr().expect("an address").port()
+}
+
+/// An http URL of `path` on a loopback port where nothing listens.
+pub(crate) fn closed_url(path: &str) -> String {
+    format!("http://127.0.0.1:{}{path}", closed_port())
+}
+
+/// The JWKS at `url` (refreshed every ten minutes, refetched for an unknown kid at most once
+/// per `min_refetch`), fetched once.
+pub(crate) async fn fetched_jwks(url: &str, min_refetch: Duration) -> Arc<RemoteJwks> {
+    let remote = RemoteJwks::new(url, Duration::from_secs(600), min_refetch).expect("a URL");
+    remote.refresh().await.expect("fetched");
+    remote
 }
 
 /// A JWKS server on 127.0.0.1 answering every request with `body` (or 500 when `None`).

@@ -32,14 +32,10 @@
 // (CHROMIUM, default /usr/bin/chromium), --timeout-ms per check (default 10000),
 // --deadline-ms for the whole run (default 90000).
 
-import { createServer } from 'node:http';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { createRequire } from 'node:module';
-
-const require = createRequire(import.meta.url);
+import {
+  NetworkLog, REQUIRED_SWITCHES, handshakeStatus, reporter, runBrowser, servePage, settle,
+} from './harness.mjs';
 
 const { values: opts } = parseArgs({
   options: {
@@ -57,10 +53,8 @@ const { values: opts } = parseArgs({
   },
 });
 
-function usage(why) {
-  process.stderr.write(`drive.mjs: ${why}\n`);
-  process.exit(2);
-}
+const driver = reporter('drive.mjs');
+const { emit, usage } = driver;
 
 if (!opts.gateway) usage('--gateway http://127.0.0.1:PORT (or GATEWAY_URL) is required');
 const gateway = new URL(opts.gateway);
@@ -68,196 +62,6 @@ if (gateway.protocol !== 'http:') usage(`--gateway must be an http:// URL, not $
 const gatewayHttp = gateway.origin;
 const gatewayWs = `ws://${gateway.host}`;
 const timeoutMs = Number(opts['timeout-ms']);
-const deadlineMs = Number(opts['deadline-ms']);
-
-/** Chromium's switches for a network-less machine. Playwright adds --headless itself (with
- * headless: true) and --user-data-dir (the fresh folder given to launchPersistentContext);
- * it refuses both in `args`, so they are listed here only to be checked on the command line. */
-const REQUIRED_SWITCHES = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--disable-quic',
-];
-const EXTRA_SWITCHES = [
-  // No proxy, whatever the environment says: every request here is to loopback.
-  '--no-proxy-server',
-  '--disable-default-apps',
-  '--disable-extensions',
-];
-
-const results = [];
-function emit(result) {
-  results.push(result);
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-}
-function log(message) {
-  process.stderr.write(`drive.mjs: ${message}\n`);
-}
-
-// ---------------------------------------------------------------------------------------
-// The pages. page.js runs in the browser, in the page's origin.
-
-const PAGE_JS = String.raw`
-"use strict";
-function withTimeout(promise, ms, what) {
-  let timer;
-  return Promise.race([
-    promise.finally(() => clearTimeout(timer)),
-    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(what + " timed out after " + ms + " ms")), ms); }),
-  ]);
-}
-
-// Opens a WebSocket, sends each of "messages" once the identity arrived, waits for their
-// echoes, closes with 1000, and reports every event in order.
-window.wsExchange = function (url, messages, ms) {
-  const report = { url, opened: false, errored: false, messages: [], events: [],
-                   close: null, protocol: null, extensions: null };
-  return withTimeout(new Promise((resolve) => {
-    let ws;
-    try { ws = new WebSocket(url); } catch (e) { report.events.push("throw:" + e.name); resolve(report); return; }
-    const expected = 1 + messages.length;
-    ws.onopen = () => { report.opened = true; report.events.push("open");
-                        report.protocol = ws.protocol; report.extensions = ws.extensions; };
-    ws.onerror = () => { report.errored = true; report.events.push("error"); };
-    ws.onmessage = (ev) => {
-      report.events.push("message");
-      report.messages.push(typeof ev.data === "string" ? ev.data : "[binary]");
-      if (report.messages.length === 1) { for (const m of messages) ws.send(m); }
-      if (report.messages.length === expected) ws.close(1000, "browser done");
-    };
-    ws.onclose = (ev) => {
-      report.events.push("close");
-      report.close = { code: ev.code, reason: ev.reason, wasClean: ev.wasClean };
-      resolve(report);
-    };
-  }), ms, "WebSocket exchange").catch((e) => { report.timeout = String(e.message); return report; });
-};
-
-// A fetch whose outcome, success or failure, is reported rather than thrown.
-window.fetchReport = async function (url, init, ms) {
-  const report = { url, ok: false };
-  try {
-    const response = await withTimeout(fetch(url, init), ms, "fetch");
-    report.status = response.status;
-    report.type = response.type;
-    report.content_type = response.headers.get("content-type");
-    const text = await response.text();
-    try { report.json = JSON.parse(text); } catch { report.text = text.slice(0, 500); }
-    report.ok = true;
-  } catch (e) {
-    report.error = { name: e.name, message: e.message };
-  }
-  return report;
-};
-
-window.setCookie = function (pair) { document.cookie = pair + "; path=/; SameSite=Lax"; return document.cookie; };
-`;
-
-function pageHtml(role) {
-  return `<!doctype html>
-<html><head><meta charset="utf-8"><title>agent-gateway ${role} page</title>
-<script src="/page.js"></script></head>
-<body><p id="role">${role}</p></body></html>`;
-}
-
-function servePages(role, host, port) {
-  const server = createServer((req, res) => {
-    if (req.url === '/page.js') {
-      res.writeHead(200, { 'content-type': 'text/javascript', 'cache-control': 'no-store' });
-      res.end(PAGE_JS);
-    } else if (req.url === '/' || req.url === '/index.html') {
-      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
-      res.end(pageHtml(role));
-    } else {
-      res.writeHead(404, { 'content-type': 'text/plain' });
-      res.end('not found');
-    }
-  });
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    // Loopback only. "localhost" is served from 127.0.0.1: Chromium tries ::1 and 127.0.0.1.
-    server.listen(port, '127.0.0.1', () => {
-      const origin = `http://${host}:${server.address().port}`;
-      resolve({ server, origin });
-    });
-  });
-}
-
-// ---------------------------------------------------------------------------------------
-// What Chromium saw, from the DevTools protocol.
-
-class NetworkLog {
-  constructor() {
-    this.sockets = new Map(); // requestId -> {url, request_headers, status, response_headers, error, closed}
-    this.requests = new Map(); // requestId -> {url, method, status, headers, cors_error, failed, preflight}
-  }
-
-  async attach(context, page) {
-    const cdp = await context.newCDPSession(page);
-    await cdp.send('Network.enable');
-    const socket = (id) => {
-      if (!this.sockets.has(id)) this.sockets.set(id, {});
-      return this.sockets.get(id);
-    };
-    const request = (id) => {
-      if (!this.requests.has(id)) this.requests.set(id, {});
-      return this.requests.get(id);
-    };
-    cdp.on('Network.webSocketCreated', (e) => { socket(e.requestId).url = e.url; });
-    cdp.on('Network.webSocketWillSendHandshakeRequest', (e) => {
-      socket(e.requestId).request_headers = lower(e.request.headers);
-    });
-    cdp.on('Network.webSocketHandshakeResponseReceived', (e) => {
-      const s = socket(e.requestId);
-      s.status = e.response.status;
-      s.response_headers = lower(e.response.headers);
-    });
-    cdp.on('Network.webSocketFrameError', (e) => { socket(e.requestId).error = e.errorMessage; });
-    cdp.on('Network.webSocketClosed', (e) => { socket(e.requestId).closed = true; });
-    cdp.on('Network.requestWillBeSent', (e) => {
-      const r = request(e.requestId);
-      r.url = e.request.url;
-      r.method = e.request.method;
-      // The ExtraInfo event (with the headers the network stack added, Origin and Cookie
-      // among them) may come first: its values win.
-      r.request_headers = { ...lower(e.request.headers), ...(r.request_headers ?? {}) };
-    });
-    cdp.on('Network.requestWillBeSentExtraInfo', (e) => {
-      const r = request(e.requestId);
-      r.request_headers = { ...(r.request_headers ?? {}), ...lower(e.headers) };
-    });
-    cdp.on('Network.responseReceived', (e) => {
-      const r = request(e.requestId);
-      r.status = e.response.status;
-      r.response_headers = { ...lower(e.response.headers), ...(r.response_headers ?? {}) };
-    });
-    cdp.on('Network.responseReceivedExtraInfo', (e) => {
-      const r = request(e.requestId);
-      r.raw_status = e.statusCode;
-      r.response_headers = { ...(r.response_headers ?? {}), ...lower(e.headers) };
-    });
-    cdp.on('Network.loadingFailed', (e) => {
-      const r = request(e.requestId);
-      r.failed = e.errorText;
-      if (e.corsErrorStatus) r.cors_error = e.corsErrorStatus.corsError;
-      if (e.blockedReason) r.blocked_reason = e.blockedReason;
-    });
-    return cdp;
-  }
-
-  socketFor(url) {
-    return [...this.sockets.values()].filter((s) => s.url === url).at(-1) ?? null;
-  }
-
-  requestsFor(url) {
-    return [...this.requests.values()].filter((r) => r.url === url);
-  }
-}
 
 /** The reference backend describes credential headers instead of echoing them: "redacted
  * len={bytes} fnv={FNV-1a 64, hex}" (agent_gateway::secrets::fingerprint). Either form is
@@ -271,12 +75,6 @@ function fingerprint(value) {
 
 function cookieArrived(reported, cookie) {
   return typeof reported === 'string' && (reported.includes(cookie) || reported === fingerprint(cookie));
-}
-
-function lower(headers) {
-  const out = {};
-  for (const [k, v] of Object.entries(headers ?? {})) out[k.toLowerCase()] = v;
-  return out;
 }
 
 function pick(headers, names) {
@@ -295,70 +93,14 @@ const CORS_HEADERS = [
   'vary',
 ];
 
-/** Waits (bounded) until `probe()` is truthy: DevTools events trail the page's own view. */
-async function settle(probe, ms = 2000) {
-  const until = Date.now() + ms;
-  while (!probe() && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
-  return probe();
-}
-
-// ---------------------------------------------------------------------------------------
-
 async function main() {
-  let chromium;
-  try {
-    ({ chromium } = require('playwright-core'));
-  } catch (e) {
-    usage(`playwright-core is not installed (run tests/browser/setup.sh): ${e.message}`);
-  }
-  const { version: playwrightVersion } = require('playwright-core/package.json');
-
-  const allowed = await servePages('allowed', '127.0.0.1', Number(opts['allowed-port']));
-  const refused = await servePages('refused', 'localhost', Number(opts['refused-port']));
+  const allowed = await servePage('allowed', '127.0.0.1', Number(opts['allowed-port']));
+  const refused = await servePage('refused', 'localhost', Number(opts['refused-port']));
   emit({ check: 'pages', ok: true, allowed_origin: allowed.origin, refused_origin: refused.origin });
-
-  const userDataDir = mkdtempSync(join(tmpdir(), 'agent-gateway-chromium-'));
-  let context;
-  const cleanup = async () => {
-    try { await context?.close(); } catch { /* already gone */ }
-    allowed.server.close();
-    refused.server.close();
-    rmSync(userDataDir, { recursive: true, force: true });
-  };
-  const watchdog = setTimeout(async () => {
-    emit({ check: 'summary', ok: false, failed: ['deadline'], error: `the run took over ${deadlineMs} ms` });
-    await Promise.race([cleanup(), new Promise((r) => setTimeout(r, 3000))]);
-    process.exit(1);
-  }, deadlineMs);
-
-  try {
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: opts.chromium,
-      headless: true,
-      args: [...REQUIRED_SWITCHES.filter((s) => s !== '--headless'), ...EXTRA_SWITCHES],
-      timeout: 30000,
-      // Nothing in the page needs them; keeps the run free of surprises.
-      serviceWorkers: 'block',
-      acceptDownloads: false,
-    });
-  } catch (e) {
-    emit({ check: 'browser', ok: false, error: e.message.split('\n').slice(0, 12).join('\n') });
-    clearTimeout(watchdog);
-    await cleanup();
-    process.exit(2);
-  }
-  context.setDefaultTimeout(timeoutMs);
-
-  try {
-    await runChecks(context, { allowed, refused, userDataDir, playwrightVersion });
-  } catch (e) {
-    emit({ check: 'driver', ok: false, error: String(e?.stack ?? e) });
-  }
-  clearTimeout(watchdog);
-  const failed = results.filter((r) => !r.ok).map((r) => r.check);
-  emit({ check: 'summary', ok: failed.length === 0, failed, checks: results.length });
-  await Promise.race([cleanup(), new Promise((r) => setTimeout(r, 5000))]);
-  process.exit(failed.length === 0 ? 0 : 1);
+  await runBrowser({
+    driver, opts, servers: [allowed.server, refused.server],
+    checks: (context, run) => runChecks(context, { allowed, refused, ...run }),
+  });
 }
 
 async function runChecks(context, { allowed, refused, userDataDir, playwrightVersion }) {
@@ -460,8 +202,7 @@ async function runChecks(context, { allowed, refused, userDataDir, playwrightVer
     const page = await refusedPage.evaluate(([u, ms]) => window.wsExchange(u, ['must never arrive'], ms), [url, timeoutMs]);
     await settle(() => refusedNet.socketFor(url)?.status !== undefined || refusedNet.socketFor(url)?.error);
     const seen = refusedNet.socketFor(url);
-    // Chromium reports a refused handshake as a frame error naming the status.
-    const refusedStatus = seen?.status ?? Number(/response code: (\d+)/.exec(seen?.error ?? '')?.[1] ?? NaN);
+    const refusedStatus = handshakeStatus(seen);
     const ok =
       !page.opened &&
       page.errored &&
@@ -475,7 +216,7 @@ async function runChecks(context, { allowed, refused, userDataDir, playwrightVer
       opened: page.opened, errored: page.errored, messages: page.messages,
       close: page.close, events: page.events, timeout: page.timeout ?? null,
       handshake: seen && {
-        status: Number.isNaN(refusedStatus) ? null : refusedStatus,
+        status: refusedStatus,
         origin_sent: seen.request_headers?.origin ?? null,
         error: seen.error ?? null,
         cors_headers: pick(seen.response_headers, CORS_HEADERS),

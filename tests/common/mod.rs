@@ -2,13 +2,19 @@
 //! reference backend as child processes on 127.0.0.1, real clients, bounded waits.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod auth;
+pub mod browser;
+mod raw;
+pub mod workerd;
+
+pub use raw::*;
+
 use futures_util::{SinkExt, StreamExt};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -94,33 +100,6 @@ pub fn first_line(child: &mut Child, wait: Duration) -> String {
     rx.recv_timeout(wait).expect("a readiness line in time")
 }
 
-/// Reads a response head byte by byte, so nothing after it (WebSocket frames) is consumed.
-pub async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
-            .await
-            .expect("head in time")
-            .expect("read");
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// Opens a WebSocket to CoderAgent's `room` by hand (a valid handshake, read up to the 101),
-/// so a test can stay silent or write frames a library would refuse to send.
-pub async fn raw_upgrade(address: SocketAddr, room: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    let request = format!(
-        "GET /agents/CoderAgent/{room} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    stream
-}
-
 /// A gateway started from a config text; `{listen}` in it is replaced by a free port.
 pub struct Gateway {
     pub proc: Proc,
@@ -146,6 +125,11 @@ impl Gateway {
     /// What the gateway wrote on stdout so far: its access and connection lines.
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    /// What the gateway wrote on stderr so far, when started by [`start_gateway_logged`].
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
     /// The admin listener's Prometheus exposition.
@@ -187,6 +171,15 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every series of `name` whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn start_gateway(config: &str) -> Gateway {
     start_gateway_with(config, &[], |_| {})
 }
@@ -197,6 +190,21 @@ pub fn start_gateway_with(
     config: &str,
     env: &[(&str, &str)],
     prepare: impl FnOnce(&Path),
+) -> Gateway {
+    launch(config, env, prepare, false)
+}
+
+/// Starts the gateway as [`start_gateway_with`] does, but with `RUST_LOG` unset (so that the
+/// config's `[log] level` rules) and its stderr kept in `stderr.log` beside `stdout.log`.
+pub fn start_gateway_logged(config: &str, env: &[(&str, &str)]) -> Gateway {
+    launch(config, env, |_| {}, true)
+}
+
+fn launch(
+    config: &str,
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&Path),
+    logged: bool,
 ) -> Gateway {
     let dir = tempfile::tempdir().expect("temp dir");
     prepare(dir.path());
@@ -211,19 +219,21 @@ pub fn start_gateway_with(
         .replace("{dir}", &dir.path().display().to_string());
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &text).expect("config written");
+    let file = |name: &str| std::fs::File::create(dir.path().join(name)).expect("a log file");
     let mut command = Command::new(BIN);
     command
         .args(["run", "-c"])
         .arg(&path)
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        )
         // Agent routes require this by default; tests that need it missing set it empty.
         .env("OPENROUTER_API_KEY", TEST_KEY)
         // Access and connection lines, for tests that read them.
-        .stdout(std::fs::File::create(dir.path().join("stdout.log")).expect("stdout file"))
-        .stderr(Stdio::inherit());
+        .stdout(file("stdout.log"));
+    if logged {
+        command.env_remove("RUST_LOG").stderr(file("stderr.log"));
+    } else {
+        let level = std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned());
+        command.env("RUST_LOG", level).stderr(Stdio::inherit());
+    }
     for (k, v) in env {
         command.env(k, v);
     }
@@ -252,6 +262,16 @@ pub fn wait_for_port(address: SocketAddr) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Config text: the gateway's listener on `{listen}` and its admin listener on `{admin}`.
+pub const LISTENERS: &str = r#"
+[server]
+listen = "{listen}"
+threads = 2
+
+[admin]
+listen = "{admin}"
+"#;
 
 /// A config with one local upstream over `nodes` and the agent CoderAgent.
 pub fn local_config(nodes: &[SocketAddr]) -> String {
@@ -282,133 +302,20 @@ upstream = "local"
     )
 }
 
-/// An HTTP answer read off a raw socket.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub status: u16,
-    pub head: String,
-    pub body: String,
-}
-
-impl RawResponse {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-}
-
-/// Sends `request` as written (so paths are not normalised by a client library) and reads
-/// the answer until the server closes or the body is complete.
-pub async fn raw_request(address: SocketAddr, request: &str) -> RawResponse {
-    let work = async {
-        let mut stream = TcpStream::connect(address).await.expect("connect");
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut chunk).await.unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(parsed) = parse_complete(&buf) {
-                return parsed;
-            }
-        }
-        parse_complete(&buf)
-            .unwrap_or_else(|| panic!("incomplete answer: {:?}", String::from_utf8_lossy(&buf)))
-    };
-    tokio::time::timeout(WAIT, work)
-        .await
-        .expect("answer in time")
-}
-
-fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
-    let text = String::from_utf8_lossy(buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let response = RawResponse {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    };
-    if response
-        .header("transfer-encoding")
-        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
-    {
-        let body = decode_chunked(&response.body)?;
-        return Some(RawResponse { body, ..response });
-    }
-    let length: usize = response.header("content-length")?.parse().ok()?;
-    (response.body.len() >= length).then_some(response)
-}
-
-/// The body of a complete chunked encoding, or `None` while it is incomplete.
-fn decode_chunked(mut raw: &str) -> Option<String> {
-    let mut body = String::new();
-    loop {
-        let (size_line, rest) = raw.split_once("\r\n")?;
-        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(body);
-        }
-        body.push_str(rest.get(..size)?);
-        raw = rest.get(size..)?.strip_prefix("\r\n")?;
-    }
-}
-
-/// `GET path` with `Connection: close` and extra header lines.
-pub async fn get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> RawResponse {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    raw_request(address, &request).await
-}
-
 /// Opens a WebSocket, failing the test after [`WAIT`].
 pub async fn connect(url: &str) -> Ws {
-    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+    connect_headers(url, &[]).await.0
+}
+
+/// Opens a WebSocket with extra headers; the socket and the 101's headers.
+pub async fn connect_headers(url: &str, headers: &[(&str, &str)]) -> (Ws, http::HeaderMap) {
+    let request = ws_request(url, headers);
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
         .await
         .expect("handshake in time")
         .unwrap_or_else(|e| panic!("WebSocket to {url}: {e}"));
     assert_eq!(response.status(), 101);
-    ws
-}
-
-/// Sends a WebSocket handshake for `url` by hand and returns the HTTP refusal it got, whole
-/// (a client library may keep only the body bytes that came with the head).
-pub async fn connect_refused(url: &str) -> (u16, String) {
-    connect_refused_with(url, &[]).await
-}
-
-pub async fn connect_refused_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let rest = url.strip_prefix("ws://").expect("a ws:// URL");
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let address: SocketAddr = authority.parse().expect("an IP:port authority");
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    let answer = raw_request(address, &request).await;
-    assert_ne!(
-        answer.status, 101,
-        "expected a refusal, the upgrade succeeded"
-    );
-    (answer.status, answer.body)
+    (ws, response.headers().clone())
 }
 
 /// The next data message (text or binary), skipping pings and pongs.

@@ -17,17 +17,7 @@
 import { createHmac, randomUUID } from "node:crypto";
 import { AgentClient } from "agents/client";
 import WebSocket from "ws";
-
-const arg = (name) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i === -1 ? undefined : process.argv[i + 1];
-};
-const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`);
-const fail = (error) => {
-  print({ step: "error", error: String(error?.stack ?? error) });
-  process.exit(1);
-};
-setTimeout(() => fail("scenario timed out"), 30_000).unref();
+import { arg, fail, message, print, recorder, socketOptions } from "./client-common.mjs";
 
 const key = process.env.JWT_KEY;
 if (!key) fail("JWT_KEY is not set");
@@ -51,46 +41,13 @@ const tokenSource = (sub, firstTtl) => async () => {
 };
 
 const clientOptions = (query) => ({
+  ...socketOptions,
   agent: "CoderAgent",
   name,
   host: arg("host"),
-  protocol: "ws",
   query,
   WebSocket, // Node 20 has no global WebSocket
-  minReconnectionDelay: 50, // PartySocket's defaults wait seconds between attempts
-  maxReconnectionDelay: 200,
 });
-
-// Every frame and every open/close of a client, in order, for the assertions.
-function recorder(client) {
-  const frames = [];
-  const waiters = [];
-  const record = (event) => {
-    frames.push(event);
-    for (const w of [...waiters]) if (w.match(event)) waiters.splice(waiters.indexOf(w), 1) && w.resolve(event);
-  };
-  // The URL without the token's value: the token is the test's secret.
-  const shown = (url) => url?.replace(/([?&]token=)[^&]*/, "$1[token]") ?? null;
-  client.addEventListener("open", () => record({ kind: "open", url: shown(client.url), at: Date.now() }));
-  client.addEventListener("close", (e) =>
-    record({ kind: "close", code: e.code, reason: e.reason, wasClean: e.wasClean, at: Date.now() }),
-  );
-  client.addEventListener("message", (e) => {
-    let data = e.data;
-    try {
-      data = JSON.parse(e.data);
-    } catch {}
-    record({ kind: "message", data });
-  });
-  // Resolves with the first event from now on that matches, or fails after `ms`.
-  const next = (match, what, ms = 10_000) =>
-    new Promise((resolve, reject) => {
-      waiters.push({ match, resolve });
-      setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms).unref();
-    });
-  return { frames, next };
-}
-const message = (type) => (e) => e.kind === "message" && e.data?.type === type;
 
 try {
   const observer = new AgentClient(clientOptions(tokenSource("observer", 60)));
@@ -98,12 +55,7 @@ try {
   await observer.ready;
 
   const client = new AgentClient(clientOptions(tokenSource("sdk-user", ttl)));
-  const { frames, next } = recorder(client);
-  const whoami = async () => {
-    const answer = next(message("whoami"), "whoami answer");
-    client.send(JSON.stringify({ type: "whoami" }));
-    return (await answer).data;
-  };
+  const { frames, next, whoami } = recorder(client);
   // What an application does on the gateway's expiry close: fetch a fresh token and reconnect
   // (AgentClient does not reconnect by itself after 1008).
   let sdkConnectionError = null;

@@ -9,59 +9,17 @@
 // line is {"step":"done"}. Any failure prints {"step":"error",...} and exits 1.
 import { AgentClient } from "agents/client";
 import WebSocket from "ws";
-
-const arg = (name) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i === -1 ? undefined : process.argv[i + 1];
-};
-const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`);
-const fail = (error) => {
-  print({ step: "error", error: String(error?.stack ?? error) });
-  process.exit(1);
-};
-setTimeout(() => fail("scenario timed out"), 30_000).unref();
+import { arg, fail, print, recorder, socketOptions } from "./client-common.mjs";
 
 const client = new AgentClient({
+  ...socketOptions,
   agent: arg("agent") ?? "CoderAgent",
   name: arg("name") ?? "default",
   host: arg("host"),
-  protocol: "ws",
   ...(arg("base-path") ? { basePath: arg("base-path") } : {}),
   WebSocket, // Node 20 has no global WebSocket
-  minReconnectionDelay: 50, // PartySocket's defaults wait seconds between attempts
-  maxReconnectionDelay: 200,
 });
-
-// Every frame and every open/close, in order, for the assertions.
-const frames = [];
-const waiters = [];
-const record = (event) => {
-  frames.push(event);
-  for (const w of [...waiters]) if (w.match(event)) waiters.splice(waiters.indexOf(w), 1) && w.resolve(event);
-};
-client.addEventListener("open", () => record({ kind: "open", url: client.url }));
-client.addEventListener("close", (e) => record({ kind: "close", code: e.code, reason: e.reason }));
-client.addEventListener("message", (e) => {
-  let data = e.data;
-  try {
-    data = JSON.parse(e.data);
-  } catch {}
-  record({ kind: "message", data });
-});
-// Resolves with the first event from now on that matches, or fails after 10 s.
-const next = (match, what) =>
-  new Promise((resolve, reject) => {
-    waiters.push({ match, resolve });
-    setTimeout(() => reject(new Error(`no ${what} within 10 s`)), 10_000).unref();
-  });
-const message = (type) => (e) => e.kind === "message" && e.data?.type === type;
-const since = (start) => frames.slice(start);
-
-async function whoami() {
-  const answer = next(message("whoami"), "whoami answer");
-  client.send(JSON.stringify({ type: "whoami" }));
-  return (await answer).data;
-}
+const { frames, next, whoami, since } = recorder(client);
 
 try {
   let start = frames.length;
