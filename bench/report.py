@@ -6,8 +6,14 @@ usage: report.py RAW.jsonl META.json [GATEWAY_METRICS.txt]
 Every figure is the median over the rounds, with the spread (lowest-highest) next to it.
 Ratios and added latencies are computed round by round against the "direct" run of the
 same round and layout, then the median is taken.
+
+The reconnect-storm section comes from the storm records of RAW.jsonl itself, or from a
+storm-only run (raw-<stamp>-storm.jsonl beside it) made after it and before the next full run,
+whichever is newer. Given a storm-only run's files, it prints the storm report alone.
 """
 import json
+import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -27,6 +33,22 @@ TARGET_KIB = 4.6
 TARGET_LIVE_CPU_PCT = 3.0   # per-message CPU with heartbeats and rate limits on, over off
 TARGET_LIVE_KIB = 3.4       # KiB per idle socket at 9000 with heartbeats on (the figure of 2026-11-23)
 TARGET_PING_CORE_PCT = 1.0  # 9000 idle sockets pinged at the default interval, % of one core
+# Targets of the authentication issue, checked by the storm phase (run.sh --storm).
+TARGET_STORM_PCT = 10.0     # CPU per upgrade, HS256 / API key / any token seen before, over auth off
+TARGET_AUTH_MSG_PCT = 3.0   # "nothing added per message": the noise bound of issue 15's per-message target
+STORM_ROWS = [  # target, what it is
+    ("nginx", "nginx, plain upgrade"),
+    ("haproxy", "HAProxy, plain upgrade"),
+    ("auth_off", "gateway, auth off"),
+    ("hs256", "gateway, HS256, token seen before"),
+    ("apikey", "gateway, API key"),
+    ("es256", "gateway, ES256, token seen before"),
+    ("rs256", "gateway, RS256, token seen before"),
+    ("hs256_first", "gateway, HS256, first verification"),
+    ("es256_first", "gateway, ES256, first verification"),
+    ("rs256_first", "gateway, RS256, first verification"),
+]
+RAW_NAME = re.compile(r"raw-(\d{8}-\d{6})-([a-z-]+)\.jsonl$")
 
 
 def load(path):
@@ -58,10 +80,38 @@ def cell(values, digits=1, signed=False):
     return f"{f(m)} ({f(min(values))} to {f(max(values))})"
 
 
+def storm_source(raw_path, raw, meta):
+    """The storm records to report with this run, and the meta of the run they come from:
+    the newest of this run's own and those of the storm-only runs (raw-*-storm.jsonl) made
+    after it and before the next full run in the same folder."""
+    own = [r for r in raw if r.get("phase") == "storm"]
+    best = (own, meta) if own else None
+    m = RAW_NAME.search(os.path.basename(raw_path))
+    if not m or m.group(2) != "full":
+        return best
+    folder = os.path.dirname(raw_path) or "."
+    stamps = {}
+    for name in os.listdir(folder):
+        n = RAW_NAME.fullmatch(name)
+        if n:
+            stamps.setdefault(n.group(2), []).append(n.group(1))
+    later_full = [t for t in stamps.get("full", []) if t > m.group(1)]
+    until = min(later_full) if later_full else "99999999-999999"
+    storms = sorted(t for t in stamps.get("storm", []) if m.group(1) < t < until)
+    if storms:
+        base = os.path.join(folder, f"raw-{storms[-1]}-storm")
+        with open(base + ".meta.json") as f:
+            return load(base + ".jsonl"), json.load(f)
+    return best
+
+
 def main():
     raw = load(sys.argv[1])
     with open(sys.argv[2]) as f:
         meta = json.load(f)
+    if meta["mode"].startswith("storm"):
+        storm_only(raw, meta)
+        return
     # The gateway's /metrics scraped after the load rounds: the third argument, or the file
     # run.sh keeps beside the raw data.
     metrics_path = sys.argv[3] if len(sys.argv) > 3 else sys.argv[1].replace(".jsonl", ".gateway-metrics.txt")
@@ -280,6 +330,10 @@ def main():
     if live:
         liveness(w, live, meta)
 
+    source = storm_source(sys.argv[1], raw, meta)
+    if source:
+        storm(w, source[0], source[1], meta)
+
     if metrics_text:
         def total(prefix):
             s = 0.0
@@ -299,6 +353,149 @@ def main():
     w(f"Raw data: bench/{meta['raw']}. Regenerate: `python3 bench/report.py bench/{meta['raw']} "
       f"bench/{meta['raw'].replace('.jsonl', '.meta.json')} > bench/results/RESULTS.md`.")
     print("\n".join(out))
+
+
+def storm_only(raw, meta):
+    """The report of a storm-only run (run.sh --storm-only): its header and the storm section."""
+    out = []
+    w = out.append
+    w("# agent-gateway reconnect storm with authentication: benchmark results")
+    w("")
+    w(f"- Date: {meta['date']} ({meta['mode']} mode, {meta['elapsed_s'] // 60} min {meta['elapsed_s'] % 60} s end to end)")
+    w(f"- Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_mib']} MiB, Linux {meta['kernel']}")
+    w(f"- Software: agent-gateway {meta['gateway_rev']} (release build, `threads = 1`, RUST_LOG=info), "
+      f"nginx {meta['nginx']} (`worker_processes 1`), HAProxy {meta['haproxy']} (`nbthread 1`); backends and "
+      "client from bench/loadgen")
+    w(f"- Noise control as in the full runs (box >= 90% idle before a run; a run where other processes or the "
+      f"hypervisor took more than {meta['foreign_max_pct']}% of a core repeated up to twice). Repeats: "
+      f"{meta['noisy_repeats']}; runs skipped for the time budget: {meta.get('skipped_runs', 0)}.")
+    w("")
+    storm(w, [r for r in raw if r.get("phase") == "storm"], meta, meta)
+    w(f"Raw data: bench/{meta['raw']}.")
+    print("\n".join(out))
+
+
+def storm(w, runs, smeta, meta):
+    """The reconnect-storm section: CPU per upgrade with and without authentication."""
+    sm = smeta.get("storm", {})
+    if not runs:
+        if sm.get("refused"):
+            w("## Reconnect storm with authentication")
+            w("")
+            w(f"Not run: the gateway under test refused the `[auth]` configuration (\"{sm['refused']}\").")
+            w("")
+        return
+    st = [r for r in runs if r["test"] == "storm"]
+    pp = [r for r in runs if r["test"] == "ws_rate"]
+    by = defaultdict(list)
+    off = {}
+    for r in st:
+        by[r["target"]].append(r)
+        if r["target"] == "auth_off":
+            off[r["round"]] = r
+    # The message runs come in pairs per round (A B B A): each route's mean per round.
+    msg = defaultdict(list)  # (target, round) -> CPU µs per message
+    for r in pp:
+        if r.get("proxy_cpu_us_per_msg"):
+            msg[(r["target"], r["round"])].append(r["proxy_cpu_us_per_msg"])
+
+    def vs_off(target, fn):
+        return [fn(r, off[r["round"]]) for r in by[target]
+                if r["round"] in off and r.get("proxy_cpu_us_per_upgrade") and off[r["round"]].get("proxy_cpu_us_per_upgrade")]
+
+    def pct(target):
+        return vs_off(target, lambda r, o: 100 * (r["proxy_cpu_us_per_upgrade"] / o["proxy_cpu_us_per_upgrade"] - 1))
+
+    def added(target):
+        return vs_off(target, lambda r, o: r["proxy_cpu_us_per_upgrade"] - o["proxy_cpu_us_per_upgrade"])
+
+    w("## Reconnect storm with authentication (layout 2)")
+    w("")
+    source = "" if smeta is meta else (f" From the storm-only run of {smeta['date']} "
+                                       f"(gateway {smeta['gateway_rev']}, raw data bench/{smeta['raw']}).")
+    w(f"{sm.get('rate', 0):g} new WebSocket upgrades per second (open loop) for {sm.get('warmup_s', 0):g} s of "
+      f"warm-up and {sm.get('duration_s', 0):g} s measured, each over a fresh TCP connection: connect, upgrade "
+      f"(`Authorization: Bearer` where the route has a policy), the 101, one {sm.get('size', 64)}-byte message and "
+      "its echo, a Close and the proxy's close. The proxy alone on core 0, backends and client on core 1. nginx "
+      "and HAProxy do plain upgrades with their usual configurations; the gateway rows are one process "
+      "(nginx, HAProxy and it started once and warmed up by an unrecorded storm through every route) with a public route (auth off) and a route per policy: HS256 (`key_secret`), ES256 "
+      "and RS256 (`jwks_file`, one key each, found by `kid`), API key. \"Seen before\": the same token on every "
+      "upgrade (verified once, then found in the cache by digest); \"first verification\": a token never shown "
+      "before on every upgrade (minted by the client before the run). Proxy CPU per upgrade: the run time of "
+      "the proxy's threads over the window (/proc/PID/task/*/schedstat, in ns: utime+stime without the 10 ms "
+      "ticks) / the upgrades due in it; \"vs auth off\" and \"added\" are taken per round against the same "
+      f"round's auth-off run. Handshake: connect to the parsed 101, at the client.{source}")
+    w("")
+    w("| target | upgrades/s | failed | proxy CPU µs/upgrade | vs gateway auth off | added µs/upgrade | "
+      "handshake p50 µs | handshake p99 µs |")
+    w("|---|---|---|---|---|---|---|---|")
+    for t, label in STORM_ROWS:
+        rs = by[t]
+        if not rs:
+            continue
+        failed = sum(r.get("failed", 0) for r in rs)
+        gw = t not in ("nginx", "haproxy")
+        w(f"| {label} | {cell([round(r['rate']) if r.get('rate') is not None else None for r in rs], 0)} | {failed} | "
+          f"{cell([r.get('proxy_cpu_us_per_upgrade') for r in rs], 1)} | "
+          f"{'0' if t == 'auth_off' else (cell(pct(t), 1, True) + ' %' if pct(t) else '-')} | "
+          f"{cell(added(t), 1, True) if gw and t != 'auth_off' else '-'} | "
+          f"{cell([r.get('handshake_p50_us') for r in rs], 0)} | {cell([r.get('handshake_p99_us') for r in rs], 0)} |")
+    w("")
+    errs = sorted({r["error"] for r in st if r.get("error")})
+    noisy = [r for r in runs if r.get("noisy")]
+    w(f"Rounds: {sm.get('rounds_done', '?')} of {sm.get('rounds', '?')}. Runs kept although noisy: {len(noisy)}."
+      + (f" First errors: {'; '.join(errs[:3])}." if errs else " No upgrade failed.")
+      + f" Sender lateness against its schedule, p99: {cell([r.get('sender_late_p99_us') for r in st], 0)} µs.")
+    w("")
+    if pp:
+        w(f"Per message: the open-loop test ({meta.get('rate', 20000)} messages/s over {meta.get('rate_conns', 100)} "
+          f"connections, {meta.get('ws_size', 64)}-byte messages, {sm.get('message_duration_s', meta.get('duration_s', 5)):g} s) "
+          "on the public route and on the HS256 route of the same process, A B B A in each round (B A A B in "
+          "the next): a policy is checked once per upgrade, so the two should cost the same per message. "
+          "\"vs auth off\": the mean of each route's runs per round, then the median over the rounds.")
+        w("")
+        w("| route | proxy CPU µs/message | vs auth off | p50 µs | p99 µs | lost |")
+        w("|---|---|---|---|---|---|")
+        msg_d = [100 * (statistics.mean(v) / statistics.mean(msg[("auth_off", rnd)]) - 1)
+                 for (t, rnd), v in sorted(msg.items()) if t == "hs256" and msg.get(("auth_off", rnd))]
+        for t, label in (("auth_off", "auth off"), ("hs256", "HS256")):
+            rs = [r for r in pp if r["target"] == t]
+            if rs:
+                w(f"| {label} | {cell([r.get('proxy_cpu_us_per_msg') for r in rs], 1)} | "
+                  f"{'0' if t == 'auth_off' else (cell(msg_d, 1, True) + ' %' if msg_d else '-')} | "
+                  f"{cell([r.get('p50_us') for r in rs], 0)} | {cell([r.get('p99_us') for r in rs], 0)} | "
+                  f"{sum(r.get('lost', 0) for r in rs)} |")
+        w("")
+
+    w("### Authentication targets (gateway, medians)")
+    w("")
+    w("| target | measured | met? |")
+    w("|---|---|---|")
+
+    def verdict(m, limit):
+        return "not measured" if m is None else ("yes" if m <= limit else "no")
+
+    for t, what in (("hs256", "HS256, token seen before"), ("apikey", "API key")):
+        m = med(pct(t))
+        w(f"| {what}: ≤ +{TARGET_STORM_PCT:g} % proxy CPU per upgrade over auth off | "
+          f"{'-' if m is None else ('+' if m >= 0 else '') + fmt(m) + ' %'} | {verdict(m, TARGET_STORM_PCT)} |")
+    seen = {t: med(pct(t)) for t in ("hs256", "es256", "rs256")}
+    seen = {t: m for t, m in seen.items() if m is not None}
+    worst = max(seen.values()) if seen else None
+    w(f"| a token seen before, any algorithm (cached by digest): ≤ +{TARGET_STORM_PCT:g} % | "
+      + (", ".join(f"{t.upper()} {'+' if m >= 0 else ''}{fmt(m)} %" for t, m in seen.items()) or "-")
+      + f" | {verdict(worst, TARGET_STORM_PCT)} |")
+    for t in ("es256_first", "rs256_first", "hs256_first"):
+        a, p = med(added(t)), med(pct(t))
+        if a is not None:
+            w(f"| first verification of {t[:5].upper()}: reported as measured | {'+' if a >= 0 else ''}{fmt(a)} µs "
+              f"per upgrade ({'+' if p >= 0 else ''}{fmt(p)} %) | reported |")
+    if pp:
+        m = med(msg_d)
+        w(f"| nothing added per message (HS256 route vs auth off, open loop; within ±{TARGET_AUTH_MSG_PCT:g} %) | "
+          f"{'-' if m is None else ('+' if m >= 0 else '') + fmt(m) + ' %'} | "
+          f"{'not measured' if m is None else ('yes' if abs(m) <= TARGET_AUTH_MSG_PCT else 'no')} |")
+    w("")
 
 
 def liveness(w, live, meta):

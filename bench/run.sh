@@ -3,13 +3,18 @@
 # 127.0.0.1. One command: installs what it needs, builds, runs, writes
 # bench/results/RESULTS.md and prints it. See bench/README.md.
 #
-#   bench/run.sh            full run (about 25 minutes on 2 cores), liveness phase included
-#   bench/run.sh --quick    smoke run (a few minutes): fewer rounds, shorter runs
+#   bench/run.sh              full run (about 28 minutes on 2 cores), liveness and storm phases included
+#   bench/run.sh --quick      smoke run (a few minutes): fewer rounds, shorter runs
+#   bench/run.sh --storm-only the reconnect storm alone (about 5 minutes; 1 with --quick)
 #
 # Options: --no-install (never call apt-get), --no-build (reuse target/release/agent-gateway),
 # --rounds N (override the number of load rounds), --liveness / --no-liveness (the issue 15
 # phase: heartbeats and rate limits off vs on, idle memory, ping cost; on by default in a full
-# run only), --bin-dir DIR (test DIR/agent-gateway and DIR/examples/bare_pingora, built
+# run only), --storm / --no-storm (the reconnect storm with authentication: new upgrades per
+# second, CPU per upgrade; on by default in a full run only, last, in the time left),
+# --storm-only (only that phase: raw-<stamp>-storm.jsonl, or storm-quick with --quick),
+# --storm-rounds N (rounds of the storm phase; 3 by default, 1 quick),
+# --bin-dir DIR (test DIR/agent-gateway and DIR/examples/bare_pingora, built
 # elsewhere, instead of building this tree; GATEWAY_REV=... names them in the report).
 set -euo pipefail
 
@@ -22,6 +27,9 @@ INSTALL=1
 BUILD=1
 ROUNDS_OVERRIDE=""
 LIVENESS=""     # empty: on in a full run, off in a quick one
+STORM=""        # the same
+STORM_ONLY=0
+STORM_ROUNDS_OVERRIDE=""
 BIN_DIR=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -31,8 +39,12 @@ while [[ $# -gt 0 ]]; do
         --rounds) ROUNDS_OVERRIDE="${2:?--rounds needs a number}"; shift ;;
         --liveness) LIVENESS=1 ;;
         --no-liveness) LIVENESS=0 ;;
+        --storm) STORM=1 ;;
+        --no-storm) STORM=0 ;;
+        --storm-only) STORM_ONLY=1 ;;
+        --storm-rounds) STORM_ROUNDS_OVERRIDE="${2:?--storm-rounds needs a number}"; shift ;;
         --bin-dir) BIN_DIR="$(cd "${2:?--bin-dir needs a folder}" && pwd)"; BUILD=0; shift ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -51,6 +63,36 @@ else
 fi
 [[ -n $ROUNDS_OVERRIDE ]] && ROUNDS=$ROUNDS_OVERRIDE
 [[ -n $LIVENESS ]] || { [[ $MODE == full ]] && LIVENESS=1 || LIVENESS=0; }
+[[ -n $STORM ]] || { [[ $MODE == full ]] && STORM=1 || STORM=0; }
+if ((STORM_ONLY)); then
+    # Nothing but the storm phase, in a raw file of its own: raw-<stamp>-storm.jsonl is never
+    # "the newest full run"; report.py adds it to RESULTS.md (see section 8).
+    STORM=1; LIVENESS=0; ROUNDS=0; MEM_ROUNDS=0
+    [[ $MODE == full ]] && MODE=storm || MODE=storm-quick
+fi
+
+# Reconnect storm (the auth issue), with --storm: STORM_RATE new WebSocket upgrades per second
+# for STORM_WARMUP + STORM_DUR s over fresh TCP connections, each: connect, upgrade (with an
+# Authorization: Bearer token where the route has a policy), 101, one STORM_SIZE-byte message
+# and its echo, Close. Targets: nginx and HAProxy (plain upgrades, their usual configs) and one
+# gateway process with a public route (auth off) and a route per policy (HS256, ES256, RS256,
+# API key); the JWT targets with one token reused ("seen before", cached) and with a new token
+# per upgrade ("_first": the first verification). Layout 2 (the proxy alone on core 0). Then the
+# open-loop message test (ws_rate, STORM_MSG_DUR s) on the public and the HS256 route, twice
+# each in A B B A order: nothing may be added per message.
+if [[ $MODE == full || $MODE == storm ]]; then
+    STORM_ROUNDS=3; STORM_RATE=1000; STORM_WARMUP=1; STORM_DUR=4; STORM_MSG_DUR=3
+else
+    STORM_ROUNDS=1; STORM_RATE=1000; STORM_WARMUP=0.5; STORM_DUR=2; STORM_MSG_DUR=2
+fi
+[[ -n $STORM_ROUNDS_OVERRIDE ]] && STORM_ROUNDS=$STORM_ROUNDS_OVERRIDE
+STORM_SIZE=64
+STORM_WARM_S=2  # s of unrecorded storm through each proxy and gateway route before the rounds
+STORM_TARGETS=(nginx haproxy auth_off hs256 apikey es256 rs256 hs256_first es256_first rs256_first)
+FIXTURES="$ROOT/tests/fixtures/auth"   # test-only key pairs (public in the repository)
+# Bench-only secrets of the storm gateway's policies (they protect nothing but the echo backend).
+export BENCH_HS256_KEY="bench-only-hs256-shared-secret-not-for-anything-else"
+export BENCH_API_KEY="bench-only-api-key-0123456789abcdef"
 
 # Liveness and cost control (issue 15), with --liveness: gateway_off (heartbeats and rate
 # limits off) against gateway_on (heartbeats at their defaults, rate limits far above the
@@ -79,6 +121,8 @@ GATEWAY_PINGS_PORT=${GATEWAY_PINGS_PORT:-18086}
 GATEWAY_OFF_ADMIN_PORT=${GATEWAY_OFF_ADMIN_PORT:-18091}
 GATEWAY_ON_ADMIN_PORT=${GATEWAY_ON_ADMIN_PORT:-18092}
 GATEWAY_PINGS_ADMIN_PORT=${GATEWAY_PINGS_ADMIN_PORT:-18093}
+GATEWAY_AUTH_PORT=${GATEWAY_AUTH_PORT:-18087}               # the storm phase's gateway
+GATEWAY_AUTH_ADMIN_PORT=${GATEWAY_AUTH_ADMIN_PORT:-18094}
 
 HTTP_CONNS=64          # wrk connections (one wrk thread)
 WS_CONNS=64            # closed-loop WebSocket connections
@@ -192,6 +236,7 @@ pick_port() {
 PORT_VARS=(ECHO_PORT HELLO_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT NGINX_PORT HAPROXY_PORT PINGORA_PORT)
 ((LIVENESS)) && PORT_VARS+=(GATEWAY_OFF_PORT GATEWAY_ON_PORT GATEWAY_PINGS_PORT GATEWAY_OFF_ADMIN_PORT
     GATEWAY_ON_ADMIN_PORT GATEWAY_PINGS_ADMIN_PORT)
+((STORM)) && PORT_VARS+=(GATEWAY_AUTH_PORT GATEWAY_AUTH_ADMIN_PORT)
 for var in "${PORT_VARS[@]}"; do
     chosen=$(pick_port "${!var}")
     [[ $chosen == "${!var}" ]] || log "port ${!var} is taken; $var=$chosen"
@@ -243,6 +288,22 @@ if ((LIVENESS)); then
         check_variant "$v" || { cat "$RUN/$v-check.txt" >&2; die "$v config refused"; }
     done
 fi
+# The storm phase's gateway: gateway.toml on ports of its own plus the [auth] policies and their
+# routes; the JWKS (RS256 and ES256 keys) made from the test-only fixture keys.
+STORM_REFUSED=""
+if ((STORM)); then
+    "$WSLOAD" jwks --keys "bench-rs256=$FIXTURES/rsa-private.pem,bench-es256=$FIXTURES/ec256-private.pem" \
+        >"$RUN/jwks.json" || die "cannot make the storm JWKS from $FIXTURES"
+    (GATEWAY_PORT=$GATEWAY_AUTH_PORT; GATEWAY_ADMIN_PORT=$GATEWAY_AUTH_ADMIN_PORT; render gateway.toml gateway_auth.toml)
+    cat "$HERE/conf/auth-storm.toml.tmpl" >>"$RUN/gateway_auth.toml"
+    if ! check_variant gateway_auth; then
+        # A gateway without [auth] (an older --bin-dir build): the rest of the run goes on.
+        STORM_REFUSED=$( (grep -m1 -iE 'error|unknown' "$RUN/gateway_auth-check.txt" || head -1 "$RUN/gateway_auth-check.txt") | sed "s|$RUN/||")
+        ((STORM_ONLY)) && { cat "$RUN/gateway_auth-check.txt" >&2; die "gateway_auth config refused"; }
+        log "warning: the gateway refuses the storm phase's [auth] config ($STORM_REFUSED); no storm phase"
+        STORM=0
+    fi
+fi
 nginx -t -q -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" || die "nginx config refused"
 haproxy -c -q -f "$RUN/haproxy.cfg" || die "haproxy config refused"
 
@@ -261,6 +322,7 @@ port_of() {
         gateway) echo "$GATEWAY_PORT" ;; nginx) echo "$NGINX_PORT" ;; haproxy) echo "$HAPROXY_PORT" ;;
         pingora) echo "$PINGORA_PORT" ;; gateway_off) echo "$GATEWAY_OFF_PORT" ;;
         gateway_on) echo "$GATEWAY_ON_PORT" ;; gateway_pings) echo "$GATEWAY_PINGS_PORT" ;;
+        gateway_auth) echo "$GATEWAY_AUTH_PORT" ;;
     esac
 }
 
@@ -275,7 +337,7 @@ start_backends() {
 # Proxies run on core 0, every thread (affinity is inherited from taskset).
 start_proxy() {
     case $1 in
-        gateway | gateway_off | gateway_on | gateway_pings)
+        gateway | gateway_off | gateway_on | gateway_pings | gateway_auth)
             RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$BIN/agent-gateway" run -c "$RUN/$1.toml" \
                 >>"$RUN/$1.log" 2>&1 &
             PID[$1]=$! ;;
@@ -316,6 +378,7 @@ proxy_pids() {
     case $1 in
         direct) [[ $2 == http ]] && echo "${PID[hello]}" || echo "${PID[echo]}" ;;
         nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}" || true) ;;
+        auth_off | hs256* | es256* | rs256* | apikey) echo "${PID[gateway_auth]}" ;;
         *) echo "${PID[$1]}" ;;
     esac
 }
@@ -382,10 +445,30 @@ now() { date +%s.%N; }
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
     else if (v ~ /m$/) print n * 60e6; else if (v ~ /s$/) print n * 1e6; else print "null" }'; }
 
+# The storm phase's targets: the port, the route prefix and the token arguments of wsload.
+storm_target() { # target -> sets ST_PORT, ST_PREFIX and the array ST_ARGS
+    ST_PORT=$GATEWAY_AUTH_PORT; ST_PREFIX=/agents; ST_ARGS=()
+    case $1 in
+        nginx | haproxy) ST_PORT=$(port_of "$1") ;;
+        auth_off) ;;
+        hs256 | es256 | rs256 | apikey) ST_PREFIX=/$1; ST_ARGS=(--token "${STORM_TOKEN[$1]}") ;;
+        hs256_first) ST_PREFIX=/hs256; ST_ARGS=(--mint-alg HS256 --mint-secret-env BENCH_HS256_KEY) ;;
+        es256_first) ST_PREFIX=/es256
+            ST_ARGS=(--mint-alg ES256 --mint-key "$FIXTURES/ec256-private.pem" --mint-kid bench-es256) ;;
+        rs256_first) ST_PREFIX=/rs256
+            ST_ARGS=(--mint-alg RS256 --mint-key "$FIXTURES/rsa-private.pem" --mint-kid bench-rs256) ;;
+        *) return 1 ;;
+    esac
+}
+
 run_once() { # layout test target -> JSON on stdout
-    local layout=$1 test=$2 target=$3 port url pids json
+    local layout=$1 test=$2 target=$3 port url pids json prefix=/agents
+    local -a auth=()
     if [[ $target == direct ]]; then
         [[ $test == http ]] && port=$HELLO_PORT || port=$ECHO_PORT
+    elif [[ $test == storm ]] || [[ $target == auth_off || $target == hs256 ]]; then
+        storm_target "$target" || return 1
+        port=$ST_PORT; prefix=$ST_PREFIX; auth=("${ST_ARGS[@]}")
     else
         port=$(port_of "$target")
     fi
@@ -411,16 +494,23 @@ run_once() { # layout test target -> JSON on stdout
                     '"$HTTP_CONNS"', req, rps, p50, p99, t, t * 1e6 / hz / req, e }')
             ;;
         ws_pingpong)
-            url="ws://127.0.0.1:$port/agents/bench/c{i}"
+            url="ws://127.0.0.1:$port$prefix/bench/c{i}"
             json=$(timeout $((DUR + 60)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
                 "$WSLOAD" pingpong --url "$url" --conns "$WS_CONNS" --size "$WS_SIZE" \
-                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)") || return 1
+                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)" "${auth[@]}") || return 1
+            ;;
+        storm)
+            url="ws://127.0.0.1:$port$prefix/bench/s{i}"
+            json=$(timeout $((${STORM_DUR%.*} + 90)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
+                "$WSLOAD" storm --url "$url" --rate "$STORM_RATE" --size "$STORM_SIZE" \
+                --warmup "$STORM_WARMUP" --duration "$STORM_DUR" --cpu-pids "$(csv $pids)" "${auth[@]}" \
+                2>>"$RUN/storm.log") || return 1
             ;;
         ws_rate)
-            url="ws://127.0.0.1:$port/agents/bench/r{i}"
+            url="ws://127.0.0.1:$port$prefix/bench/r{i}"
             json=$(timeout $((DUR + 60)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
                 "$WSLOAD" rate --url "$url" --conns "$RATE_CONNS" --rate "$RATE" --size "$WS_SIZE" \
-                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)") || return 1
+                --warmup "$WARMUP" --duration "$DUR" --cpu-pids "$(csv $pids)" "${auth[@]}") || return 1
             ;;
     esac
     echo "$json"
@@ -460,6 +550,9 @@ r = json.load(sys.stdin)
 out = []
 if "rate" in r: out.append("%.0f/s" % r["rate"])
 if r.get("mode") == "rate": out.append("p50 %.0f us, p99 %.0f us" % (r["p50_us"], r["p99_us"]))
+if r.get("mode") == "storm":
+    out.append("handshake p50 %.0f us, p99 %.0f us, %.1f us proxy CPU/upgrade, %d failed%s" % (r["handshake_p50_us"] or 0,
+        r["handshake_p99_us"] or 0, r["proxy_cpu_us_per_upgrade"] or 0, r["failed"], (" (" + r["error"] + ")") if r.get("error") else ""))
 if sys.argv[1] != "direct" and r.get("proxy_cpu_us_per_msg") is not None: out.append("%.1f us proxy CPU/op" % r["proxy_cpu_us_per_msg"])
 print(", ".join(out))' "$target" 2>/dev/null || echo "?")
     log "  L$layout $test $target: $summary$([[ $noisy == true ]] && echo ' (noisy, kept)')"
@@ -473,10 +566,12 @@ rotate() { # offset items... -> items rotated left by offset
 }
 
 # ---- 7. The runs --------------------------------------------------------------------------
-log "mode $MODE: $ROUNDS load rounds of ${DUR}s runs, $MEM_ROUNDS memory rounds of ${HOLD}s holds; run folder $RUN"
+log "mode $MODE: $ROUNDS load rounds of ${DUR}s runs, $MEM_ROUNDS memory rounds of ${HOLD}s holds$( ((STORM)) && echo ", $STORM_ROUNDS storm round(s)"); run folder $RUN"
 start_backends
-for p in "${PROXIES[@]}"; do start_proxy "$p"; done
-log "all targets answer on both paths"
+if ((!STORM_ONLY)); then
+    for p in "${PROXIES[@]}"; do start_proxy "$p"; done
+    log "all targets answer on both paths"
+fi
 
 # Time left for the load rounds: the memory runs (and the liveness phase) need their share.
 MEM_RESERVE=$((MEM_ROUNDS * ${#PROXIES[@]} * (2 * ${HOLD%.*} + 30) + 30))
@@ -506,7 +601,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ROUNDS_DONE=$round
     round_seconds=$(($(date +%s) - round_start))
 done
-curl -fsS --max-time 2 "http://127.0.0.1:$GATEWAY_ADMIN_PORT/metrics" >"$RUN/gateway-metrics.txt" || true
+((STORM_ONLY)) || curl -fsS --max-time 2 "http://127.0.0.1:$GATEWAY_ADMIN_PORT/metrics" >"$RUN/gateway-metrics.txt" || true
 
 # ---- 7b. Liveness and cost control (issue 15), with --liveness ----------------------------
 # Heartbeats and rate limits off vs on in the closed loop (the pairs alternate which goes
@@ -559,7 +654,7 @@ print("%d alive after the hold, %.1f KiB each, gateway CPU %.2f%% of a core over
     done
 fi
 
-log "idle memory: ${MEM_SIZES// /, } sockets, $MEM_ROUNDS round(s)"
+((MEM_ROUNDS)) && log "idle memory: ${MEM_SIZES// /, } sockets, $MEM_ROUNDS round(s)"
 pin_layout 1
 MEM_DONE=0
 for ((round = 1; round <= MEM_ROUNDS; round++)); do
@@ -580,6 +675,57 @@ for ((round = 1; round <= MEM_ROUNDS; round++)); do
 done
 for p in "${PROXIES[@]}"; do stop_proc "$p"; done
 
+# ---- 7c. Reconnect storm with authentication, with --storm --------------------------------
+# Last, in the time left: it never takes time from the phases above (a run that no longer fits
+# the budget is skipped and counted). nginx, HAProxy and gateway_auth are started once and
+# warmed up (STORM_WARM_S s of storm through each proxy and each gateway route, not recorded: a
+# fresh process is dearer per upgrade for its first few thousand, which would fall on whichever
+# target came first). Per round: every storm target once, in an order rotated every round; then
+# ws_rate (RATE messages/s over RATE_CONNS connections) on the public and the HS256 route,
+# A B B A (B A A B the next round). The "seen before" tokens are minted once (wsload mint, an hour of
+# validity); each "_first" run mints its own new tokens before it starts (wsload storm --mint-*),
+# so a repeated (noisy) run is still a first verification.
+STORM_DONE=0
+if ((STORM)); then
+    log "storm: $STORM_RATE upgrades/s for ${STORM_WARMUP}+${STORM_DUR}s per target, $STORM_ROUNDS round(s), layout 2; ${STORM_TARGETS[*]}"
+    declare -A STORM_TOKEN=()
+    STORM_TOKEN[hs256]=$("$WSLOAD" mint --alg HS256 --secret-env BENCH_HS256_KEY) || die "cannot mint HS256"
+    STORM_TOKEN[es256]=$("$WSLOAD" mint --alg ES256 --key "$FIXTURES/ec256-private.pem" --kid bench-es256) || die "cannot mint ES256"
+    STORM_TOKEN[rs256]=$("$WSLOAD" mint --alg RS256 --key "$FIXTURES/rsa-private.pem" --kid bench-rs256) || die "cannot mint RS256"
+    STORM_TOKEN[apikey]=$BENCH_API_KEY
+    RESERVE=$((${STORM_DUR%.*} + 15))  # a run that would end past the budget is skipped
+    pin_layout 2
+    for p in nginx haproxy gateway_auth; do restart_proxy "$p"; done
+    # Each policy admits its token and refuses an upgrade without one (else the rows lie).
+    for policy in hs256 es256 rs256 apikey; do
+        timeout 10 "$WSLOAD" probe --url "ws://127.0.0.1:$GATEWAY_AUTH_PORT/$policy/bench/probe" \
+            --token "${STORM_TOKEN[$policy]}" >/dev/null 2>>"$RUN/storm.log" ||
+            die "the $policy route refuses its token (see $RUN/storm.log, $RUN/gateway_auth.log)"
+        ! timeout 10 "$WSLOAD" probe --url "ws://127.0.0.1:$GATEWAY_AUTH_PORT/$policy/bench/probe" \
+            >/dev/null 2>>"$RUN/storm.log" || die "the $policy route admits an upgrade without a token"
+    done
+    for target in nginx haproxy auth_off hs256 apikey es256 rs256; do
+        storm_target "$target"
+        timeout 60 taskset -c 1 "$WSLOAD" storm --url "ws://127.0.0.1:$ST_PORT$ST_PREFIX/bench/w{i}" \
+            --rate "$STORM_RATE" --warmup 0 --duration "$STORM_WARM_S" "${ST_ARGS[@]}" >>"$RUN/storm-warmup.jsonl" 2>>"$RUN/storm.log" ||
+            die "the storm warm-up through $target failed (see $RUN/storm.log)"
+    done
+    for ((round = 1; round <= STORM_ROUNDS; round++)); do
+        if over_budget "$RESERVE"; then
+            log "time budget: skipping storm round $round"; SKIPPED=$((SKIPPED + ${#STORM_TARGETS[@]} + 4)); continue
+        fi
+        for target in $(rotate $((round - 1)) "${STORM_TARGETS[@]}"); do
+            measure "$round" 2 storm "$target" storm
+        done
+        for target in $(rotate $((round - 1)) auth_off hs256) $(rotate "$round" auth_off hs256); do
+            DUR=$STORM_MSG_DUR measure "$round" 2 ws_rate "$target" storm
+        done
+        STORM_DONE=$round
+    done
+    curl -fsS --max-time 2 "http://127.0.0.1:$GATEWAY_AUTH_ADMIN_PORT/metrics" >"$RUN/gateway_auth-metrics.txt" || true
+    for p in nginx haproxy gateway_auth; do stop_proc "$p"; done
+fi
+
 # ---- 8. Report ----------------------------------------------------------------------------
 # What the liveness phase ran with, for the report (JSON made by python3: the settings quote).
 LIVE_META=$(python3 -c 'import json, sys
@@ -590,6 +736,13 @@ print(json.dumps({"rounds": int(a[0]), "mem_rounds": int(a[1]), "conns": int(a[2
     "rate_limits": [l for l in a[8].splitlines() if l.strip()] or None, "rate_limits_refused": a[9] or None}))' \
     "$LIVE_ROUNDS" "$LIVE_DONE" "$LIVE_CONNS" "$PING_INTERVAL" "$PING_TIMEOUT" "$PING_HOLD" \
     "$DEFAULT_PING_INTERVAL" "$DEFAULT_PING_TIMEOUT" "$RATE_LIMITS" "$RATE_LIMITS_REFUSED")
+STORM_META=$(python3 -c 'import json, sys
+a = sys.argv[1:]
+print(json.dumps({"rounds": int(a[0]), "rounds_done": int(a[1]), "rate": float(a[2]), "warmup_s": float(a[3]),
+    "duration_s": float(a[4]), "size": int(a[5]), "message_duration_s": float(a[6]), "layout": 2,
+    "targets": a[7].split(), "refused": a[8] or None}))' \
+    "$STORM_ROUNDS" "$STORM_DONE" "$STORM_RATE" "$STORM_WARMUP" "$STORM_DUR" "$STORM_SIZE" "$STORM_MSG_DUR" \
+    "${STORM_TARGETS[*]}" "$STORM_REFUSED")
 cat >"$RUN/meta.json" <<EOF
 {"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "mode": "$MODE", "nproc": $(nproc),
  "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')",
@@ -602,13 +755,28 @@ cat >"$RUN/meta.json" <<EOF
  "warmup_s": $WARMUP, "hold_s": $HOLD, "http_conns": $HTTP_CONNS, "ws_conns": $WS_CONNS,
  "ws_size": $WS_SIZE, "rate": $RATE, "rate_conns": $RATE_CONNS, "nofile": $NOFILE,
  "foreign_max_pct": $FOREIGN_MAX, "noisy_repeats": $FOREIGN_RETRIES, "skipped_runs": $SKIPPED, "hz": $HZ,$( ((LIVENESS)) && echo "
- \"liveness\": $LIVE_META," || true)
+ \"liveness\": $LIVE_META," || true)$( ((STORM_DONE)) || [[ -n $STORM_REFUSED ]] && echo "
+ \"storm\": $STORM_META," || true)
  "elapsed_s": $(($(date +%s) - STARTED)), "raw": "results/$(basename "$RAW")"}
 EOF
 cp "$RUN/meta.json" "${RAW%.jsonl}.meta.json"
 # Kept beside the raw data, so that RESULTS.md can be generated again from results/ alone.
 cp "$RUN/gateway-metrics.txt" "${RAW%.jsonl}.gateway-metrics.txt" 2>/dev/null || true
-python3 "$HERE/report.py" "$RAW" "${RAW%.jsonl}.meta.json" >"$RESULTS/RESULTS.md"
-cat "$RESULTS/RESULTS.md"
+if ((STORM_ONLY)); then
+    # The storm run's own report (scratch), and RESULTS.md again from the newest full run, which
+    # report.py completes with this storm table (a storm-quick run is never added to it).
+    python3 "$HERE/report.py" "$RAW" "${RAW%.jsonl}.meta.json" >"$RUN/STORM.md"
+    cat "$RUN/STORM.md"
+    full=$(ls "$RESULTS"/raw-*-full.jsonl 2>/dev/null | sort | tail -n 1 || true)
+    if [[ $MODE == storm && -n $full ]]; then
+        python3 "$HERE/report.py" "$full" "${full%.jsonl}.meta.json" >"$RESULTS/RESULTS.md"
+        log "RESULTS.md regenerated from $(basename "$full") with this storm table"
+    fi
+    REPORT="$RUN/STORM.md"
+else
+    python3 "$HERE/report.py" "$RAW" "${RAW%.jsonl}.meta.json" >"$RESULTS/RESULTS.md"
+    cat "$RESULTS/RESULTS.md"
+    REPORT="$RESULTS/RESULTS.md"
+fi
 rm -rf "$BIN"  # the copies of the binaries; configurations and logs stay in the run folder
-log "done in $(($(date +%s) - STARTED))s; results in bench/results/RESULTS.md, raw data in ${RAW#"$ROOT"/}"
+log "done in $(($(date +%s) - STARTED))s; report in ${REPORT#"$ROOT"/}, raw data in ${RAW#"$ROOT"/}"

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 pub mod args;
 pub mod procfs;
+pub mod storm;
+pub mod tokens;
 
 /// Longest HTTP head or WebSocket frame either side accepts.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -345,10 +347,21 @@ pub const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 impl WsClient {
     /// Connects and upgrades; fails unless the answer is a 101 with the right accept key.
     pub async fn connect(addr: SocketAddr, host: &str, path: &str) -> io::Result<WsClient> {
+        Self::connect_with(addr, host, path, "").await
+    }
+
+    /// [`Self::connect`] with more header lines in the upgrade request (`extra`: complete
+    /// lines, each ending with `\r\n`, such as an `Authorization` header).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        extra: &str,
+    ) -> io::Result<WsClient> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {CLIENT_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {CLIENT_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut buf = Vec::with_capacity(1024);
@@ -365,8 +378,8 @@ impl WsClient {
                 Ok(httparse::Status::Complete(len)) => {
                     if resp.code != Some(101) {
                         return Err(io::Error::other(format!(
-                            "handshake answered {:?}",
-                            resp.code
+                            "handshake answered {}",
+                            resp.code.unwrap_or(0)
                         )));
                     }
                     let accepted = resp.headers.iter().any(|h| {

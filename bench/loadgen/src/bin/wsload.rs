@@ -14,6 +14,20 @@
 //!     moment they are open until the hold ends, every socket is read and a Ping gets its
 //!     Pong, as a browser's would (counted). With --cpu-pids, the proxy's CPU time over the
 //!     hold; with --backend-stats, the Pings the echo backend answered over the hold.
+//! wsload storm --url ws://.../agents/bench/s{i} --rate 500 --warmup 1 --duration 4 [--size 64]
+//!             [--token T | --tokens FILE | --mint-alg ALG (--mint-key PEM | --mint-secret-env VAR)]
+//!             [--cpu-pids 1,2] [--timeout 10]
+//!     The reconnect storm: `rate` new upgrades per second (open loop), each over a fresh TCP
+//!     connection: connect, upgrade (with `Authorization: Bearer` when a token is given), 101,
+//!     one message and its echo, Close, the proxy's close. --token: the same token every time
+//!     ("seen before"); --tokens: line k for upgrade k; --mint-*: that many distinct tokens
+//!     minted here before the run (each new to the proxy). Reports the achieved rate, failures,
+//!     handshake times (connect to 101) and the proxy's CPU per upgrade over the window.
+//! wsload mint --alg HS256|ES256|RS256 (--key PEM | --secret-env VAR) [--kid K] [--sub bench]
+//!            [--ttl 3600] [--count 1]
+//!     Prints JWTs (one a line), each with its own jti, signed with jsonwebtoken.
+//! wsload jwks --keys KID=PRIVATE.pem[,KID=PRIVATE.pem]
+//!     Prints the JWKS of the public halves (RSA: RS256, EC P-256: ES256).
 //! wsload probe --url ...       one connection, one echo: exit 0 when it works.
 //! wsload exec --out FILE -- cmd args...
 //!     Runs cmd and writes its CPU time (getrusage of children) to FILE, for the noise check.
@@ -22,6 +36,8 @@
 //! its own agent instance.
 
 use gateway_bench_loadgen::args::{die, Args};
+use gateway_bench_loadgen::storm::{self, pct_us, Storm, Tokens};
+use gateway_bench_loadgen::tokens::{public_jwk, Minter};
 use gateway_bench_loadgen::procfs::{sum_cpu_ticks, sum_pss_kib, ticks_per_second};
 use gateway_bench_loadgen::{
     client_frame, push_frame, run_local, WsClient, CLIENT_MASK, STATS_PATH,
@@ -33,11 +49,15 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage:
-  wsload pingpong --url ws://127.0.0.1:PORT/path/c{i} [--conns 64] [--size 64] [--warmup 1] [--duration 5] [--cpu-pids P,..]
+  wsload pingpong --url ws://127.0.0.1:PORT/path/c{i} [--conns 64] [--size 64] [--warmup 1] [--duration 5] [--cpu-pids P,..] [--token T]
   wsload rate     --url ... [--conns 100] [--rate 20000] [--size 64] [--warmup 1] [--duration 5] [--cpu-pids P,..]
   wsload hold     --url ... [--conns 1000] [--hold 10] [--settle 1] [--concurrency 64] [--mem-pids P,..]
                   [--cpu-pids P,..] [--backend-stats IP:PORT]
-  wsload probe    --url ...
+  wsload storm    --url ... [--rate 500] [--warmup 1] [--duration 4] [--size 64] [--cpu-pids P,..] [--timeout 10]
+                  [--token T | --tokens FILE | --mint-alg ALG (--mint-key PEM | --mint-secret-env VAR) [--mint-kid K]]
+  wsload mint     --alg ALG (--key PEM | --secret-env VAR) [--kid K] [--sub bench] [--ttl 3600] [--count 1]
+  wsload jwks     --keys KID=PRIVATE.pem[,KID=PRIVATE.pem]
+  wsload probe    --url ... [--token T]
   wsload exec     --out FILE -- command args...
 Each run prints one JSON object; {i} in the path becomes the connection's index.";
 
@@ -45,9 +65,20 @@ struct Target {
     addr: SocketAddr,
     host: String,
     path: String,
+    /// Extra header lines of every upgrade (`Authorization: Bearer` with --token).
+    extra: String,
 }
 
 impl Target {
+    /// The target of `--url`, with `--token` when given.
+    fn of(args: &Args) -> Target {
+        let mut t = Target::parse(args.required("url"));
+        if let Some(token) = args.str("token") {
+            t.extra = format!("Authorization: Bearer {token}\r\n");
+        }
+        t
+    }
+
     fn parse(url: &str) -> Target {
         let rest = url
             .strip_prefix("ws://")
@@ -60,6 +91,7 @@ impl Target {
             addr,
             host: host.to_owned(),
             path: if path.is_empty() { "/".into() } else { path.into() },
+            extra: String::new(),
         }
     }
 
@@ -70,7 +102,7 @@ impl Target {
     async fn connect(&self, i: usize) -> io::Result<WsClient> {
         tokio::time::timeout(
             Duration::from_secs(10),
-            WsClient::connect(self.addr, &self.host, &self.path(i)),
+            WsClient::connect_with(self.addr, &self.host, &self.path(i), &self.extra),
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
@@ -172,7 +204,7 @@ fn num(v: f64) -> String {
 }
 
 async fn pingpong(args: &Args) {
-    let target = Rc::new(Target::parse(args.required("url")));
+    let target = Rc::new(Target::of(args));
     let conns: usize = args.get("conns", 64);
     let size: usize = args.get("size", 64);
     let warmup = args.secs("warmup", 1.0);
@@ -229,7 +261,7 @@ async fn pingpong(args: &Args) {
 }
 
 async fn rate(args: &Args) {
-    let target = Rc::new(Target::parse(args.required("url")));
+    let target = Rc::new(Target::of(args));
     let conns: usize = args.get("conns", 100);
     let size: usize = args.get::<usize>("size", 64).max(8);
     let rate: f64 = args.get("rate", 20000.0);
@@ -542,7 +574,7 @@ fn open_loop(
 }
 
 async fn hold(args: &Args) {
-    let target = Rc::new(Target::parse(args.required("url")));
+    let target = Rc::new(Target::of(args));
     let conns: usize = args.get("conns", 1000);
     let hold = args.secs("hold", 10.0);
     let settle = args.secs("settle", 1.0);
@@ -693,8 +725,141 @@ async fn backend_pings(addr: Option<SocketAddr>) -> Option<u64> {
         .ok()
 }
 
+/// The tokens of a storm run, and how long minting them took.
+fn storm_tokens(args: &Args, count: u64) -> (Tokens, f64) {
+    if let Some(t) = args.str("token") {
+        return (Tokens::Fixed(t.to_owned()), 0.0);
+    }
+    if let Some(file) = args.str("tokens") {
+        let text = std::fs::read_to_string(file)
+            .unwrap_or_else(|e| die(&format!("--tokens {file}: {e}")));
+        let tokens: Vec<String> = text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect();
+        if (tokens.len() as u64) < count {
+            die(&format!("--tokens {file}: {} tokens for {count} upgrades", tokens.len()));
+        }
+        return (Tokens::PerUpgrade(tokens), 0.0);
+    }
+    let Some(alg) = args.str("mint-alg") else {
+        return (Tokens::None, 0.0);
+    };
+    let minter = minter(args, alg, "mint-key", "mint-secret-env", "mint-kid");
+    let started = Instant::now();
+    let tokens = (0..count)
+        .map(|k| minter.mint(k).unwrap_or_else(|e| die(&e)))
+        .collect();
+    (Tokens::PerUpgrade(tokens), started.elapsed().as_secs_f64())
+}
+
+fn minter(args: &Args, alg: &str, key: &str, secret_env: &str, kid: &str) -> Minter {
+    let material = match (args.str(key), args.str(secret_env)) {
+        (Some(pem), None) => {
+            std::fs::read(pem).unwrap_or_else(|e| die(&format!("--{key} {pem}: {e}")))
+        }
+        (None, Some(var)) => std::env::var(var)
+            .unwrap_or_else(|_| die(&format!("--{secret_env}: {var} is not set")))
+            .into_bytes(),
+        _ => die(&format!("give one of --{key} and --{secret_env}")),
+    };
+    let sub = args.str("sub").unwrap_or("bench");
+    Minter::new(alg, &material, args.str(kid), sub, args.get("ttl", 3600))
+        .unwrap_or_else(|e| die(&e))
+}
+
+async fn storm_mode(args: &Args) {
+    let target = Target::parse(args.required("url"));
+    let rate: f64 = args.get("rate", 500.0);
+    let warmup = args.secs("warmup", 1.0);
+    let duration = args.secs("duration", 4.0);
+    if rate.is_nan() || rate <= 0.0 || duration.is_zero() {
+        die("storm needs --rate > 0 and --duration > 0");
+    }
+    let count = (rate * (warmup + duration).as_secs_f64()).ceil() as u64;
+    let (tokens, mint_seconds) = storm_tokens(args, count);
+    let token_kind = match &tokens {
+        Tokens::None => "none",
+        Tokens::Fixed(_) => "fixed",
+        Tokens::PerUpgrade(_) => "per_upgrade",
+    };
+    let size: usize = args.get("size", 64);
+    let r = storm::run(Storm {
+        addr: target.addr,
+        host: target.host,
+        path: target.path,
+        rate,
+        warmup,
+        duration,
+        size,
+        tokens,
+        cpu_pids: args.pids("cpu-pids"),
+        timeout: args.secs("timeout", 10.0),
+    })
+    .await;
+    let secs = r.window.as_secs_f64();
+    emit(&[
+        ("mode", json_str("storm")),
+        ("target_rate", num(rate)),
+        ("token", json_str(token_kind)),
+        ("size", size.to_string()),
+        ("warmup_seconds", num(warmup.as_secs_f64())),
+        ("seconds", num(secs)),
+        ("started", r.started.to_string()),
+        ("upgrades", r.in_window.to_string()),
+        ("ok", r.ok_in_window.to_string()),
+        ("failed", r.failed_in_window.to_string()),
+        ("failed_total", r.failed_total.to_string()),
+        ("unfinished", r.unfinished.to_string()),
+        ("no_eof", r.no_eof.to_string()),
+        ("rate", num(r.ok_in_window as f64 / secs)),
+        ("handshake_p50_us", num(pct_us(&r.handshake_ns, 0.50))),
+        ("handshake_p90_us", num(pct_us(&r.handshake_ns, 0.90))),
+        ("handshake_p99_us", num(pct_us(&r.handshake_ns, 0.99))),
+        ("handshake_max_us", num(pct_us(&r.handshake_ns, 1.0))),
+        ("total_p50_us", num(pct_us(&r.total_ns, 0.50))),
+        ("total_p99_us", num(pct_us(&r.total_ns, 0.99))),
+        ("proxy_cpu_ticks", r.cpu_ticks.to_string()),
+        ("proxy_cpu_ns", r.cpu_ns.to_string()),
+        (
+            "proxy_cpu_us_per_upgrade",
+            num(r.cpu_ns as f64 / 1000.0 / r.in_window.max(1) as f64),
+        ),
+        ("proxy_cpu_us_per_upgrade_ticks", num(us_per(r.cpu_ticks, r.in_window))),
+        ("sender_late_p99_us", num(r.late_p99_us)),
+        ("mint_seconds", num(mint_seconds)),
+        ("error", r.first_error.map_or("null".into(), |e| json_str(&e))),
+    ]);
+}
+
+fn mint(args: &Args) {
+    let alg = args.required("alg");
+    let m = minter(args, alg, "key", "secret-env", "kid");
+    let count: u64 = args.get("count", 1);
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for k in 0..count {
+        let t = m.mint(k).unwrap_or_else(|e| die(&e));
+        let _ = writeln!(out, "{t}");
+    }
+}
+
+fn jwks(args: &Args) {
+    let keys: Vec<String> = args
+        .required("keys")
+        .split(',')
+        .map(|entry| {
+            let (kid, path) = entry
+                .split_once('=')
+                .unwrap_or_else(|| die("--keys takes KID=PRIVATE.pem entries"));
+            let pem = std::fs::read_to_string(path)
+                .unwrap_or_else(|e| die(&format!("{path}: {e}")));
+            public_jwk(&pem, kid)
+                .unwrap_or_else(|e| die(&format!("{path}: {e}")))
+                .to_string()
+        })
+        .collect();
+    println!("{{\"keys\":[{}]}}", keys.join(","));
+}
+
 async fn probe(args: &Args) {
-    let target = Rc::new(Target::parse(args.required("url")));
+    let target = Rc::new(Target::of(args));
     let (slots, error) = open_all(target, 1, 1, 64).await;
     match (slots.into_iter().flatten().next(), error) {
         (Some(c), _) => {
@@ -742,6 +907,9 @@ fn main() {
         "rate" => run_local(rate(&args)),
         "hold" => run_local(hold(&args)),
         "probe" => run_local(probe(&args)),
+        "storm" => run_local(storm_mode(&args)),
+        "mint" => mint(&args),
+        "jwks" => jwks(&args),
         "exec" => std::process::exit(exec(&args)),
         other => die(&format!("unknown mode {other:?}")),
     }
