@@ -6,28 +6,32 @@ use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
 use crate::auth::credential::offered_protocols;
+use crate::config::Agent;
 use crate::edge::limits::{LimitRefusal, SubjectLimits, SubjectSlot, WebSocketSlot};
 use crate::edge::request_id::REQUEST_ID_HEADER;
-use crate::routing::resolve::Target;
+use crate::routing::resolve::{AgentTarget, Target};
 use crate::runtime::drain::ConnectionGuard;
 use crate::runtime::state::{ActiveConfig, GatewayState};
+use crate::upstream::Upstream;
+use crate::websocket::expiry::Expiry;
 use crate::websocket::handshake::{
     check_upgrade_answer, handshake, negotiated_deflate, response_head_bytes, take_client_stream,
     Handshake,
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::expiry::Expiry;
-use crate::websocket::pump::{pump, Ends, PumpSettings};
+use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use log::{info, warn};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use serde_json::json;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
@@ -172,21 +176,29 @@ pub(crate) async fn serve_websocket(
             Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
         return Ok(upgraded.written(unavailable));
     };
+    let auth = AuthState::of(subject_slot, expiry(&target, client));
+    let client_key = client_key(&target, client);
+    // The IDs are for the connection line only: without it they are not kept.
+    let access_log = active.log.access_log;
+    let (request_id, trace_id) = if access_log {
+        (client.request_id.clone(), client.trace_id.clone())
+    } else {
+        (String::new(), None)
+    };
     let connection = UpgradedConnection {
         metrics: metrics.websocket.connection_opened(agent_label(&target)),
         _open: state.connections.open(),
         _slot: slot,
-        _subject_slot: subject_slot,
-        expiry: expiry(&target, client),
-        client_key: client_key(&target, client),
+        auth,
         state: Arc::clone(state),
         active,
         target,
         upstream: Socket::detach(stream),
         preread,
         deflate,
-        request_id: client.request_id.clone(),
-        trace_id: client.trace_id.clone(),
+        request_id,
+        trace_id,
+        client_key,
     };
     let head = response_head_bytes(&response);
     if client_stream.write_all(&head).await.is_err() || client_stream.flush().await.is_err() {
@@ -204,38 +216,119 @@ struct UpgradedConnection {
     metrics: ConnectionMetrics,
     _open: ConnectionGuard,
     _slot: WebSocketSlot,
-    _subject_slot: Option<SubjectSlot>,
-    /// When the client's credential expires, and how it is told.
-    expiry: Option<Expiry>,
+    auth: Option<Box<AuthState>>,
     state: Arc<GatewayState>,
     active: Arc<ActiveConfig>,
     target: Target,
     upstream: Socket,
     preread: Bytes,
     deflate: bool,
-    /// For the connection line: the request's ID and trace ID.
+    /// For the connection line: the request's ID and trace ID (empty without access log).
     request_id: String,
     trace_id: Option<String>,
     /// Who the client is, for its rate limits across connections.
     client_key: Option<ClientKey>,
 }
 
+/// What authentication keeps on an open connection. Boxed, and only when there is something
+/// to keep: connections without a policy pay one word for it.
+struct AuthState {
+    _subject_slot: Option<SubjectSlot>,
+    /// When the client's credential expires, and how it is told.
+    expiry: Option<Expiry>,
+}
+
+impl AuthState {
+    fn of(subject_slot: Option<SubjectSlot>, expiry: Option<Expiry>) -> Option<Box<Self>> {
+        (subject_slot.is_some() || expiry.is_some()).then(|| {
+            Box::new(AuthState {
+                _subject_slot: subject_slot,
+                expiry,
+            })
+        })
+    }
+}
+
 impl UpgradedConnection {
     /// Pumps the two streams until the connection ends, then accounts for how it ended.
-    async fn run(self, client: Socket) {
-        // The agent's settings; the fallback upstream has the global ones.
-        let agent_settings = self.target.agent.as_ref().map(|a| &a.agent.websocket);
-        let settings = agent_settings.map_or(&self.active.websocket, |s| s);
-        let limiter = self.limiter(settings, agent_settings);
+    ///
+    /// The future returned is the connection's task, most of what an idle WebSocket costs:
+    /// the pump's alone, which owns what the connection keeps ([`Held`]); what is only needed
+    /// to start is used here and not kept. Mind its size (about 1.5 KiB): tokio's task cell
+    /// adds 96 bytes and rounds to 128, and mimalloc gives a cell of up to 1664 bytes a
+    /// 1792-byte block, a larger one 2048 bytes or more.
+    fn run(self, client: Socket) -> impl Future<Output = ()> + Send + 'static {
+        let limiter = self.limiter();
+        let drain = self.state.drain.signal();
+        let access_log = self.active.log.access_log;
+        let held = Held {
+            metrics: self.metrics,
+            _open: self._open,
+            _slot: self._slot,
+            auth: self.auth,
+            state: self.state,
+            active: self.active,
+            target: KeptTarget::of(self.target, access_log),
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+        };
         let ends = Ends {
             client,
             upstream: self.upstream,
             upstream_preread: &self.preread,
             deflate: self.deflate,
         };
-        let drain = self.state.drain.signal();
-        let expiry = self.expiry.as_ref();
-        let outcome = pump(ends, drain, settings, limiter, expiry, &self.metrics).await;
+        pump(ends, drain, held, limiter).map(|(outcome, held)| held.account(&outcome))
+    }
+
+    /// The connection's rate limits, when its settings have any: its own buckets, and its
+    /// client's share of the per-client ones of the configuration in force.
+    fn limiter(&self) -> Option<Box<ConnectionLimiter>> {
+        let agent_settings = self.target.agent.as_ref().map(|a| &a.agent.websocket);
+        let settings = agent_settings.map_or(&self.active.websocket, |s| s);
+        let limits = settings.rate_limits.as_ref()?;
+        let buckets = self.active.client_limits.buckets(agent_settings);
+        let share = buckets.cloned().zip(self.client_key.clone());
+        let websocket_metrics = &self.state.metrics.websocket;
+        let counters = RateLimitCounters::new(websocket_metrics, agent_label(&self.target), limits);
+        Some(ConnectionLimiter::new(limits, share, counters))
+    }
+}
+
+/// What an agent WebSocket keeps while open: its guards, what its pump runs under, and what
+/// its end is accounted with.
+struct Held {
+    metrics: ConnectionMetrics,
+    _open: ConnectionGuard,
+    _slot: WebSocketSlot,
+    auth: Option<Box<AuthState>>,
+    state: Arc<GatewayState>,
+    active: Arc<ActiveConfig>,
+    target: KeptTarget,
+    request_id: String,
+    trace_id: Option<String>,
+}
+
+impl PumpOwner for Held {
+    /// The agent's settings; the fallback upstream has the global ones.
+    fn settings(&self) -> &PumpSettings {
+        let agent_settings = self.target.agent.as_ref().map(|a| &a.websocket);
+        agent_settings.map_or(&self.active.websocket, |s| s)
+    }
+
+    fn expiry(&self) -> Option<&Expiry> {
+        self.auth.as_ref().and_then(|a| a.expiry.as_ref())
+    }
+
+    fn metrics(&self) -> &ConnectionMetrics {
+        &self.metrics
+    }
+}
+
+impl Held {
+    /// Counts and logs how the connection ended; its guards go with it.
+    fn account(self, outcome: &ConnectionOutcome) {
+        let target = self.target.into_target();
         let metrics = &self.state.metrics;
         if outcome.initiator == Initiator::Upstream && outcome.code == 1006 {
             let kind = match outcome.drop_kind {
@@ -243,30 +336,53 @@ impl UpgradedConnection {
                 Some(DropKind::Tls) => "tls",
                 _ => "dropped",
             };
-            metrics.upstream_error(&self.target.upstream.name, kind);
+            metrics.upstream_error(&target.upstream.name, kind);
         }
         metrics
             .websocket
-            .connection_closed(agent_label(&self.target), &outcome);
+            .connection_closed(agent_label(&target), outcome);
         if self.active.log.access_log {
             let ids = (self.request_id.as_str(), self.trace_id.as_deref());
-            log_outcome(self.active.log.json, &self.target, ids, &outcome);
+            log_outcome(self.active.log.json, &target, ids, outcome);
+        }
+    }
+}
+
+/// The target as an open connection keeps it: what its settings, metrics and connection line
+/// need (the instance only with the access log). The request's other strings are freed now.
+struct KeptTarget {
+    upstream: Arc<Upstream>,
+    agent: Option<Arc<Agent>>,
+    instance: String,
+}
+
+impl KeptTarget {
+    fn of(target: Target, access_log: bool) -> Self {
+        let (agent, instance) = match target.agent {
+            Some(a) if access_log => (Some(a.agent), a.instance),
+            Some(a) => (Some(a.agent), String::new()),
+            None => (None, String::new()),
+        };
+        KeptTarget {
+            upstream: target.upstream,
+            agent,
+            instance,
         }
     }
 
-    /// The connection's rate limits, when its settings have any: its own buckets, and its
-    /// client's share of the per-client ones of the configuration in force.
-    fn limiter(
-        &self,
-        settings: &PumpSettings,
-        agent_settings: Option<&Arc<PumpSettings>>,
-    ) -> Option<Box<ConnectionLimiter>> {
-        let limits = settings.rate_limits.as_ref()?;
-        let buckets = self.active.client_limits.buckets(agent_settings);
-        let share = buckets.cloned().zip(self.client_key.clone());
-        let websocket_metrics = &self.state.metrics.websocket;
-        let counters = RateLimitCounters::new(websocket_metrics, agent_label(&self.target), limits);
-        Some(ConnectionLimiter::new(limits, share, counters))
+    /// A [`Target`] again, for [`agent_label`] and the connection line; its other strings
+    /// stay empty (nothing is allocated).
+    fn into_target(self) -> Target {
+        Target {
+            upstream: self.upstream,
+            upstream_path: String::new(),
+            agent: self.agent.map(|agent| AgentTarget {
+                route: String::new(),
+                agent,
+                instance: self.instance,
+            }),
+            cors: None,
+        }
     }
 }
 

@@ -5,14 +5,14 @@
 use super::frame::{
     mask_key, CloseFrame, Feed, FrameEvent, FrameParser, Sender, MAX_CONTROL_FRAME,
 };
-use super::heartbeat::{is_gateway_pong, PingFrame};
+use super::heartbeat::{is_gateway_pong, Beat, Heartbeat, PeerWatch, PingFrame};
 use super::metrics::DirectionCounters;
 use super::outbox::{Outbox, Sink, Stop};
 use super::outcome::DirectionStats;
 use super::rate_limit::{agent_close, ConnectionLimiter, Verdict};
 use super::socket::Socket;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -21,11 +21,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const READ_SIZE: usize = 16 * 1024;
 
 /// One direction: bytes read from `source`, parsed, written to the other side.
+///
+/// Two of these are most of an open connection's task, which every idle WebSocket keeps:
+/// what only a closing connection needs is boxed in [`Closing`].
 pub(crate) struct Direction {
     pub(crate) parser: FrameParser,
     pub(crate) out: Outbox,
-    /// A Close of the gateway's own, waiting for a frame boundary.
-    close: Option<Vec<u8>>,
+    /// The Closes: none while open.
+    closing: Option<Box<Closing>>,
     /// A heartbeat Ping of the gateway's own is due, at the next frame boundary.
     ping_due: bool,
     pings_sent: u32,
@@ -33,8 +36,6 @@ pub(crate) struct Direction {
     toward_server: bool,
     /// A Close has gone toward the destination: later bytes are read but not forwarded.
     pub(crate) closed_toward_destination: bool,
-    /// The source sent a Close (and when).
-    pub(crate) close_seen: Option<(CloseFrame, Instant)>,
     /// The pump's loop has been woken for `close_seen`, to start the closing deadline.
     pub(crate) close_reported: bool,
     /// The source answered a Ping of the gateway's since the pump's loop last looked: the
@@ -50,6 +51,15 @@ pub(crate) struct Direction {
     pub(crate) last_traffic: Instant,
 }
 
+/// The Closes of a direction, once there is one.
+#[derive(Default)]
+struct Closing {
+    /// A Close of the gateway's own, waiting for a frame boundary.
+    queued: Option<Vec<u8>>,
+    /// The source sent a Close (and when).
+    seen: Option<(CloseFrame, Instant)>,
+}
+
 impl Direction {
     pub(crate) fn new(
         sender: Sender,
@@ -61,12 +71,11 @@ impl Direction {
         Direction {
             parser: FrameParser::new(sender, deflate).with_max_message(max_message),
             out: Outbox::new(now),
-            close: None,
+            closing: None,
             ping_due: false,
             pings_sent: 0,
             toward_server: sender == Sender::Client,
             closed_toward_destination: false,
-            close_seen: None,
             close_reported: false,
             answered: false,
             stats: DirectionStats::default(),
@@ -74,6 +83,15 @@ impl Direction {
             last_read: now,
             last_traffic: now,
         }
+    }
+
+    /// The Close the source sent, and when, if it did.
+    pub(crate) fn close_seen(&self) -> Option<(CloseFrame, Instant)> {
+        self.closing.as_ref().and_then(|c| c.seen)
+    }
+
+    fn close_queued(&self) -> bool {
+        self.closing.as_ref().is_some_and(|c| c.queued.is_some())
     }
 
     /// Whether a frame of the gateway's own may go to the destination now: what went out so
@@ -89,20 +107,20 @@ impl Direction {
     /// Queues a Close of the gateway's own toward the destination, unless one went already.
     /// A Ping not yet sent is dropped: nothing may follow the Close.
     pub(crate) fn queue_close(&mut self, frame: Vec<u8>) {
-        if !self.closed_toward_destination && self.close.is_none() {
-            self.close = Some(frame);
+        if !self.closed_toward_destination && !self.close_queued() {
+            self.closing.get_or_insert_with(Box::default).queued = Some(frame);
             self.ping_due = false;
         }
     }
 
     /// The Close of the gateway's own still waiting for a frame boundary, if any.
     pub(crate) fn take_queued_close(&mut self) -> Option<Vec<u8>> {
-        self.close.take()
+        self.closing.as_mut().and_then(|c| c.queued.take())
     }
 
     /// Queues a heartbeat Ping toward the destination and watches for its answer.
     pub(crate) fn queue_ping(&mut self, now: Instant) {
-        if !self.closed_toward_destination && self.close.is_none() {
+        if !self.closed_toward_destination && !self.close_queued() {
             self.ping_due = true;
         }
         self.watch_destination(true, now);
@@ -119,7 +137,7 @@ impl Direction {
     /// Sends the frame of the gateway's own that waits, if any; the caller has checked that
     /// the destination is between two frames.
     fn send_own_frame(&mut self, sink: &mut Sink<'_, '_>) -> Result<(), Stop> {
-        if let Some(close) = self.close.take() {
+        if let Some(close) = self.take_queued_close() {
             self.closed_toward_destination = true;
             self.ping_due = false;
             self.out.emit(sink, &close)
@@ -140,7 +158,7 @@ impl Direction {
     }
 
     fn own_frame_waits(&self) -> bool {
-        self.close.is_some() || self.ping_due
+        self.ping_due || self.close_queued()
     }
 
     /// Parses freshly read `data` and sends on what may go to the destination, in order: a
@@ -180,7 +198,7 @@ impl Direction {
     ) -> Result<Ingested, Stop> {
         let mut traffic = false;
         loop {
-            if self.close_seen.is_some() {
+            if self.close_seen().is_some() {
                 // Nothing may follow a Close frame: read, counted, dropped.
                 return Ok(Ingested::all(true));
             }
@@ -235,10 +253,10 @@ impl Direction {
             }
             traffic |= used > 0;
             data = &data[used..];
-            if self.close_seen.is_some() {
+            if self.close_seen().is_some() {
                 // The source's own Close went out with these bytes; nothing of ours follows.
                 self.closed_toward_destination = true;
-                self.close = None;
+                self.take_queued_close();
                 self.ping_due = false;
             }
             if held {
@@ -292,10 +310,10 @@ impl Direction {
     }
 
     fn feed(&mut self, data: &[u8], stop_at_boundary: bool) -> (usize, Feed) {
-        let (stats, close_seen) = (&mut self.stats, &mut self.close_seen);
+        let (stats, closing) = (&mut self.stats, &mut self.closing);
         self.parser
             .feed_to_boundary(data, stop_at_boundary, |event| {
-                record(stats, close_seen, event)
+                record(stats, closing, event)
             })
     }
 
@@ -363,6 +381,33 @@ impl Direction {
                 Poll::Pending => return self.poll_flush_idle(cx, destination),
             }
         }
+    }
+
+    /// After the pump's loop: writes what is still kept for the destination, then the queued
+    /// Close of ours if it can go out between frames, and flushes.
+    pub(crate) fn poll_finish(
+        &mut self,
+        cx: &mut Context<'_>,
+        destination: &mut Socket,
+    ) -> Poll<Result<(), Stop>> {
+        loop {
+            ready!(self.out.poll_drain(cx, destination))?;
+            if !self.between_frames() {
+                break;
+            }
+            let Some(frame) = self.take_queued_close() else {
+                break;
+            };
+            self.closed_toward_destination = true;
+            let mut sink = Sink::Now {
+                cx: &mut *cx,
+                destination: &mut *destination,
+            };
+            self.out.emit(&mut sink, &frame)?;
+        }
+        Pin::new(&mut *destination)
+            .poll_flush(cx)
+            .map_err(Stop::DestinationFailed)
     }
 
     /// Waiting for the source (or a rate limit): what was written goes out meanwhile.
@@ -442,6 +487,35 @@ impl Direction {
     }
 }
 
+/// One side's heartbeat: `from` reads that side, `toward` writes to it. `None`: it is gone.
+pub(crate) fn beat(
+    heartbeat: Heartbeat,
+    watch: &mut PeerWatch,
+    now: Instant,
+    from: &mut Direction,
+    toward: &mut Direction,
+) -> Option<Instant> {
+    // A side cannot be asked while the other leaves a frame toward it unfinished.
+    let progress = if toward.ping_waits_on_source() {
+        now
+    } else {
+        toward.out.progress
+    };
+    match watch.check(heartbeat, now, from.last_read, progress) {
+        Beat::Wait(at) => {
+            toward.watch_destination(watch.awaiting(), now);
+            Some(at)
+        }
+        Beat::Ping(at) => {
+            toward.queue_ping(now);
+            // From the first Ping on, its Pong may come: Pongs from that side are checked.
+            from.parser.hold_pongs();
+            Some(at)
+        }
+        Beat::Gone => None,
+    }
+}
+
 /// What [`Direction::ingest_with`] did with the bytes it was given.
 struct Ingested {
     /// They held more than Pongs answering the gateway.
@@ -467,16 +541,13 @@ enum Limited {
     Stop(Stop),
 }
 
-fn record(
-    stats: &mut DirectionStats,
-    close_seen: &mut Option<(CloseFrame, Instant)>,
-    event: FrameEvent,
-) {
+fn record(stats: &mut DirectionStats, closing: &mut Option<Box<Closing>>, event: FrameEvent) {
     match event {
         FrameEvent::Frame { .. } => stats.frames += 1,
         FrameEvent::MessageEnd => stats.messages += 1,
         FrameEvent::Close(close) => {
-            close_seen.get_or_insert((close, Instant::now()));
+            let closing = closing.get_or_insert_with(Box::default);
+            closing.seen.get_or_insert((close, Instant::now()));
         }
     }
 }
@@ -518,7 +589,7 @@ mod tests {
                 Err(_) => panic!("a valid stream was refused"),
             })
             .collect();
-        (d.out.pending[d.out.pos..].to_vec(), traffic)
+        (d.out.unsent().to_vec(), traffic)
     }
 
     #[test]
@@ -659,7 +730,7 @@ mod tests {
             .ingest_read(&read, &mut Sink::Later, &mut limiter)
             .unwrap_or_else(|_| panic!("a valid stream was refused"));
         assert_eq!(ingested.held, c.len());
-        assert_eq!(d.out.pending[d.out.pos..], [a, ping, b, b_end].concat());
+        assert_eq!(d.out.unsent(), [a, ping, b, b_end].concat());
         assert_eq!(d.stats.messages, 2);
         assert_eq!(d.stats.bytes, (read.len() - c.len()) as u64);
         let (backlog, pos) = limiter.take_backlog().expect("held back");
@@ -684,7 +755,7 @@ mod tests {
             matches!(ingested, Err(Stop::RateLimited)),
             "told to the pump"
         );
-        let forwarded = &d.out.pending[d.out.pos..];
+        let forwarded = d.out.unsent();
         assert_eq!(forwarded[..a.len()], a[..]);
         let mut check = FrameParser::new(Sender::Client, false);
         let mut closes = Vec::new();
@@ -699,7 +770,7 @@ mod tests {
         assert_eq!(closes, [Some(1001)], "the agent's Close, and nothing else");
         assert!(d.closed_toward_destination);
         assert!(
-            d.close_seen.is_some(),
+            d.close_seen().is_some(),
             "the client's own Close is still seen"
         );
         assert!(limiter.take_hit().is_none(), "told once");

@@ -23,9 +23,11 @@ pub(crate) enum Stop {
 /// in order.
 pub(crate) struct Outbox {
     /// `pending[pos..]` was meant for the destination but it has not taken it yet; empty
-    /// (and unallocated after a burst) while the destination keeps up.
-    pub(crate) pending: Vec<u8>,
-    pub(crate) pos: usize,
+    /// (and unallocated after a burst) while the destination keeps up. It holds at most a
+    /// read and a frame of the gateway's (nothing more is read while it waits): `pos` fits in
+    /// 32 bits, which keeps the outbox, in every idle connection's task, 8 bytes smaller.
+    pending: Vec<u8>,
+    pos: u32,
     pub(crate) needs_flush: bool,
     /// While a heartbeat Ping toward the destination is unanswered: when the destination
     /// last took bytes (one that still takes them is still there).
@@ -55,7 +57,12 @@ impl Outbox {
     }
 
     pub(crate) fn has_pending(&self) -> bool {
-        self.pos < self.pending.len()
+        !self.unsent().is_empty()
+    }
+
+    /// What the destination has not taken yet.
+    pub(crate) fn unsent(&self) -> &[u8] {
+        &self.pending[self.pos as usize..]
     }
 
     fn wrote(&mut self) {
@@ -90,9 +97,9 @@ impl Outbox {
         destination: &mut Socket,
     ) -> Poll<Result<(), Stop>> {
         while self.has_pending() {
-            match poll_write_some(cx, destination, &self.pending[self.pos..]) {
+            match poll_write_some(cx, destination, self.unsent()) {
                 Poll::Ready(Ok(written)) => {
-                    self.pos += written;
+                    self.pos += written as u32;
                     self.wrote();
                 }
                 Poll::Ready(Err(stop)) => return Poll::Ready(Err(stop)),
@@ -105,16 +112,6 @@ impl Outbox {
             self.pos = 0;
         }
         Poll::Ready(Ok(()))
-    }
-
-    /// Writes what was kept, to the end (after the pump's loop).
-    pub(crate) async fn drain(&mut self, destination: &mut Socket) -> io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        if self.has_pending() {
-            destination.write_all(&self.pending[self.pos..]).await?;
-            self.pos = self.pending.len();
-        }
-        Ok(())
     }
 }
 

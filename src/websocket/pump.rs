@@ -8,18 +8,19 @@
 //! slow writer on one side never stops the other direction), feeds each direction through a
 //! [`Direction`], and writes frames of its own (Close, heartbeat Pings) only between frames.
 
-use super::direction::Direction;
+use super::direction::{beat, Direction};
 use super::expiry::Expiry;
 use super::frame::{close_frame, mask_key, CloseFrame, ProtocolError, Sender};
-use super::heartbeat::{Beat, Heartbeat, PeerWatch};
+use super::heartbeat::{Heartbeat, PeerWatch};
 use super::metrics::ConnectionMetrics;
 use super::outbox::{Sink, Stop};
 use super::outcome::{Cause, ConnectionOutcome, DropKind, Initiator};
 use super::rate_limit::{ConnectionLimiter, RateLimits, CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON};
 use super::socket::{Keepalive, Socket};
+use futures_util::future::select;
 use futures_util::FutureExt;
-use std::future::poll_fn;
-use std::io;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -51,7 +52,8 @@ pub(crate) struct PumpSettings {
 #[derive(Debug, Clone, Copy)]
 struct GatewayClose {
     code: u16,
-    reason_len: usize,
+    /// At most 123 (the longest reason a Close may carry).
+    reason_len: u8,
     at: Instant,
     cause: Cause,
 }
@@ -70,16 +72,29 @@ pub(crate) struct Ends<'a> {
     pub(crate) deflate: bool,
 }
 
+/// What a connection's pump runs under (its settings, its client's credential expiry, its
+/// live metrics), held with whatever else the caller keeps until the connection ends. The
+/// pump's future owns it and gives it back: the connection's task is that future alone, and
+/// nothing in it is kept twice.
+pub(crate) trait PumpOwner: Send + 'static {
+    fn settings(&self) -> &PumpSettings;
+    fn expiry(&self) -> Option<&Expiry>;
+    fn metrics(&self) -> &ConnectionMetrics;
+}
+
 /// Pumps both ends until the connection ends, and says how it ended. `limiter` holds the
 /// connection's rate limits when its settings have any.
-pub(crate) async fn pump(
+///
+/// Not an `async fn`: one keeps its arguments twice in its future (as passed, and moved into
+/// its body), and this future is most of an idle connection's memory (its task). What comes
+/// before the first wait is done here; the future owns what it needs, once.
+pub(crate) fn pump<O: PumpOwner>(
     ends: Ends<'_>,
     mut drain: DrainSignal,
-    settings: &PumpSettings,
+    owner: O,
     mut limiter: Option<Box<ConnectionLimiter>>,
-    expiry: Option<&Expiry>,
-    metrics: &ConnectionMetrics,
-) -> ConnectionOutcome {
+) -> impl Future<Output = (ConnectionOutcome, O)> + Send {
+    let (settings, metrics) = (owner.settings(), owner.metrics());
     let Ends {
         mut client,
         mut upstream,
@@ -110,11 +125,7 @@ pub(crate) async fn pump(
         started,
     );
     let mut gateway_close: Option<GatewayClose> = None;
-    let mut ended: Option<(Initiator, Option<DropKind>)> = None;
-    // The side in `ended` did not answer the heartbeat (rather than dropping its stream).
-    let mut heartbeat_lost = false;
     let mut protocol_error = None;
-    let mut watches = [PeerWatch::default(); 2];
     if limiter.as_ref().is_some_and(|l| l.charges_messages()) {
         c2u.parser.gate_messages();
     }
@@ -136,207 +147,228 @@ pub(crate) async fn pump(
         );
     }
 
-    // Made once, not on every wake-up: a fresh drain waiter and timer per turn of the loop
-    // would take the watch's and the timer wheel's locks twice for every frame.
-    let drain_requested = async move {
-        // The sender gone (the gateway stopping) counts as a drain too.
-        let _ = drain.wait_for(|draining| *draining).await;
-    }
-    .fuse();
-    tokio::pin!(drain_requested);
-    // One timer per connection for whatever is due next: the idle timeout, the heartbeats
-    // and the end of a throttle while open, then the closing deadline (or a throttle's end
-    // before it).
-    let timed = settings.idle_timeout.is_some()
-        || settings.client_heartbeat.is_some()
-        || settings.upstream_heartbeat.is_some()
-        || limiter.is_some()
-        || expiry.is_some();
-    let until_expiry = |at: Instant| expiry.map_or(at, |e| e.at.min(at));
-    let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c, None) {
-        Due::Next(at) => until_expiry(at),
-        _ => started,
-    };
-    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(first));
-    tokio::pin!(timer);
-    let mut closing_deadline: Option<Instant> = None;
-
-    loop {
-        // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
-        let closing =
-            gateway_close.is_some() || c2u.close_seen.is_some() || u2c.close_seen.is_some();
-        if closing && closing_deadline.is_none() {
-            let deadline = Instant::now() + settings.close_timeout;
-            closing_deadline = Some(deadline);
-            let throttle = throttle_wait(limiter.as_deref(), &mut c2u, Instant::now());
-            timer.as_mut().reset(sooner_of(deadline, throttle));
-        }
-        let wake = tokio::select! {
-            biased;
-            () = &mut drain_requested, if gateway_close.is_none() => {
-                close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down", Cause::Drain);
-                continue;
-            }
-            () = &mut timer, if closing_deadline.is_some() || timed => {
-                if closing_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+    async move {
+        let (settings, expiry) = (owner.settings(), owner.expiry());
+        let mut ended: Option<(Initiator, Option<DropKind>)> = None;
+        // The side in `ended` did not answer the heartbeat (rather than dropping its stream).
+        let mut heartbeat_lost = false;
+        let mut watches = [PeerWatch::default(); 2];
+        // Made once, not on every wake-up: a fresh drain waiter and timer per turn of the loop
+        // would take the watch's and the timer wheel's locks twice for every frame. It borrows
+        // `drain` (a `wait_for` would keep its own copy of the receiver and be larger).
+        let drain_requested = async {
+            // The sender gone (the gateway stopping) counts as a drain too.
+            while !*drain.borrow_and_update() {
+                if drain.changed().await.is_err() {
                     break;
                 }
-                Wake::Due
             }
-            wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream, limiter.as_deref_mut())) => wake,
+        }
+        .fuse();
+        tokio::pin!(drain_requested);
+        // One timer per connection for whatever is due next: the idle timeout, the heartbeats
+        // and the end of a throttle while open, then the closing deadline (or a throttle's end
+        // before it), and last the final flush.
+        let timed = settings.idle_timeout.is_some()
+            || settings.client_heartbeat.is_some()
+            || settings.upstream_heartbeat.is_some()
+            || limiter.is_some()
+            || expiry.is_some();
+        let until_expiry = |at: Instant| expiry.map_or(at, |e| e.at.min(at));
+        let first = match tick(started, settings, &mut watches, &mut c2u, &mut u2c, None) {
+            Due::Next(at) => until_expiry(at),
+            _ => started,
         };
-        let (side, stop) = match wake {
-            Wake::Stopped(side, stop) => (side, stop),
-            Wake::CloseSeen => continue,
-            // Reads do not move the timer. It fires for whatever is due next, and a side's
-            // answer to a Ping (once per interval) or a new throttle sets it again, so that
-            // the next Ping is timed from the answer.
-            Wake::Due | Wake::Answered | Wake::Throttled => {
-                let now = Instant::now();
-                let throttle = throttle_wait(limiter.as_deref(), &mut c2u, now);
-                if let Some(deadline) = closing_deadline {
-                    timer.as_mut().reset(sooner_of(deadline, throttle));
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(first));
+        tokio::pin!(timer);
+        let mut closing_deadline: Option<Instant> = None;
+
+        loop {
+            // Once anyone has sent a Close, the handshake gets `close_timeout` to finish.
+            let closing =
+                gateway_close.is_some() || c2u.close_seen().is_some() || u2c.close_seen().is_some();
+            if closing && closing_deadline.is_none() {
+                let deadline = Instant::now() + settings.close_timeout;
+                closing_deadline = Some(deadline);
+                let throttle = throttle_wait(limiter.as_deref(), &mut c2u, Instant::now());
+                timer.as_mut().reset(sooner_of(deadline, throttle));
+            }
+            let wake = tokio::select! {
+                biased;
+                () = &mut drain_requested, if gateway_close.is_none() => {
+                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down", Cause::Drain);
                     continue;
                 }
-                if let Some(expiry) = expiry.filter(|e| now >= e.at && gateway_close.is_none()) {
-                    close_expired(&mut c2u, &mut u2c, &mut gateway_close, expiry);
+                () = &mut timer, if closing_deadline.is_some() || timed => {
+                    if closing_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        break;
+                    }
+                    Wake::Due
+                }
+                wake = poll_fn(|cx| poll_both(cx, &mut c2u, &mut u2c, &mut client, &mut upstream, limiter.as_deref_mut())) => wake,
+            };
+            let (side, stop) = match wake {
+                Wake::Stopped(side, stop) => (side, stop),
+                Wake::CloseSeen => continue,
+                // Reads do not move the timer. It fires for whatever is due next, and a side's
+                // answer to a Ping (once per interval) or a new throttle sets it again, so that
+                // the next Ping is timed from the answer.
+                Wake::Due | Wake::Answered | Wake::Throttled => {
+                    let now = Instant::now();
+                    let throttle = throttle_wait(limiter.as_deref(), &mut c2u, now);
+                    if let Some(deadline) = closing_deadline {
+                        timer.as_mut().reset(sooner_of(deadline, throttle));
+                        continue;
+                    }
+                    if let Some(expiry) = expiry.filter(|e| now >= e.at && gateway_close.is_none())
+                    {
+                        close_expired(&mut c2u, &mut u2c, &mut gateway_close, expiry);
+                        continue;
+                    }
+                    match tick(now, settings, &mut watches, &mut c2u, &mut u2c, throttle) {
+                        Due::Next(at) => timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::from_std(until_expiry(at))),
+                        Due::Idle => close_both(
+                            &mut c2u,
+                            &mut u2c,
+                            &mut gateway_close,
+                            1001,
+                            "idle timeout",
+                            Cause::IdleTimeout,
+                        ),
+                        Due::Gone(side) => {
+                            ended = Some((side, Some(DropKind::Timeout)));
+                            heartbeat_lost = true;
+                            break;
+                        }
+                    }
                     continue;
                 }
-                match tick(now, settings, &mut watches, &mut c2u, &mut u2c, throttle) {
-                    Due::Next(at) => timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::from_std(until_expiry(at))),
-                    Due::Idle => close_both(
+            };
+            match stop {
+                Stop::SourceEnded(error) => {
+                    let source_closed = match side {
+                        Initiator::Client => c2u.close_seen().is_some(),
+                        _ => u2c.close_seen().is_some(),
+                    };
+                    if !source_closed && ended.is_none() {
+                        ended = Some((
+                            side,
+                            Some(error.as_ref().map_or(DropKind::Eof, DropKind::of)),
+                        ));
+                    }
+                }
+                Stop::DestinationFailed(error) => {
+                    let dest = if side == Initiator::Client {
+                        Initiator::Upstream
+                    } else {
+                        Initiator::Client
+                    };
+                    let dest_closed = match dest {
+                        Initiator::Client => c2u.close_seen().is_some(),
+                        _ => u2c.close_seen().is_some(),
+                    };
+                    if !dest_closed && ended.is_none() {
+                        ended = Some((dest, Some(DropKind::of(&error))));
+                    }
+                }
+                Stop::Protocol(error) => {
+                    protocol_error = Some(error);
+                    close_both(
                         &mut c2u,
                         &mut u2c,
                         &mut gateway_close,
-                        1001,
-                        "idle timeout",
-                        Cause::IdleTimeout,
-                    ),
-                    Due::Gone(side) => {
-                        ended = Some((side, Some(DropKind::Timeout)));
-                        heartbeat_lost = true;
-                        break;
-                    }
+                        error.close_code(),
+                        error.kind(),
+                        Cause::ProtocolError,
+                    );
                 }
-                continue;
-            }
-        };
-        match stop {
-            Stop::SourceEnded(error) => {
-                let source_closed = match side {
-                    Initiator::Client => c2u.close_seen.is_some(),
-                    _ => u2c.close_seen.is_some(),
-                };
-                if !source_closed && ended.is_none() {
-                    ended = Some((
-                        side,
-                        Some(error.as_ref().map_or(DropKind::Eof, DropKind::of)),
-                    ));
+                // The agent's Close went from the direction, where the message would have begun;
+                // the client's goes now, before anything the agent answers to it.
+                Stop::RateLimited => {
+                    u2c.queue_close(close_frame(CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON, None));
+                    gateway_close.get_or_insert(GatewayClose {
+                        code: CLIENT_CLOSE_CODE,
+                        reason_len: CLIENT_CLOSE_REASON.len() as u8,
+                        at: Instant::now(),
+                        cause: Cause::RateLimit,
+                    });
+                    continue;
                 }
             }
-            Stop::DestinationFailed(error) => {
-                let dest = if side == Initiator::Client {
-                    Initiator::Upstream
+            break;
+        }
+
+        // Tell the side still there why the other went, then give the queued frames a moment.
+        let gone = ended.and_then(|(side, kind)| kind.map(|_| side));
+        match gone {
+            Some(Initiator::Upstream) => u2c.queue_close(close_frame(
+                settings.upstream_lost_code,
+                if heartbeat_lost {
+                    "agent did not answer heartbeat"
                 } else {
-                    Initiator::Client
-                };
-                let dest_closed = match dest {
-                    Initiator::Client => c2u.close_seen.is_some(),
-                    _ => u2c.close_seen.is_some(),
-                };
-                if !dest_closed && ended.is_none() {
-                    ended = Some((dest, Some(DropKind::of(&error))));
-                }
-            }
-            Stop::Protocol(error) => {
-                protocol_error = Some(error);
-                close_both(
-                    &mut c2u,
-                    &mut u2c,
-                    &mut gateway_close,
-                    error.close_code(),
-                    error.kind(),
-                    Cause::ProtocolError,
-                );
-            }
-            // The agent's Close went from the direction, where the message would have begun;
-            // the client's goes now, before anything the agent answers to it.
-            Stop::RateLimited => {
-                u2c.queue_close(close_frame(CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON, None));
-                gateway_close.get_or_insert(GatewayClose {
-                    code: CLIENT_CLOSE_CODE,
-                    reason_len: CLIENT_CLOSE_REASON.len(),
-                    at: Instant::now(),
-                    cause: Cause::RateLimit,
-                });
-                continue;
+                    "upstream connection lost"
+                },
+                None,
+            )),
+            Some(_) => c2u.queue_close(close_frame(
+                1001,
+                if heartbeat_lost {
+                    "client did not answer heartbeat"
+                } else {
+                    "client connection lost"
+                },
+                Some(mask_key()),
+            )),
+            None => {}
+        }
+        if heartbeat_lost {
+            // A side judged gone gets a reset, not a FIN queued behind data it will not read.
+            let socket = if gone == Some(Initiator::Client) {
+                &client
+            } else {
+                &upstream
+            };
+            if let Err(e) = socket.reset_on_close() {
+                log::debug!("cannot reset a WebSocket's socket to a silent peer: {e}");
             }
         }
-        break;
-    }
+        // The flush and the shutdowns get a second at most, on the same timer: a `timeout_at`
+        // each would add a timer of its own to the future.
+        let flush_deadline =
+            tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
+        timer.as_mut().reset(flush_deadline);
+        // Toward the client first, then toward the upstream, as each write may wait.
+        let mut done = [
+            gone == Some(Initiator::Client),
+            gone == Some(Initiator::Upstream),
+        ];
+        let flush = poll_fn(|cx| {
+            done[0] = done[0] || u2c.poll_finish(cx, &mut client).is_ready();
+            done[1] = done[1] || (done[0] && c2u.poll_finish(cx, &mut upstream).is_ready());
+            match done {
+                [true, true] => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        });
+        let _ = select(flush, timer.as_mut()).await;
+        if !(heartbeat_lost && gone == Some(Initiator::Client)) {
+            let _ = select(pin!(client.shutdown()), timer.as_mut()).await;
+        }
+        if !(heartbeat_lost && gone == Some(Initiator::Upstream)) {
+            let _ = select(pin!(upstream.shutdown()), timer.as_mut()).await;
+        }
 
-    // Tell the side still there why the other went, then give the queued frames a moment.
-    let gone = ended.and_then(|(side, kind)| kind.map(|_| side));
-    match gone {
-        Some(Initiator::Upstream) => u2c.queue_close(close_frame(
-            settings.upstream_lost_code,
-            if heartbeat_lost {
-                "agent did not answer heartbeat"
-            } else {
-                "upstream connection lost"
-            },
-            None,
-        )),
-        Some(_) => c2u.queue_close(close_frame(
-            1001,
-            if heartbeat_lost {
-                "client did not answer heartbeat"
-            } else {
-                "client connection lost"
-            },
-            Some(mask_key()),
-        )),
-        None => {}
-    }
-    if heartbeat_lost {
-        // A side judged gone gets a reset, not a FIN queued behind data it will not read.
-        let socket = if gone == Some(Initiator::Client) {
-            &client
-        } else {
-            &upstream
+        let ending = Ending {
+            gateway_close,
+            ended,
+            heartbeat_lost,
+            protocol_error,
+            throttled: limiter.as_mut().map_or(Duration::ZERO, |l| l.finish()),
         };
-        if let Err(e) = socket.reset_on_close() {
-            log::debug!("cannot reset a WebSocket's socket to a silent peer: {e}");
-        }
+        (outcome(started, &c2u, &u2c, ending), owner)
     }
-    let flush_deadline =
-        tokio::time::Instant::now() + settings.close_timeout.min(Duration::from_secs(1));
-    let _ = tokio::time::timeout_at(flush_deadline, async {
-        if gone != Some(Initiator::Client) {
-            let _ = flush_injection(&mut u2c, &mut client).await;
-        }
-        if gone != Some(Initiator::Upstream) {
-            let _ = flush_injection(&mut c2u, &mut upstream).await;
-        }
-    })
-    .await;
-    if !(heartbeat_lost && gone == Some(Initiator::Client)) {
-        let _ = tokio::time::timeout_at(flush_deadline, client.shutdown()).await;
-    }
-    if !(heartbeat_lost && gone == Some(Initiator::Upstream)) {
-        let _ = tokio::time::timeout_at(flush_deadline, upstream.shutdown()).await;
-    }
-
-    let ending = Ending {
-        gateway_close,
-        ended,
-        heartbeat_lost,
-        protocol_error,
-        throttled: limiter.as_mut().map_or(Duration::ZERO, |l| l.finish()),
-    };
-    outcome(started, &c2u, &u2c, ending)
 }
 
 /// What the pump's timer found due.
@@ -407,35 +439,6 @@ fn sooner_of(deadline: Instant, throttle: Option<Instant>) -> tokio::time::Insta
     tokio::time::Instant::from_std(throttle.map_or(deadline, |t| t.min(deadline)))
 }
 
-/// One side's heartbeat: `from` reads that side, `toward` writes to it. `None`: it is gone.
-fn beat(
-    heartbeat: Heartbeat,
-    watch: &mut PeerWatch,
-    now: Instant,
-    from: &mut Direction,
-    toward: &mut Direction,
-) -> Option<Instant> {
-    // A side cannot be asked while the other leaves a frame toward it unfinished.
-    let progress = if toward.ping_waits_on_source() {
-        now
-    } else {
-        toward.out.progress
-    };
-    match watch.check(heartbeat, now, from.last_read, progress) {
-        Beat::Wait(at) => {
-            toward.watch_destination(watch.awaiting(), now);
-            Some(at)
-        }
-        Beat::Ping(at) => {
-            toward.queue_ping(now);
-            // From the first Ping on, its Pong may come: Pongs from that side are checked.
-            from.parser.hold_pongs();
-            Some(at)
-        }
-        Beat::Gone => None,
-    }
-}
-
 /// Queues a Close of the gateway's own toward both sides and records it.
 fn close_both(
     c2u: &mut Direction,
@@ -449,7 +452,7 @@ fn close_both(
     c2u.queue_close(close_frame(code, reason, Some(mask_key())));
     gateway_close.get_or_insert(GatewayClose {
         code,
-        reason_len: reason.len().min(123),
+        reason_len: reason.len().min(123) as u8,
         at: Instant::now(),
         cause,
     });
@@ -467,7 +470,7 @@ fn close_expired(
     c2u.queue_close(to_agent);
     gateway_close.get_or_insert(GatewayClose {
         code: expiry.code,
-        reason_len: expiry.reason.len().min(123),
+        reason_len: expiry.reason.len().min(123) as u8,
         at: Instant::now(),
         cause: Cause::TokenExpired,
     });
@@ -506,7 +509,7 @@ fn poll_both(
         return Poll::Ready(Wake::Throttled);
     }
     for direction in [c2u, u2c] {
-        if direction.close_seen.is_some() && !direction.close_reported {
+        if direction.close_seen().is_some() && !direction.close_reported {
             direction.close_reported = true;
             return Poll::Ready(Wake::CloseSeen);
         }
@@ -516,19 +519,6 @@ fn poll_both(
         }
     }
     Poll::Pending
-}
-
-/// Writes whatever is still kept for the destination, then the queued Close of ours, if it
-/// can go out between frames.
-async fn flush_injection(direction: &mut Direction, destination: &mut Socket) -> io::Result<()> {
-    direction.out.drain(destination).await?;
-    if direction.between_frames() {
-        if let Some(frame) = direction.take_queued_close() {
-            destination.write_all(&frame).await?;
-            direction.closed_toward_destination = true;
-        }
-    }
-    destination.flush().await
 }
 
 /// How the pump's loop ended, besides what each direction saw.
@@ -548,7 +538,7 @@ fn outcome(
 ) -> ConnectionOutcome {
     let close_code = |c: &CloseFrame| c.code.unwrap_or(1005);
     let mut closes: Vec<(Initiator, u16, usize, Instant, Cause)> = Vec::with_capacity(3);
-    if let Some((c, at)) = c2u.close_seen {
+    if let Some((c, at)) = c2u.close_seen() {
         closes.push((
             Initiator::Client,
             close_code(&c),
@@ -557,12 +547,18 @@ fn outcome(
             Cause::Close,
         ));
     }
-    if let Some((c, at)) = u2c.close_seen {
+    if let Some((c, at)) = u2c.close_seen() {
         let code = close_code(&c);
         closes.push((Initiator::Upstream, code, c.reason_len, at, Cause::Close));
     }
     if let Some(g) = ending.gateway_close {
-        closes.push((Initiator::Gateway, g.code, g.reason_len, g.at, g.cause));
+        closes.push((
+            Initiator::Gateway,
+            g.code,
+            g.reason_len.into(),
+            g.at,
+            g.cause,
+        ));
     }
     closes.sort_by_key(|c| c.3);
     let (initiator, code, reason_len, drop_kind, cause) = match (closes.first(), ending.ended) {
@@ -600,6 +596,22 @@ mod tests {
     use crate::websocket::metrics::WebSocketMetrics;
     use crate::websocket::rate_limit::{Rate, RateLimitAction, RateLimitCounters};
     use tokio::io::{AsyncReadExt, DuplexStream};
+
+    struct Owner(PumpSettings, ConnectionMetrics);
+
+    impl PumpOwner for Owner {
+        fn settings(&self) -> &PumpSettings {
+            &self.0
+        }
+
+        fn expiry(&self) -> Option<&Expiry> {
+            None
+        }
+
+        fn metrics(&self) -> &ConnectionMetrics {
+            &self.1
+        }
+    }
 
     /// Reads one frame with a payload under 126 bytes: its opcode and unmasked payload.
     async fn read_frame(stream: &mut DuplexStream) -> (u8, Vec<u8>) {
@@ -659,7 +671,9 @@ mod tests {
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, &settings, limiter, None, &connection).await
+            pump(ends, drain, Owner(settings, connection), limiter)
+                .await
+                .0
         });
         (client, upstream, pumping)
     }
@@ -870,7 +884,7 @@ mod tests {
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, &settings, None, None, &connection).await
+            pump(ends, drain, Owner(settings, connection), None).await.0
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut sent = frame(true, 0, 0x2, &payload, None);

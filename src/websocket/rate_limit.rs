@@ -244,30 +244,35 @@ pub(crate) enum Verdict {
 
 /// The rate limits of one connection, from the client toward the agent: its own buckets, its
 /// share of its client's, what is still to be charged, and the bytes read but held back.
+/// Boxed in every limited connection for its life: the 32-bit fields keep it within 256 bytes
+/// (an allocator size class; 8 bytes more would take the next, of 320).
 pub(crate) struct ConnectionLimiter<C: Clock<Instant = Instant> = MonotonicClock> {
     messages: Option<Direct<C>>,
     bytes: Option<Direct<C>>,
     client: Option<(Arc<ClientBuckets<C>>, ClientKey)>,
     clock: C,
     action: RateLimitAction,
-    /// The largest read: a read is charged whole, so it must fit in every bytes burst.
-    read_size: usize,
+    /// The largest read: a read is charged whole, so it must fit in every bytes burst (a
+    /// `u32`); `u32::MAX` without bytes limits.
+    read_size: u32,
     /// Cells still to charge, by [`Limit`], before anything more goes on.
     owed: [u32; 4],
     /// Throttled until then (at least).
     until: Option<Instant>,
     /// When the current throttle began.
     since: Option<Instant>,
-    throttled: Duration,
+    /// Time spent throttled, in nanoseconds.
+    throttled: u64,
     /// A wait began since the pump last looked: its timer must be moved.
     new_wait: bool,
     /// Closed for a limit (reported to the pump once): nothing more is charged.
     closed: bool,
     hit: Option<Limit>,
     /// Bytes read from the client that begin a message still waiting for the buckets:
-    /// `backlog[backlog_pos..]`. Its capacity is kept while the client floods.
+    /// `backlog[backlog_pos..]`. Its capacity is kept while the client floods. It is the end
+    /// of one read, which is far shorter than 4 GiB.
     backlog: Vec<u8>,
-    backlog_pos: usize,
+    backlog_pos: u32,
     counters: RateLimitCounters,
 }
 
@@ -299,8 +304,8 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
         let read_size = [limits.bytes, shared_bytes]
             .into_iter()
             .flatten()
-            .map(|r| r.burst.get() as usize)
-            .fold(usize::MAX, usize::min);
+            .map(|r| r.burst.get())
+            .fold(u32::MAX, u32::min);
         ConnectionLimiter {
             messages: direct(limits.messages),
             bytes: direct(limits.bytes),
@@ -311,7 +316,7 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
             owed: [0; 4],
             until: None,
             since: None,
-            throttled: Duration::ZERO,
+            throttled: 0,
             new_wait: false,
             closed: false,
             hit: None,
@@ -332,7 +337,7 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
 
     /// The largest read allowed, at most `max`.
     pub(crate) fn read_size(&self, max: usize) -> usize {
-        self.read_size.min(max)
+        (self.read_size as usize).min(max)
     }
 
     /// Whether more may be read and let through now: a throttle is over once the buckets
@@ -352,9 +357,7 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
             Ok(()) => {
                 self.until = None;
                 if let Some(since) = self.since.take() {
-                    let time = now.saturating_duration_since(since);
-                    self.throttled += time;
-                    self.counters.throttled(time);
+                    self.add_throttled(now.saturating_duration_since(since));
                 }
                 true
             }
@@ -457,11 +460,15 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
     /// The time spent throttled, an unfinished throttle included (the connection is ending).
     pub(crate) fn finish(&mut self) -> Duration {
         if let Some(since) = self.since.take() {
-            let time = self.clock.now().saturating_duration_since(since);
-            self.throttled += time;
-            self.counters.throttled(time);
+            self.add_throttled(self.clock.now().saturating_duration_since(since));
         }
-        self.throttled
+        Duration::from_nanos(self.throttled)
+    }
+
+    fn add_throttled(&mut self, time: Duration) {
+        let nanos = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+        self.throttled = self.throttled.saturating_add(nanos);
+        self.counters.throttled(time);
     }
 
     /// Keeps `rest`, the end of a read from the client, for when the buckets allow it.
@@ -473,8 +480,8 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
 
     /// The bytes held back, to be fed before anything more is read, and where they start.
     pub(crate) fn take_backlog(&mut self) -> Option<(Vec<u8>, usize)> {
-        (self.backlog_pos < self.backlog.len())
-            .then(|| (std::mem::take(&mut self.backlog), self.backlog_pos))
+        let pos = self.backlog_pos as usize;
+        (pos < self.backlog.len()).then(|| (std::mem::take(&mut self.backlog), pos))
     }
 
     /// Gives back what [`Self::take_backlog`] took, fed up to `pos`.
@@ -485,13 +492,13 @@ impl<C: Clock<Instant = Instant> + Clone> ConnectionLimiter<C> {
             pos = 0;
         }
         self.backlog = backlog;
-        self.backlog_pos = pos;
+        self.backlog_pos = pos as u32;
     }
 
     /// A read went through whole: the client is not flooding now, and the memory of the
     /// backlog goes back.
     pub(crate) fn read_through(&mut self) {
-        if self.backlog.capacity() > 0 && self.backlog_pos >= self.backlog.len() {
+        if self.backlog.capacity() > 0 && self.backlog_pos as usize >= self.backlog.len() {
             self.backlog = Vec::new();
             self.backlog_pos = 0;
         }
