@@ -320,6 +320,7 @@ async fn upgrades_per_subject_per_second_are_limited_apart_from_other_subjects()
     let alice = bearer(ALICE);
     let mut open = Vec::new();
     let mut refused = 0;
+    let started = std::time::Instant::now();
     for i in 0..10 {
         let path = format!("/agents/CoderAgent/paced-{i}");
         match upgrade(address, &path, &[("Authorization", &alice)]).await {
@@ -331,8 +332,15 @@ async fn upgrades_per_subject_per_second_are_limited_apart_from_other_subjects()
             }
         }
     }
-    // Two a second: however the ten fall across one-second windows, most are refused.
-    assert!(refused >= 5, "{refused} of 10 refused");
+    // Two a second, counted in one-second windows: the ten span at most (whole seconds
+    // taken + 2) windows, however a loaded machine spreads them, and each admits two.
+    let windows = started.elapsed().as_secs() as usize + 2;
+    assert!(
+        open.len() <= 2 * windows,
+        "{} of 10 admitted over {windows} windows",
+        open.len()
+    );
+    assert!(refused > 0, "none of 10 refused");
     assert!(!open.is_empty());
     let bob = bearer(BOB);
     let (_bob, _) = upgrade(
