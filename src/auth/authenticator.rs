@@ -206,12 +206,7 @@ impl PolicyCheck {
         };
         let (check, signing_key) = match (check, signing_key.transpose()) {
             (Ok(check), Ok(key)) => (Ok(check), key),
-            (Err(why), _) | (_, Err(why)) => {
-                log::error!(
-                    "{why}; its agents answer 503 auth_unavailable until a reload fixes it"
-                );
-                (Err(why), None)
-            }
+            (Err(why), _) | (_, Err(why)) => (Err(why), None),
         };
         PolicyCheck { check, signing_key }
     }

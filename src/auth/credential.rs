@@ -142,6 +142,14 @@ pub(crate) fn offered_protocols(
         .collect()
 }
 
+/// Whether the client offered a credential as a `Sec-WebSocket-Protocol` entry.
+pub(crate) fn offers_protocol_credential(
+    sources: &[CredentialSource],
+    request: &RequestHeader,
+) -> bool {
+    protocol_entries(request).any(|entry| is_credential_entry(sources, entry))
+}
+
 fn is_credential_entry(sources: &[CredentialSource], entry: &str) -> bool {
     sources.iter().any(|source| {
         matches!(source, CredentialSource::Protocol(prefix) if entry.starts_with(prefix.as_str()))

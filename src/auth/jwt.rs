@@ -326,7 +326,8 @@ fn identity(claims: Map<String, Value>, leeway: Duration) -> Result<Identity, Au
         None => None,
         Some(exp) => {
             let exp = numeric_date(exp).ok_or_else(|| invalid("the token's exp is not a date"))?;
-            Some(exp + leeway)
+            let with_leeway = exp.checked_add(leeway);
+            Some(with_leeway.ok_or_else(|| invalid("the token's exp is out of range"))?)
         }
     };
     if claims

@@ -28,14 +28,21 @@ pub(crate) const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const DEFAULT_SUBJECT_HEADER: &str = "x-auth-subject";
 
-/// Headers no identity mapping may name: the gateway sets them itself.
-const RESERVED_HEADERS: [&str; 6] = [
+/// Headers no identity mapping may name: the gateway sets them itself, or they frame the
+/// request or the upgrade.
+const RESERVED_HEADERS: [&str; 12] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-id",
     "authorization",
     "cookie",
+    "connection",
+    "upgrade",
+    "te",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
 ];
 
 type Policies = BTreeMap<String, Arc<AuthPolicy>>;
@@ -351,8 +358,9 @@ impl Ctx<'_> {
                 let name = self.header_name(header)?;
                 let folded = name.as_str().replace('_', "-");
                 let reserved = RESERVED_HEADERS.contains(&folded.as_str())
-                    || folded.starts_with("x-partykit-")
-                    || folded.starts_with("x-gateway-");
+                    || ["x-partykit-", "x-gateway-", "sec-websocket-", "proxy-"]
+                        .iter()
+                        .any(|prefix| folded.starts_with(prefix));
                 if reserved {
                     return Err(self.error(
                         header,

@@ -312,6 +312,14 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// The request's one-line summary in Pingora's own log lines ("Fail to proxy: ..."). Its
+    /// default prints the path with its query, where a `query:` credential travels; this one
+    /// prints the method and the path only, as the access line does.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let request = session.req_header();
+        format!("{} {}", request.method, request.uri.path())
+    }
+
     /// Runs last for every request, whatever happened: counts the answer by route and status
     /// and writes the access line. Pingora's default does nothing.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {

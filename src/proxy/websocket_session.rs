@@ -5,7 +5,7 @@ use super::admission::{agent_label, Admitted};
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
-use crate::auth::credential::offered_protocols;
+use crate::auth::credential::{offered_protocols, offers_protocol_credential};
 use crate::config::Agent;
 use crate::edge::limits::{LimitRefusal, SubjectLimits, SubjectSlot, WebSocketSlot};
 use crate::edge::request_id::REQUEST_ID_HEADER;
@@ -150,8 +150,7 @@ pub(crate) async fn serve_websocket(
         return Ok(answered.written(written));
     }
     state.upstream_answered_well(upstream_name);
-    if let Err(e) = answer_offered_protocol(session.req_header(), &request, &mut response, &target)
-    {
+    if let Err(e) = answer_offered_protocol(session.req_header(), &mut response, &target) {
         let answered = Answered {
             status: 101,
             result: HandshakeResult::Upgraded,
@@ -444,7 +443,6 @@ fn expiry(target: &Target, client: &ClientInfo) -> Option<Expiry> {
 /// selected none, the answer names the first other protocol the client offered.
 fn answer_offered_protocol(
     client_request: &RequestHeader,
-    upstream_request: &RequestHeader,
     response: &mut ResponseHeader,
     target: &Target,
 ) -> Result<()> {
@@ -452,8 +450,8 @@ fn answer_offered_protocol(
         return Ok(());
     };
     let protocol = http::header::SEC_WEBSOCKET_PROTOCOL;
-    let stripped = client_request.headers.get(&protocol) != upstream_request.headers.get(&protocol);
-    if !stripped || response.headers.contains_key(&protocol) {
+    let offered_credential = offers_protocol_credential(&policy.credentials, client_request);
+    if !offered_credential || response.headers.contains_key(&protocol) {
         return Ok(());
     }
     if let Some(first) = offered_protocols(&policy.credentials, client_request).first() {

@@ -30,6 +30,9 @@ pub(crate) enum PathError {
     InvalidInstanceSegment,
     DotSegment,
     ControlByte,
+    /// A path outside every route that a URL parser or partyserver would read as one inside
+    /// a route (`//agents/x/y`, `/a/../agents/x/y`, `/agents\\x/y`).
+    RouteAlias,
 }
 
 impl PathError {
@@ -47,6 +50,9 @@ impl PathError {
             }
             PathError::DotSegment => "dot segments ('.' or '..') are not allowed in agent paths",
             PathError::ControlByte => "NUL and control bytes are not allowed in agent paths",
+            PathError::RouteAlias => {
+                "the path spells an agent route another way (repeated '/', dot segments or '\\'); use its canonical form"
+            }
         }
     }
 
@@ -58,8 +64,27 @@ impl PathError {
             PathError::InvalidInstanceSegment => "invalid_instance_segment",
             PathError::DotSegment => "dot_segment",
             PathError::ControlByte => "control_byte",
+            PathError::RouteAlias => "route_alias",
         }
     }
+}
+
+/// `path` as the Worker's URL parser and partyserver would read it: `\\` as `/`, empty
+/// segments dropped, dot segments (also percent-encoded, as the WHATWG URL parser reads them)
+/// resolved. Written by hand because the gateway must predict exactly that reading, not
+/// normalise in some library's own way.
+pub(crate) fn as_upstream_reads(path: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split(['/', '\\']) {
+        match segment.to_ascii_lowercase().as_str() {
+            "" | "." | "%2e" => {}
+            ".." | ".%2e" | "%2e." | "%2e%2e" => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    format!("/{}", segments.join("/"))
 }
 
 /// Whether `path` falls under `prefix` (which has no trailing `/`), returning what follows it.

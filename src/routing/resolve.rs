@@ -3,7 +3,9 @@
 use crate::config::{Agent, GatewayConfig, Route};
 use crate::edge::cors::CorsPolicy;
 use crate::routing::agent_name::fold_key;
-use crate::routing::agent_path::{parse_agent_path, strip_route_prefix, PathError};
+use crate::routing::agent_path::{
+    as_upstream_reads, parse_agent_path, strip_route_prefix, PathError,
+};
 use crate::upstream::Upstream;
 use pingora::prelude::HttpPeer;
 use std::sync::Arc;
@@ -85,6 +87,19 @@ pub(crate) fn resolve(
         .iter()
         .find_map(|r| strip_route_prefix(path, &r.prefix).map(|tail| (r, tail)))
     else {
+        // Another spelling of a route's path must not reach its agents through the fallback,
+        // past the route's authentication and routing.
+        let read_as = as_upstream_reads(path);
+        let alias_of = config
+            .routes
+            .iter()
+            .find(|r| strip_route_prefix(&read_as, &r.prefix).is_some());
+        if let (Some(route), Some(_)) = (alias_of, &config.fallback_upstream) {
+            return Err(Refusal::BadPath {
+                route: route.name.clone(),
+                error: PathError::RouteAlias,
+            });
+        }
         return match &config.fallback_upstream {
             Some(upstream) => Ok(Target {
                 upstream: upstream.clone(),
@@ -206,6 +221,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn other_spellings_of_a_route_never_reach_the_fallback() {
+        let c = config("fallback_upstream = \"local\"");
+        for path in [
+            "//agents/coder/x",
+            "/x/../agents/coder/x",
+            "/agents\\coder/x",
+            "/%2e/agents/coder/x",
+            "/a/%2E%2e/agents/coder/x",
+        ] {
+            let refused = resolve(&c, path, None).expect_err(path);
+            assert!(
+                matches!(
+                    refused,
+                    Refusal::BadPath {
+                        error: PathError::RouteAlias,
+                        ..
+                    }
+                ),
+                "{path}: {refused:?}"
+            );
+        }
+        assert!(resolve(&c, "/static//app.js", None).is_ok());
+        assert!(resolve(&c, "/docs/../health", None).is_ok());
     }
 
     #[test]

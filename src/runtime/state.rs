@@ -41,6 +41,9 @@ impl ActiveConfig {
         let secrets = SecretStore::read(&config);
         let client_limits = ClientLimits::of(&config);
         let auth = Authenticator::new(&config, &secrets, jwks);
+        for (_, why) in auth.unusable() {
+            log::error!("{why}; its agents answer 503 auth_unavailable until a reload fixes it");
+        }
         ActiveConfig {
             config,
             secrets,

@@ -45,18 +45,15 @@ const CREDENTIAL_HEADERS: &str = r#"(?i)"(authorization|proxy-authorization|cook
 /// replaced.
 fn redact_credential_headers(text: &str) -> std::borrow::Cow<'_, str> {
     static PATTERN: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
-    let lower_has =
-        |name: &str| text.len() >= name.len() && text.to_ascii_lowercase().contains(name);
-    if ![
+    let lower = text.to_ascii_lowercase();
+    let names = [
         "authorization",
         "cookie",
         "protocol",
         "credential",
         "signature",
-    ]
-    .iter()
-    .any(|name| lower_has(name))
-    {
+    ];
+    if !names.iter().any(|name| lower.contains(name)) {
         return text.into();
     }
     match PATTERN.get_or_init(|| regex::Regex::new(CREDENTIAL_HEADERS).ok()) {
