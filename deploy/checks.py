@@ -7,6 +7,11 @@ with each other and with the gateway's metric names.
 
   checks.py metric-names                      the names of the metrics contract
   checks.py kubernetes RENDERED.yaml          cross-references of the rendered kustomization
+  checks.py agent-nodes RENDERED.yaml GATEWAY.toml
+                                              the agent nodes' Service and StatefulSet against
+                                              gateway.toml's [upstreams.local] (SRV, health)
+  checks.py local-enabled GATEWAY.toml        gateway.toml with that example enabled, for
+                                              `agent-gateway check`
   checks.py render-kustomization DIR          kustomization.yaml rendered without kubectl
   checks.py grafana DASHBOARD.json            panels use only the contract's metrics
   checks.py alerts ALERTS.yml TESTS.yml       metric names, and a firing test for every alert
@@ -24,6 +29,8 @@ import yaml
 
 # The metrics contract of the admin listener's /metrics (docs/metrics.md).
 COUNTERS = {
+    "agent_gateway_migrations_total",
+    "agent_gateway_discovery_failures_total",
     "agent_gateway_ws_closes_total",
     "agent_gateway_ws_close_causes_total",
     "agent_gateway_ws_messages_total",
@@ -41,6 +48,10 @@ COUNTERS = {
     "agent_gateway_auth_jwks_fetch_failures_total",
 }
 GAUGES = {
+    "agent_gateway_node_healthy",
+    "agent_gateway_node_instances",
+    "agent_gateway_node_connections",
+    "agent_gateway_fleet_nodes",
     "agent_gateway_ws_connections_active",
     "agent_gateway_secret_present",
     "agent_gateway_build_info",
@@ -116,8 +127,10 @@ def check_kubernetes(rendered: str) -> int:
         "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
         "PodDisruptionBudget": "policy/v1", "ServiceMonitor": "monitoring.coreos.com/v1",
     }
-    for kind, api in expected.items():
-        if not by_kind.get(kind):
+    # The agent nodes are optional: a Cloudflare-only deployment drops agent-nodes.yaml.
+    optional = {"StatefulSet": "apps/v1"}
+    for kind, api in (expected | optional).items():
+        if not by_kind.get(kind) and kind not in optional:
             problems.append(f"no {kind} rendered")
         for d in by_kind.get(kind, []):
             if d["apiVersion"] != api:
@@ -211,16 +224,20 @@ def check_kubernetes(rendered: str) -> int:
             if host not in ("0.0.0.0", "[::]") or not p.isdigit() or int(p) != ports.get(port):
                 problems.append(f"gateway.toml [{section}] listen {listen!r} is not 0.0.0.0:{ports.get(port)}")
 
-    # Services select the pods and target existing ports.
+    # The gateway's Services select its pods and target existing ports; the agent nodes'
+    # Service (selecting a StatefulSet's pods) is check_agent_nodes' business.
+    node_pods = [s["spec"]["template"]["metadata"].get("labels", {}) for s in by_kind.get("StatefulSet", [])]
+    gateway_services = [s for s in by_kind["Service"]
+                        if not any(selects(s["spec"].get("selector", {}), labels) for labels in node_pods)]
     service_ports = {}
-    for svc in by_kind["Service"]:
+    for svc in gateway_services:
         if not selects(svc["spec"].get("selector", {}), pod_labels):
             problems.append(f"Service {svc['metadata']['name']} does not select the gateway pods")
         for p in svc["spec"]["ports"]:
             if p.get("targetPort") not in ports and p.get("targetPort") not in ports.values():
                 problems.append(f"Service {svc['metadata']['name']} targets unknown port {p.get('targetPort')}")
             service_ports.setdefault(p["name"], []).append(svc)
-    public = [s for s in by_kind["Service"] if any(p.get("targetPort") in ("http", 8080) for p in s["spec"]["ports"])]
+    public = [s for s in gateway_services if any(p.get("targetPort") in ("http", 8080) for p in s["spec"]["ports"])]
     for svc in public:
         if any(p.get("targetPort") in ("admin", 9091) for p in svc["spec"]["ports"]):
             problems.append(f"Service {svc['metadata']['name']} exposes the admin port next to the public one")
@@ -248,6 +265,159 @@ def check_kubernetes(rendered: str) -> int:
             for s in selected:
                 if ep.get("port") not in {p["name"] for p in s["spec"]["ports"]}:
                     problems.append(f"ServiceMonitor port {ep.get('port')} is not a port of Service {s['metadata']['name']}")
+    return finish(problems)
+
+
+LOCAL_HEADER = re.compile(r"#\s?\[upstreams\.local\]\s*")
+
+
+def enable_local_example(text: str) -> str | None:
+    """gateway.toml with its commented-out [upstreams.local] block enabled the way its notes
+    say: the first "# " of each line of the block removed (the block runs from the header to
+    the first line that is not a comment), so its own "# # ..." notes stay comments. None
+    when there is no such block."""
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if LOCAL_HEADER.fullmatch(l)), None)
+    if start is None:
+        return None
+    end = start
+    while end < len(lines) and lines[end].startswith("#"):
+        end += 1
+    block = [l[2:] if l.startswith("# ") else l[1:] for l in lines[start:end]]
+    return "\n".join(lines[:start] + block + lines[end:]) + "\n"
+
+
+def local_upstream(text: str) -> dict | None:
+    """The [upstreams.local] of gateway.toml: the live section, else the commented example."""
+    local = tomllib.loads(text).get("upstreams", {}).get("local")
+    if local is None:
+        enabled = enable_local_example(text)
+        if enabled is not None:
+            local = tomllib.loads(enabled).get("upstreams", {}).get("local")
+    return local
+
+
+def local_enabled(gateway_toml: str) -> int:
+    """Prints gateway.toml with the local example enabled and the agents routed to it."""
+    enabled = enable_local_example(Path(gateway_toml).read_text())
+    if enabled is None:
+        return finish([f"{gateway_toml}: no [upstreams.local] block, live or commented out"])
+    routed = re.sub(r'(?m)^(upstream\s*=\s*)"[^"]*"', r'\1"local"', enabled)
+    sys.stdout.write(routed)
+    return 0
+
+
+def check_agent_nodes(rendered: str, gateway_toml: str) -> int:
+    """The agent nodes' headless Service and StatefulSet agree with each other and with
+    gateway.toml's local upstream: the SRV name it resolves, and the path it checks."""
+    problems: list[str] = []
+    docs = [d for d in yaml.safe_load_all(Path(rendered).read_text()) if d]
+    services = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Service"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
+    sets = [d for d in docs if d.get("kind") == "StatefulSet"]
+    if not sets:
+        # Without agent-nodes.yaml, only a live local upstream over SRV would miss them.
+        live = tomllib.loads(Path(gateway_toml).read_text()).get("upstreams", {}).get("local", {})
+        if live.get("srv"):
+            return finish([f"{gateway_toml} resolves {live['srv']}, but no agent nodes are rendered"])
+        return 0
+    if len(sets) != 1:
+        return finish([f"expected one StatefulSet (the agent nodes), found {len(sets)}"])
+    sts = sets[0]
+    name = sts["metadata"]["name"]
+    spec = sts["spec"]
+    pod = spec["template"]
+    labels = pod["metadata"].get("labels", {})
+    if not selects(spec["selector"]["matchLabels"], labels):
+        problems.append(f"StatefulSet {name}: selector does not match its pod template labels")
+    if spec.get("replicas", 1) < 2:
+        problems.append(f"StatefulSet {name}: fewer than 2 replicas is not a fleet")
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append(f"StatefulSet {name}: podManagementPolicy should be Parallel (independent nodes)")
+
+    # The governing Service: headless, ready pods only, selecting these pods.
+    svc = services.get(spec.get("serviceName"))
+    if svc is None:
+        return finish(problems + [f"StatefulSet {name}: serviceName {spec.get('serviceName')!r} is not a rendered Service"])
+    svc_name = svc["metadata"]["name"]
+    namespace = svc["metadata"].get("namespace", "default")
+    if svc["spec"].get("clusterIP") != "None":
+        problems.append(f"Service {svc_name} is not headless (clusterIP: None): no per-pod SRV targets")
+    if svc["spec"].get("publishNotReadyAddresses"):
+        problems.append(f"Service {svc_name} publishes not-ready pods: the gateway would place instances on them")
+    if not selects(svc["spec"].get("selector", {}), labels):
+        problems.append(f"Service {svc_name} does not select the StatefulSet's pods")
+    for other in services.values():
+        if other is not svc and selects(other["spec"].get("selector", {}), labels):
+            problems.append(f"Service {other['metadata']['name']} selects the agent nodes too")
+
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p for p in container.get("ports", [])}
+    svc_ports = {p["name"]: p for p in svc["spec"].get("ports", [])}
+    for p in svc_ports.values():
+        target = p.get("targetPort", p["port"])
+        if target not in ports and target not in {c["containerPort"] for c in ports.values()}:
+            problems.append(f"Service {svc_name} port {p['name']} targets unknown container port {target}")
+
+    # gateway.toml's local upstream resolves exactly this Service's SRV name.
+    local = local_upstream(Path(gateway_toml).read_text())
+    if local is None:
+        return finish(problems + [f"{gateway_toml}: no [upstreams.local], live or as the commented example"])
+    if local.get("kind") != "local":
+        problems.append(f"{gateway_toml}: [upstreams.local] kind is {local.get('kind')!r}, not local")
+    srv = local.get("srv", "")
+    match = re.fullmatch(r"_([a-z0-9-]+)\._(tcp|udp)\.([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local\.?", srv)
+    if not match:
+        problems.append(f"{gateway_toml}: srv {srv!r} is not _<port>._tcp.<service>.<namespace>.svc.cluster.local")
+    else:
+        port_name, proto, host, ns = match.groups()
+        if (host, ns) != (svc_name, namespace):
+            problems.append(f"{gateway_toml}: srv names Service {host}.{ns}, the agent nodes' is {svc_name}.{namespace}")
+        port = svc_ports.get(port_name)
+        if port is None:
+            problems.append(f"{gateway_toml}: srv port label {port_name!r} is not a port name of Service {svc_name} ({sorted(svc_ports)})")
+        elif proto != "tcp" or port.get("protocol", "TCP") != "TCP":
+            problems.append(f"{gateway_toml}: srv protocol _{proto} does not match port {port_name}'s {port.get('protocol', 'TCP')}")
+
+    # The kubelet and the gateway check the same path, on the port the SRV records name.
+    health_path = local.get("health_path")
+    agent_port = svc_ports.get(match.group(1) if match else "", {}).get("targetPort")
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container.get(probe, {}).get("httpGet")
+        if not get:
+            problems.append(f"StatefulSet {name}: no {probe} httpGet")
+            continue
+        if probe == "readinessProbe" and get.get("path") != health_path:
+            problems.append(f"StatefulSet {name}: readinessProbe path {get.get('path')!r} is not gateway.toml's health_path {health_path!r}")
+        if agent_port is not None and get.get("port") != agent_port:
+            problems.append(f"StatefulSet {name}: {probe} port {get.get('port')!r} is not the agent port {agent_port!r}")
+
+    # Restricted Pod Security (namespace.yaml), as for the gateway.
+    sc_pod = pod["spec"].get("securityContext", {})
+    sc = container.get("securityContext", {})
+    if not (sc.get("runAsNonRoot") or sc_pod.get("runAsNonRoot")):
+        problems.append(f"StatefulSet {name}: runAsNonRoot is not set")
+    if (sc.get("seccompProfile") or sc_pod.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"StatefulSet {name}: seccompProfile is not RuntimeDefault")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"StatefulSet {name}: allowPrivilegeEscalation is not false")
+    if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+        problems.append(f"StatefulSet {name}: capabilities are not drop: [ALL]")
+    if not sc.get("readOnlyRootFilesystem"):
+        problems.append(f"StatefulSet {name}: readOnlyRootFilesystem is not set")
+    if not container.get("resources", {}).get("requests"):
+        problems.append(f"StatefulSet {name}: the container has no resource requests")
+
+    # The key comes from a rendered Secret that holds it.
+    env = {e["name"]: e for e in container.get("env", [])}
+    ref = env.get("OPENROUTER_API_KEY", {}).get("valueFrom", {}).get("secretKeyRef")
+    if ref is None:
+        problems.append(f"StatefulSet {name}: OPENROUTER_API_KEY does not come from a Secret")
+    else:
+        secret = secrets.get(ref.get("name"))
+        keys = set(secret.get("stringData", {})) | set(secret.get("data", {})) if secret else set()
+        if ref.get("key") not in keys:
+            problems.append(f"StatefulSet {name}: OPENROUTER_API_KEY names {ref.get('name')}/{ref.get('key')}, not a rendered Secret key")
     return finish(problems)
 
 
@@ -336,6 +506,28 @@ def check_alerts(rules_path: str, tests_path: str) -> int:
 
 # ---- Dockerfile -------------------------------------------------------------------------
 
+def run_stage_problems(what: str, stage: list[tuple[str, str]], entrypoint: list[str],
+                       exposed_ports: list[str]) -> list[str]:
+    """A runtime stage runs as non-root, exposes exactly its ports, and has its ENTRYPOINT."""
+    problems = []
+    base = stage[0][1] if stage else ""
+    users = [args for op, args in stage if op == "USER"]
+    if users and users[-1].split(":")[0] in ("0", "root"):
+        problems.append(f"{what} runs as root")
+    if not users and ":nonroot" not in base:
+        problems.append(f"{what}: no USER and no nonroot base, so it runs as root")
+    exposed = " ".join(args for op, args in stage if op == "EXPOSE").split()
+    if sorted(exposed) != sorted(exposed_ports):
+        problems.append(f"{what}: EXPOSE {exposed}, expected {' '.join(exposed_ports)}")
+    entry = [args for op, args in stage if op == "ENTRYPOINT"]
+    try:
+        if not entry or json.loads(entry[-1]) != entrypoint:
+            problems.append(f"{what}: ENTRYPOINT is not {json.dumps(entrypoint)}")
+    except json.JSONDecodeError:
+        problems.append(f"{what}: ENTRYPOINT is not in exec (JSON) form")
+    return problems
+
+
 def check_dockerfile(dockerfile: str, dockerignore: str) -> int:
     """No Docker engine here: check the instructions the deployment relies on, by text."""
     problems: list[str] = []
@@ -372,21 +564,26 @@ def check_dockerfile(dockerfile: str, dockerignore: str) -> int:
         config_copied |= parts[-1] == "/etc/agent-gateway/gateway.toml"
     if not config_copied:
         problems.append("no configuration is copied to /etc/agent-gateway/gateway.toml")
-    users = [args for op, args in instructions if op == "USER"]
-    if users and users[-1].split(":")[0] in ("0", "root"):
-        problems.append("the image runs as root")
-    if not users and ":nonroot" not in froms[-1]:
-        problems.append("no USER and no nonroot base: the image runs as root")
-    exposed = " ".join(args for op, args in instructions if op == "EXPOSE").split()
-    if sorted(exposed) != ["8080", "9091"]:
-        problems.append(f"EXPOSE {exposed}, expected 8080 9091")
-    entry = [args for op, args in instructions if op == "ENTRYPOINT"]
-    want = ["agent-gateway", "run", "-c", "/etc/agent-gateway/gateway.toml"]
-    try:
-        if not entry or json.loads(entry[-1]) != want:
-            problems.append(f"ENTRYPOINT is not {json.dumps(want)}")
-    except json.JSONDecodeError:
-        problems.append("ENTRYPOINT is not in exec (JSON) form")
+    # Per stage: the last one is the default target, the gateway image; a stage named
+    # agent-node is the reference backend as a trial agent node (kubernetes/agent-nodes.yaml).
+    stages: list[list[tuple[str, str]]] = []
+    for op, args in instructions:
+        if op == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((op, args))
+    final = stages[-1] if stages else []
+    problems += run_stage_problems("the image", final,
+                                   ["agent-gateway", "run", "-c", "/etc/agent-gateway/gateway.toml"], ["8080", "9091"])
+    node = [st for st in stages if re.search(r"\sAS\s+agent-node\s*$", st[0][1], re.I)]
+    if node:
+        if "--bin reference-backend" not in runs:
+            problems.append("the agent-node stage needs `--bin reference-backend` in the build")
+        if not any(op == "COPY" and "--from=build" in args and args.endswith("/usr/local/bin/reference-backend")
+                   for op, args in node[0]):
+            problems.append("the agent-node stage does not copy reference-backend to /usr/local/bin")
+        problems += run_stage_problems("the agent-node stage", node[0],
+                                       ["reference-backend", "--listen", "0.0.0.0:8787"], ["8787"])
     ignored = {l.strip().rstrip("/") for l in Path(dockerignore).read_text().splitlines()
                if l.strip() and not l.startswith("#")}
     for entry_ in ("target", ".git", "node_modules", "tests/workerd/node_modules"):
@@ -470,6 +667,8 @@ def main(argv: list[str]) -> int:
         "metric-names": (0, lambda: print("\n".join(sorted(ALLOWED))) or 0),
         "render-kustomization": (1, render_kustomization),
         "kubernetes": (1, check_kubernetes),
+        "agent-nodes": (2, check_agent_nodes),
+        "local-enabled": (1, local_enabled),
         "grafana": (1, check_grafana),
         "alerts": (2, check_alerts),
         "dockerfile": (2, check_dockerfile),

@@ -13,7 +13,8 @@
 #
 # Environment:
 #   AGENT_GATEWAY_BIN  a built agent-gateway; when set, `$AGENT_GATEWAY_BIN check` also
-#                      validates deploy/kubernetes/gateway.toml with the gateway's own parser.
+#                      validates deploy/kubernetes/gateway.toml with the gateway's own parser,
+#                      as it is and with its commented-out [upstreams.local] example enabled.
 #   KUBE_VERSION       Kubernetes version for the schema check (default 1.30.0, the first
 #                      with the preStop sleep action enabled by default).
 set -uo pipefail
@@ -90,6 +91,7 @@ expected_files=(
   .dockerignore deploy/Dockerfile deploy/README.md deploy/checks.py
   deploy/systemd/agent-gateway.service
   deploy/kubernetes/kustomization.yaml deploy/kubernetes/gateway.toml
+  deploy/kubernetes/agent-nodes.yaml
   deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml
   deploy/grafana/agent-gateway.json
 )
@@ -147,10 +149,18 @@ EOF
     "$VENV/bin/kubernetes-validate" --strict --quiet -k "$KUBE_VERSION" "$WORK/builtin.yaml"
   check "kubernetes cross-references (probes, ports, selectors, grace, security)" \
     "$PY" "${CHECKS[@]}" kubernetes "$rendered"
+  check "kubernetes agent nodes (headless Service, StatefulSet; gateway.toml's srv and health_path)" \
+    "$PY" "${CHECKS[@]}" agent-nodes "$rendered" deploy/kubernetes/gateway.toml
 fi
 if [ -n "${AGENT_GATEWAY_BIN:-}" ]; then
   check "agent-gateway check -c deploy/kubernetes/gateway.toml" \
     "$AGENT_GATEWAY_BIN" check -c deploy/kubernetes/gateway.toml
+  # What an operator gets by enabling the example as its notes say. A local upstream wants the
+  # key in the gateway's own credentials, which the pod mounts from the Secret and this machine
+  # lacks: --warn-secrets keeps the check to the configuration.
+  check "agent-gateway check: gateway.toml with [upstreams.local] enabled" \
+    sh -c "'$PY' deploy/checks.py local-enabled deploy/kubernetes/gateway.toml >'$WORK/local.toml' &&
+      '$AGENT_GATEWAY_BIN' check --warn-secrets -c '$WORK/local.toml'"
 else
   skip "agent-gateway check deploy/kubernetes/gateway.toml (set AGENT_GATEWAY_BIN to a built binary)"
 fi

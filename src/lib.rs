@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod config;
 pub mod edge;
+pub mod fleet;
 pub mod proxy;
 pub mod routing;
 pub mod runtime;

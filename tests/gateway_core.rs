@@ -2,7 +2,7 @@
 
 mod common;
 
-use agent_gateway::upstream::{home_node, Node};
+use agent_gateway::fleet::placement::{PlacedNode, Placement};
 use common::*;
 
 #[tokio::test]
@@ -154,19 +154,20 @@ async fn instances_stay_on_their_home_node() {
     let second = start_backend(Some(TEST_KEY));
     let nodes = [first.address, second.address];
     let gateway = start_gateway(&local_config(&nodes));
-    let ring: Vec<Node> = nodes
-        .iter()
-        .map(|a| Node {
-            address: a.to_string(),
-        })
-        .collect();
+    let ring = Placement::new(
+        nodes
+            .iter()
+            .map(|a| PlacedNode::new(&a.to_string(), &a.to_string(), true))
+            .collect(),
+    );
     let mut served = std::collections::HashMap::new();
     for i in 0..16 {
         let instance = format!("room-{i}");
-        let expected = home_node(&ring, &["coder-agent", &instance])
+        let expected = ring
+            .home(&["coder-agent", &instance])
             .expect("node")
-            .address
-            .clone();
+            .id
+            .to_string();
         for _ in 0..2 {
             let answer = get(
                 gateway.address(),

@@ -2,10 +2,19 @@
 //! contract the way the Agents SDK's Durable Objects do, for the default config, the README's
 //! run command and the tests.
 //!
+//! - `GET /healthz` answers 200 `{"status":"ok","node":"<listen address>"}` (another method:
+//!   405 JSON), before the checks below: a node without its secret is still alive, and a
+//!   health check (the gateway's, a kubelet's probe) carries no routing headers.
+//! - `GET /admin/instances` answers 200 `{"node":"<listen address>","instances":[{"namespace":
+//!   "coder-agent","room":"r1","connections":2}, ...]}`: every (namespace, room) with at least
+//!   one open WebSocket right now and how many, sorted by namespace then room; a connection
+//!   leaves the count as soon as its WebSocket ends, however it ends. Another method: 405
+//!   JSON. An admin path of this node for tests and operators, not part of the agent protocol
+//!   (the gateway routes only `/agents/...` here), so it too comes before the checks below.
+//! - Without `OPENROUTER_API_KEY` in its environment it answers every other request with 500
+//!   `OPENROUTER_API_KEY is not set`, as the field's Worker did.
 //! - Without `x-partykit-namespace`/`x-partykit-room` it answers 500 with the message field
 //!   agents gave, so a direct connection fails as it does in the field.
-//! - Without `OPENROUTER_API_KEY` in its environment it answers every request with 500
-//!   `OPENROUTER_API_KEY is not set`, as the field's Worker did.
 //! - With them, WebSocket connections join one in-memory instance per (namespace, room): the
 //!   agent greets with `cf_agent_identity`, echoes every message to its sender, broadcasts it
 //!   to the instance's other connections, and closes with a chosen code when a text message
@@ -24,7 +33,7 @@ use bytes::BytesMut;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,13 +48,15 @@ use tokio_tungstenite::WebSocketStream;
 const SECRET_ENV: &str = "OPENROUTER_API_KEY";
 
 type Outbox = mpsc::UnboundedSender<Message>;
+type Rooms = BTreeMap<(String, String), HashMap<u64, Outbox>>;
 
 #[derive(Default)]
 struct Instances {
     /// This backend's address, reported in HTTP answers so tests can see which node served.
     node: String,
-    /// (namespace, room) -> connection id -> its outbox.
-    rooms: Mutex<HashMap<(String, String), HashMap<u64, Outbox>>>,
+    /// (namespace, room) -> connection id -> its outbox: the open connections only, and only
+    /// rooms that have one (see [`Membership`]). Ordered, so `/admin/instances` lists it as is.
+    rooms: Mutex<Rooms>,
     /// (namespace, room) -> the close codes its connections received, in order (1005 for an
     /// empty Close, 1006 for a connection that ended without one): what tests check to see
     /// what reached the upstream side.
@@ -155,6 +166,9 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
         Some(r) => r,
         None => return Ok(()),
     };
+    if let Some((status, body)) = admin_answer(&request, &instances) {
+        return respond_json(&mut stream, status, &body).await;
+    }
     let key_present = std::env::var(SECRET_ENV).is_ok_and(|v| !v.trim().is_empty());
     if !key_present {
         return respond(
@@ -195,7 +209,7 @@ async fn handle(mut stream: TcpStream, instances: Arc<Instances>) -> std::io::Re
             "received_control": instances.received_control(&namespace, &room),
             "last_upgrade": instances.last_upgrade(&namespace, &room),
         });
-        return respond(&mut stream, 200, "application/json", &body.to_string()).await;
+        return respond_json(&mut stream, 200, &body).await;
     }
     instances.upgraded(&namespace, &room, &request);
     let Some(key) = request.header("sec-websocket-key") else {
@@ -218,15 +232,10 @@ async fn run_connection(
     room: String,
     instances: &Instances,
 ) {
-    let id = instances.next_id.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut inbox) = mpsc::unbounded_channel();
     let key = (namespace.clone(), room.clone());
-    if let Ok(mut rooms) = instances.rooms.lock() {
-        rooms
-            .entry(key.clone())
-            .or_default()
-            .insert(id, outbox.clone());
-    }
+    let membership = instances.join(&key, outbox.clone());
+    let id = membership.id;
     let identity = json!({"type": "cf_agent_identity", "name": room, "agent": namespace});
     let _ = outbox.send(Message::text(identity.to_string()));
     let (mut sink, mut source) = socket.split();
@@ -277,19 +286,58 @@ async fn run_connection(
             .or_default()
             .push(received_reason);
     }
-    if let Ok(mut rooms) = instances.rooms.lock() {
-        if let Some(connections) = rooms.get_mut(&key) {
-            connections.remove(&id);
-            if connections.is_empty() {
-                rooms.remove(&key);
-            }
-        }
-    }
+    // The WebSocket has ended: out of the count now, not after the writer winds down, and
+    // after its Close is recorded, so whoever sees the count drop also sees that Close.
+    drop(membership);
     drop(outbox);
     let _ = writer.await;
 }
 
+/// A connection's place in [`Instances::rooms`]: dropping it removes the connection, and its
+/// room once empty, so the listing is exact whichever way the connection ended (a Close from
+/// either side, a dropped socket, an error, a task that ended early).
+struct Membership<'a> {
+    instances: &'a Instances,
+    key: (String, String),
+    id: u64,
+}
+
+impl Drop for Membership<'_> {
+    fn drop(&mut self) {
+        // A poisoned lock still holds a usable map; leaving the entry would make the count lie.
+        let mut rooms = self
+            .instances
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(connections) = rooms.get_mut(&self.key) {
+            connections.remove(&self.id);
+            if connections.is_empty() {
+                rooms.remove(&self.key);
+            }
+        }
+    }
+}
+
 impl Instances {
+    /// Adds a connection to the instance `key`; it stays counted while the result lives.
+    fn join(&self, key: &(String, String), outbox: Outbox) -> Membership<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms.entry(key.clone()).or_default().insert(id, outbox);
+        Membership {
+            instances: self,
+            key: key.clone(),
+            id,
+        }
+    }
+
+    /// The `/admin/instances` answer: open connections per (namespace, room).
+    fn listing(&self) -> serde_json::Value {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        listing(&self.node, &rooms)
+    }
+
     fn received_closes(&self, namespace: &str, room: &str) -> Vec<u16> {
         self.received_closes
             .lock()
@@ -354,6 +402,36 @@ fn broadcast(instances: &Instances, key: &(String, String), _from: u64, message:
             let _ = outbox.send(message.clone());
         }
     }
+}
+
+/// The answer to this node's own paths (`/healthz`, `/admin/instances`), which need neither
+/// routing headers nor the secret; `None` for every other path.
+fn admin_answer(request: &Request, instances: &Instances) -> Option<(u16, serde_json::Value)> {
+    let path = request.path.split('?').next().unwrap_or("");
+    if path != "/healthz" && path != "/admin/instances" {
+        return None;
+    }
+    Some(if request.method != "GET" {
+        let error = format!("{} is not allowed on {path}; use GET", request.method);
+        (405, json!({ "error": error }))
+    } else if path == "/healthz" {
+        (200, json!({"status": "ok", "node": instances.node}))
+    } else {
+        (200, instances.listing())
+    })
+}
+
+/// `{"node": node, "instances": [{"namespace", "room", "connections"}, ...]}` in the order of
+/// `rooms` (namespace, then room), leaving out rooms without connections.
+fn listing(node: &str, rooms: &Rooms) -> serde_json::Value {
+    let instances: Vec<serde_json::Value> = rooms
+        .iter()
+        .filter(|(_, connections)| !connections.is_empty())
+        .map(|((namespace, room), connections)| {
+            json!({"namespace": namespace, "room": room, "connections": connections.len()})
+        })
+        .collect();
+    json!({ "node": node, "instances": instances })
 }
 
 fn close_request(text: &str) -> Option<CloseFrame> {
@@ -443,6 +521,14 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Request
     }
 }
 
+async fn respond_json(
+    stream: &mut TcpStream,
+    status: u16,
+    body: &serde_json::Value,
+) -> std::io::Result<()> {
+    respond(stream, status, "application/json", &body.to_string()).await
+}
+
 async fn respond(
     stream: &mut TcpStream,
     status: u16,
@@ -453,8 +539,10 @@ async fn respond(
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
+    // A 405 names what is allowed (RFC 9110, 15.5.6): only the admin paths answer 405.
+    let allow = if status == 405 { "allow: GET\r\n" } else { "" };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{allow}connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -479,5 +567,87 @@ mod tests {
         assert_eq!(u16::from(close.code), 4001);
         assert!(close_request("hello").is_none());
         assert!(close_request(r#"{"type":"chat"}"#).is_none());
+    }
+
+    fn instances() -> Instances {
+        Instances {
+            node: "127.0.0.1:8787".to_owned(),
+            ..Instances::default()
+        }
+    }
+
+    fn key(namespace: &str, room: &str) -> (String, String) {
+        (namespace.to_owned(), room.to_owned())
+    }
+
+    fn get(path: &str, method: &str) -> Request {
+        Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn listing_counts_open_connections_sorted_and_forgets_ended_ones() {
+        let instances = instances();
+        let (outbox, _inbox) = mpsc::unbounded_channel();
+        let b1 = instances.join(&key("b-agent", "r1"), outbox.clone());
+        let a2 = instances.join(&key("a-agent", "r2"), outbox.clone());
+        let a1 = instances.join(&key("a-agent", "r1"), outbox.clone());
+        let a1_again = instances.join(&key("a-agent", "r1"), outbox.clone());
+        assert_eq!(
+            instances.listing(),
+            json!({"node": "127.0.0.1:8787", "instances": [
+                {"namespace": "a-agent", "room": "r1", "connections": 2},
+                {"namespace": "a-agent", "room": "r2", "connections": 1},
+                {"namespace": "b-agent", "room": "r1", "connections": 1},
+            ]})
+        );
+        drop(a1);
+        drop(b1);
+        assert_eq!(
+            instances.listing()["instances"],
+            json!([
+                {"namespace": "a-agent", "room": "r1", "connections": 1},
+                {"namespace": "a-agent", "room": "r2", "connections": 1},
+            ])
+        );
+        drop((a1_again, a2));
+        assert_eq!(instances.listing()["instances"], json!([]));
+        // Emptied rooms are gone, not kept with zero connections.
+        assert!(instances.rooms.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn listing_leaves_out_rooms_without_connections() {
+        let mut rooms = Rooms::new();
+        rooms.insert(key("a", "empty"), HashMap::new());
+        assert_eq!(listing("n", &rooms), json!({"node": "n", "instances": []}));
+    }
+
+    #[test]
+    fn admin_paths_answer_without_routing_headers() {
+        let instances = instances();
+        let health = admin_answer(&get("/healthz", "GET"), &instances);
+        assert_eq!(
+            health,
+            Some((200, json!({"status": "ok", "node": "127.0.0.1:8787"})))
+        );
+        let (status, body) =
+            admin_answer(&get("/admin/instances?x=1", "GET"), &instances).expect("answered");
+        assert_eq!(status, 200);
+        assert_eq!(body["instances"], json!([]));
+        for (path, method) in [("/healthz", "POST"), ("/admin/instances", "DELETE")] {
+            let (status, body) = admin_answer(&get(path, method), &instances).expect("answered");
+            assert_eq!(status, 405, "{method} {path}");
+            assert!(body["error"].as_str().is_some_and(|e| e.contains(method)));
+        }
+        for path in ["/agents/coder-agent/r1", "/healthz/x", "/admin", "/"] {
+            assert!(
+                admin_answer(&get(path, "GET"), &instances).is_none(),
+                "{path}"
+            );
+        }
     }
 }

@@ -6,11 +6,10 @@ use super::file::{SpannedString, UpstreamSection};
 use super::values::{host_of, is_label_safe, is_made_of, is_secret_name, list_or_none};
 use super::{ConfigError, DEFAULT_PROBE_INTERVAL};
 use crate::upstream::{
-    Node, Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+    Probe, Upstream, UpstreamKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use toml::Spanned;
 
 pub(crate) type Upstreams = BTreeMap<String, Arc<Upstream>>;
 
@@ -134,48 +133,6 @@ impl Ctx<'_> {
         }))
     }
 
-    fn extract_local(
-        &self,
-        name: &str,
-        section: &UpstreamSection,
-    ) -> Result<UpstreamKind, ConfigError> {
-        for (field, present) in [
-            ("address", section.address.as_ref().map(Spanned::span)),
-            ("host", section.host.as_ref().map(Spanned::span)),
-            ("tls", section.tls.as_ref().map(Spanned::span)),
-            ("ca_file", section.ca_file.as_ref().map(Spanned::span)),
-        ] {
-            if let Some(span) = present {
-                return Err(self.error_at(
-                    Some(span),
-                    format!(
-                        "`{field}` is for worker upstreams; a local upstream lists its `nodes`"
-                    ),
-                ));
-            }
-        }
-        let nodes = section.nodes.as_ref().ok_or_else(|| {
-            self.error(
-                &section.kind,
-                format!(
-                    "local upstream {name:?} needs `nodes`, a list such as [\"127.0.0.1:8787\"]"
-                ),
-            )
-        })?;
-        if nodes.get_ref().is_empty() {
-            return Err(self.error(nodes, "`nodes` must list at least one \"host:port\""));
-        }
-        let mut resolved: Vec<Node> = Vec::new();
-        for node in nodes.get_ref() {
-            let address = self.host_port(node, None)?;
-            if resolved.iter().any(|n| n.address == address) {
-                return Err(self.error(node, format!("node {address:?} is listed twice")));
-            }
-            resolved.push(Node { address });
-        }
-        Ok(UpstreamKind::Local { nodes: resolved })
-    }
-
     fn extract_worker(
         &self,
         name: &str,
@@ -187,6 +144,7 @@ impl Ctx<'_> {
                 "`nodes` is for local upstreams; a worker upstream has one `address`",
             ));
         }
+        self.refuse_fleet_fields(section)?;
         let tls = section.tls.as_ref().is_none_or(|t| *t.get_ref());
         let address_field = section.address.as_ref().ok_or_else(|| {
             self.error(
@@ -244,7 +202,7 @@ mod tests {
         let err = error_of(&GOOD.replace(LOCAL, "address = \"a:1\""));
         assert_eq!(err, "gateway.toml:7:11: `address` is for worker upstreams; a local upstream lists its `nodes`");
         let err = error_of(&GOOD.replace(LOCAL, ""));
-        assert_eq!(err, "gateway.toml:6:8: local upstream \"local\" needs `nodes`, a list such as [\"127.0.0.1:8787\"]");
+        assert_eq!(err, "gateway.toml:6:8: local upstream \"local\" needs `nodes` (a list such as [\"127.0.0.1:8787\"]), `dns` with `port`, or `srv`");
         let err = error_of(&GOOD.replace(LOCAL, "nodes = []"));
         assert!(err.contains("`nodes` must list at least one"), "{err}");
         let err = error_of(&GOOD.replace(WORKER, ""));

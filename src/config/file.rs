@@ -233,4 +233,15 @@ pub(crate) struct UpstreamSection {
     pub(crate) forward_secrets: Option<Spanned<BTreeMap<String, SpannedString>>>,
     pub(crate) probe_path: Option<SpannedString>,
     pub(crate) probe_interval: Option<SpannedString>,
+    // A local upstream's fleet: its nodes from DNS instead of `nodes`, and their checks.
+    pub(crate) dns: Option<SpannedString>,
+    pub(crate) port: Option<Spanned<i64>>,
+    pub(crate) srv: Option<SpannedString>,
+    pub(crate) resolve_interval: Option<SpannedString>,
+    pub(crate) nameserver: Option<SpannedString>,
+    pub(crate) health_path: Option<SpannedString>,
+    pub(crate) health_interval: Option<SpannedString>,
+    pub(crate) health_timeout: Option<SpannedString>,
+    pub(crate) healthy_after: Option<Spanned<i64>>,
+    pub(crate) unhealthy_after: Option<Spanned<i64>>,
 }

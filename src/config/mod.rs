@@ -6,6 +6,7 @@
 mod context;
 mod extract;
 mod extract_auth;
+mod extract_fleet;
 mod extract_routes;
 mod extract_upstreams;
 mod extract_websocket;

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod authorization;
+pub mod node_choice;
 pub mod problem;
 pub mod responses;
 pub mod upstream_request;
@@ -23,6 +24,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
+use node_choice::{choose_node, NodeChoice};
 use problem::{upstream_error_kind, Problem};
 use responses::{apply_cors, holds_secrets, is_small, send_preflight, upstream_error_answer};
 use serde_json::json;
@@ -51,6 +53,8 @@ pub(crate) struct RequestCtx {
     /// The configuration this request is served under, start to end (forwarded requests).
     active: Option<Arc<ActiveConfig>>,
     target: Option<Target>,
+    /// The node the request went to, once chosen.
+    node: Option<NodeChoice>,
     /// A small upstream 500 held back to see whether it is the "NAME is not set" answer.
     held_error_body: Option<bytes::BytesMut>,
     /// The `route` label: a route name, "fallback" or "none".
@@ -103,6 +107,7 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             active: None,
             target: None,
+            node: None,
             held_error_body: None,
             route: NO_ROUTE.to_owned(),
             status: None,
@@ -183,19 +188,31 @@ impl ProxyHttp for Gateway {
     }
 
     /// Runs after `request_filter` let a request through: the peer is the admitted target's
-    /// node (for `local` upstreams, the instance's home by rendezvous hashing). There is no
-    /// default in Pingora; an error here reaches [`Self::fail_to_proxy`].
+    /// node (for `local` upstreams, the instance's home in its fleet). There is no default
+    /// in Pingora; an error here reaches [`Self::fail_to_proxy`], and a `local` upstream with
+    /// no node up answers 503 `no_healthy_node` here.
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let target = ctx
-            .target
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target resolved"))?;
+        let (Some(target), Some(active)) = (ctx.target.as_ref(), ctx.active.as_ref()) else {
+            return Error::e_explain(ErrorType::InternalError, "no target resolved");
+        };
+        let node = match choose_node(active, target) {
+            Ok(node) => node,
+            Err(problem) => {
+                let upstream = target.upstream.name.as_str();
+                self.state.metrics.upstream_error(upstream, "no_healthy_node");
+                problem.send(session, &ctx.client.request_id).await?;
+                ctx.status = Some(problem.status);
+                return Error::e_explain(ErrorType::HTTPStatus(problem.status), "answered: no node up");
+            }
+        };
         ctx.upstream_started = Some(Instant::now());
-        Ok(Box::new(target.peer().await?))
+        let peer = node.peer(target).await;
+        ctx.node = Some(node);
+        Ok(Box::new(peer?))
     }
 
     /// Runs on the request header just before it goes upstream: rewritten for the target
@@ -242,6 +259,9 @@ impl ProxyHttp for Gateway {
             self.state.metrics.upstream_answered(upstream, seconds);
         }
         let status = response.status.as_u16();
+        if let Some(node) = &ctx.node {
+            node.observed(&self.state.fleets, status < 500);
+        }
         if status < 500 {
             self.state.upstream_answered_well(upstream);
         } else if status == 500 && holds_secrets(target) && is_small(response) {
@@ -289,7 +309,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let problem = match (&ctx.target, e.esource()) {
+            (Some(_), _) if session.response_written().is_some() => None,
             (Some(target), pingora::ErrorSource::Upstream) => {
+                if let Some(node) = &ctx.node {
+                    node.observed(&self.state.fleets, false);
+                }
                 let upstream = &target.upstream.name;
                 let kind = upstream_error_kind(e.etype());
                 self.state.metrics.upstream_error(upstream, kind);

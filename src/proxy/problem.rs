@@ -4,6 +4,7 @@ use crate::auth::AuthFailure;
 use crate::edge::cors::OriginHeaderError;
 use crate::edge::limits::LimitRefusal;
 use crate::edge::request_id::REQUEST_ID_HEADER;
+use crate::fleet::placement::NoHome;
 use crate::routing::resolve::Refusal;
 use crate::websocket::handshake::{InvalidUpgrade, InvalidUpgradeAnswer, WEBSOCKET_VERSION};
 use bytes::Bytes;
@@ -70,6 +71,19 @@ impl Problem {
         Problem::new(
             502,
             json!({"error": "upstream_unavailable", "upstream": upstream, "detail": why}),
+        )
+    }
+
+    /// No node of a `local` upstream can take the instance: 503 at once, rather than a 502
+    /// after a connect timeout to a node known to be down.
+    pub(crate) fn no_node(upstream: &str, why: NoHome) -> Self {
+        let detail = match why {
+            NoHome::AllDown => "every node of the upstream is down",
+            NoHome::NoNodes => "the upstream has no nodes (DNS has listed none yet)",
+        };
+        Problem::new(
+            503,
+            json!({"error": "no_healthy_node", "upstream": upstream, "detail": detail}),
         )
     }
 

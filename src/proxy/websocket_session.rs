@@ -2,6 +2,7 @@
 //! client, and the connection's life after the 101 in a task of its own.
 
 use super::admission::{agent_label, Admitted};
+use super::node_choice::choose_for_websocket;
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
@@ -20,7 +21,7 @@ use crate::websocket::handshake::{
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings};
+use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings, StopSignal};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
 use bytes::Bytes;
@@ -93,13 +94,33 @@ pub(crate) async fn serve_websocket(
             return Ok(answered.written(written));
         }
     };
+    let (node, stop) = match choose_for_websocket(&active, &state.fleets, &target) {
+        Ok(chosen) => chosen,
+        Err(problem) => {
+            metrics.upstream_error(upstream_name, "no_healthy_node");
+            let written = problem.send(session, &client.request_id).await;
+            let answered = Answered::refused(&problem, HandshakeResult::UpstreamError);
+            return Ok(answered.written(written));
+        }
+    };
     let mut request = session.req_header().clone();
     prepare_upstream_request(&mut request, &target, client, true, &active.secrets)?;
     let started = Instant::now();
-    let answer = match target.peer().await {
+    let answer = match node.peer(&target).await {
         Ok(peer) => handshake(connector, &peer, &request, target.upstream.read_timeout).await,
         Err(e) => Err(e),
     };
+    // Only an upgraded connection stays registered on the node: a refused one must not
+    // count as a connection that a placement change moves.
+    let upgraded = matches!(answer, Ok(Handshake::Upgraded { .. }));
+    let stop = stop.filter(|_| upgraded);
+    // A passive health check: the node failed the upgrade or answered it 5xx, or not.
+    let node_failed = match &answer {
+        Ok(Handshake::Refused { response, .. }) => response.status.as_u16() >= 500,
+        Ok(Handshake::Upgraded { .. }) => false,
+        Err(_) => true,
+    };
+    node.observed(&state.fleets, !node_failed);
     let (mut response, stream, preread) = match answer {
         Ok(Handshake::Upgraded {
             response,
@@ -185,6 +206,7 @@ pub(crate) async fn serve_websocket(
         (String::new(), None)
     };
     let connection = UpgradedConnection {
+        stop: stop.unwrap_or_else(|| state.drain.signal()),
         metrics: metrics.websocket.connection_opened(agent_label(&target)),
         _open: state.connections.open(),
         _slot: slot,
@@ -212,6 +234,9 @@ pub(crate) async fn serve_websocket(
 /// An agent WebSocket after its 101: everything its own task needs, and the guards that
 /// keep it counted (drain, limits, active gauge) until the task ends.
 struct UpgradedConnection {
+    /// What its pump watches: its instance's channel on a `local` node (drain and
+    /// migration), else the gateway's drain.
+    stop: StopSignal,
     metrics: ConnectionMetrics,
     _open: ConnectionGuard,
     _slot: WebSocketSlot,
@@ -258,7 +283,6 @@ impl UpgradedConnection {
     /// 1792-byte block, a larger one 2048 bytes or more.
     fn run(self, client: Socket) -> impl Future<Output = ()> + Send + 'static {
         let limiter = self.limiter();
-        let drain = self.state.drain.signal();
         let access_log = self.active.log.access_log;
         let held = Held {
             metrics: self.metrics,
@@ -277,7 +301,7 @@ impl UpgradedConnection {
             upstream_preread: &self.preread,
             deflate: self.deflate,
         };
-        pump(ends, drain, held, limiter).map(|(outcome, held)| held.account(&outcome))
+        pump(ends, self.stop, held, limiter).map(|(outcome, held)| held.account(&outcome))
     }
 
     /// The connection's rate limits, when its settings have any: its own buckets, and its
@@ -479,7 +503,7 @@ fn log_outcome(
                 "instance_hash",
                 json!(format!(
                     "{:016x}",
-                    crate::upstream::stable_hash(instance.as_bytes())
+                    crate::fleet::placement::stable_hash(instance.as_bytes())
                 )),
             ),
             ("upstream", json!(target.upstream.name)),

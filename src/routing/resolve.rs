@@ -7,7 +7,6 @@ use crate::routing::agent_path::{
     as_upstream_reads, parse_agent_path, strip_route_prefix, PathError,
 };
 use crate::upstream::Upstream;
-use pingora::prelude::HttpPeer;
 use std::sync::Arc;
 
 /// Where a request goes.
@@ -28,27 +27,6 @@ pub(crate) struct AgentTarget {
     pub(crate) agent: Arc<Agent>,
     /// As the client sent it (percent-encoding included).
     pub(crate) instance: String,
-}
-
-impl Target {
-    /// A Pingora peer for this request's node.
-    pub(crate) async fn peer(&self) -> pingora::Result<HttpPeer> {
-        let address = self.address().ok_or_else(|| {
-            pingora::Error::explain(
-                pingora::ErrorType::ConnectNoRoute,
-                format!("upstream {} has no node", self.upstream.name),
-            )
-        })?;
-        self.upstream.peer(address).await
-    }
-
-    /// The node address for this request: an agent instance always lands on its home node.
-    pub(crate) fn address(&self) -> Option<&str> {
-        match &self.agent {
-            Some(a) => self.upstream.address_for(&[&a.agent.slug, &a.instance]),
-            None => self.upstream.address_for(&[&self.upstream_path]),
-        }
-    }
 }
 
 /// Why a request cannot be routed; each maps to one status and JSON body.

@@ -6,6 +6,7 @@
 use crate::auth::jwks_remote::JwksRegistry;
 use crate::auth::{AuthPolicy, Authenticator};
 use crate::config::{GatewayConfig, Route};
+use crate::fleet::NodeSource;
 use crate::routing::agent_name::example_spellings;
 use crate::secrets::presence::{hint, secret_state, SecretState};
 use crate::secrets::SecretStore;
@@ -200,7 +201,12 @@ pub(crate) enum UpstreamAddress {
         tls: bool,
     },
     Local {
+        /// The static list, empty for nodes from DNS.
         nodes: Vec<String>,
+        /// The DNS query that lists the nodes, if they come from DNS.
+        dns: Option<String>,
+        /// How the nodes are checked, in words.
+        health: String,
     },
 }
 
@@ -214,9 +220,29 @@ impl UpstreamRow {
                 host: host.clone(),
                 tls: *tls,
             },
-            UpstreamKind::Local { nodes } => UpstreamAddress::Local {
-                nodes: nodes.iter().map(|n| n.address.clone()).collect(),
-            },
+            UpstreamKind::Local { fleet } => {
+                let (nodes, dns) = match &fleet.source {
+                    NodeSource::Static(nodes) => (nodes.clone(), None),
+                    NodeSource::Dns {
+                        query, interval, ..
+                    } => (
+                        Vec::new(),
+                        Some(format!("{query} every {}", duration_text(*interval))),
+                    ),
+                };
+                let h = &fleet.health;
+                let check = match &h.path {
+                    Some(path) => format!("GET {path}"),
+                    None => "TCP connect".to_owned(),
+                };
+                let health = format!(
+                    "{check} every {}, down after {} failures, up after {} successes",
+                    duration_text(h.interval),
+                    h.unhealthy_after,
+                    h.healthy_after
+                );
+                UpstreamAddress::Local { nodes, dns, health }
+            }
         };
         UpstreamRow {
             name: upstream.name.clone(),
@@ -224,7 +250,7 @@ impl UpstreamRow {
         }
     }
 
-    /// `name (worker https://address, Host host)` or `name (local, nodes a b)`.
+    /// `name (worker https://address, Host host)` or `name (local, nodes a b; health ...)`.
     fn describe(&self) -> String {
         match &self.address {
             UpstreamAddress::Worker { address, host, tls } => format!(
@@ -232,9 +258,19 @@ impl UpstreamRow {
                 self.name,
                 if *tls { "https" } else { "http" }
             ),
-            UpstreamAddress::Local { nodes } => {
-                format!("{} (local, nodes {})", self.name, nodes.join(" "))
-            }
+            UpstreamAddress::Local {
+                dns: Some(dns),
+                health,
+                ..
+            } => format!(
+                "{} (local, nodes from DNS {dns}; health {health})",
+                self.name
+            ),
+            UpstreamAddress::Local { nodes, health, .. } => format!(
+                "{} (local, nodes {}; health {health})",
+                self.name,
+                nodes.join(" ")
+            ),
         }
     }
 
@@ -243,8 +279,8 @@ impl UpstreamRow {
             UpstreamAddress::Worker { address, host, tls } => {
                 json!({"name": self.name, "kind": "worker", "address": address, "host": host, "tls": tls})
             }
-            UpstreamAddress::Local { nodes } => {
-                json!({"name": self.name, "kind": "local", "nodes": nodes})
+            UpstreamAddress::Local { nodes, dns, health } => {
+                json!({"name": self.name, "kind": "local", "nodes": nodes, "dns": dns, "health": health})
             }
         }
     }
@@ -475,7 +511,7 @@ mod tests {
         let text = String::from_utf8(out).expect("utf-8");
         for expected in [
             "route agents (/agents, default instance \"default\")",
-            "    upstream  /agents/coder-agent/{instance} on local (local, nodes 127.0.0.1:1)",
+            "    upstream  /agents/coder-agent/{instance} on local (local, nodes 127.0.0.1:1; health TCP connect every 5s, down after 3 failures, up after 2 successes)",
             "    secret    TABLE_TEST_UNSET: MISSING: set the file /nonexistent/TABLE_TEST_UNSET",
             "    secret    TABLE_TEST_UNSET: kept by the Worker (the Worker behind upstream cloud needs it",
             "paths outside every prefix: cloud (worker https://agents.example.com:443, Host agents.example.com)",

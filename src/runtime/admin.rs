@@ -1,5 +1,5 @@
-//! The admin listener: metrics, health, readiness, drain, reload and the resolved routing
-//! table. Bound to loopback by default and never served on the public listener.
+//! The admin listener: metrics, health, readiness, drain, reload, the resolved routing
+//! table and the fleets of the `local` upstreams. Bound to loopback by default and never served on the public listener.
 
 use crate::routing::table::RoutingTable;
 use crate::runtime::state::GatewayState;
@@ -11,7 +11,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-const ENDPOINTS: &str = "GET /metrics, /healthz, /readyz, /config; POST /drain, /reload";
+const ENDPOINTS: &str = "GET /metrics, /healthz, /readyz, /config, /fleet; POST /drain, /reload";
 
 pub(crate) struct Admin {
     state: Arc<GatewayState>,
@@ -40,6 +40,8 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_owned();
         match (method, path.as_str()) {
             (Method::GET, "/metrics") => {
+                // The fleet gauges are read off the live connections at scrape time.
+                self.state.fleets.refresh_gauges();
                 let body = self.state.metrics.render();
                 Response::builder()
                     .status(StatusCode::OK)
@@ -64,8 +66,9 @@ impl ServeHttp for Admin {
                 None => json_response(StatusCode::OK, json!({"ready": true})),
             },
             (Method::GET, "/config") => json_response(StatusCode::OK, describe(&self.state)),
+            (Method::GET, "/fleet") => json_response(StatusCode::OK, self.state.fleets.describe()),
             (Method::POST, "/drain") => {
-                self.state.drain.start();
+                self.state.start_drain();
                 json_response(StatusCode::ACCEPTED, json!({"draining": true}))
             }
             (Method::POST, "/reload") => match self.state.reload("POST /reload") {
@@ -75,7 +78,7 @@ impl ServeHttp for Admin {
                     json!({"error": "config_invalid", "detail": e.to_string(), "reloaded": false}),
                 ),
             },
-            (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/drain" | "/reload") => {
+            (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/fleet" | "/drain" | "/reload") => {
                 json_response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     json!({"error": "method_not_allowed", "detail": ENDPOINTS}),

@@ -1,6 +1,7 @@
 //! Drain: the signal that tells every agent WebSocket to close with 1001 and new upgrades to
 //! be refused, and the count of open WebSockets a drain waits for.
 
+use crate::websocket::pump::{StopOrder, StopSignal};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,30 +9,34 @@ use tokio::sync::{watch, Notify};
 
 /// Whether the gateway is draining; once started, a drain is never undone in this process.
 pub(crate) struct Drain {
-    sender: watch::Sender<bool>,
+    sender: watch::Sender<StopOrder>,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
-            sender: watch::channel(false).0,
+            sender: watch::channel(StopOrder::Run).0,
         }
     }
 }
 
 impl Drain {
-    pub(crate) fn start(&self) {
-        if !self.sender.send_replace(true) {
+    /// Starts the drain; `true` the first time. Connections on `local` nodes watch their
+    /// instance's channel instead, which the caller drains too.
+    pub(crate) fn start(&self) -> bool {
+        let first = self.sender.send_replace(StopOrder::Drain) == StopOrder::Run;
+        if first {
             log::warn!("draining: agent WebSockets get Close 1001, new upgrades are refused");
         }
+        first
     }
 
     pub(crate) fn draining(&self) -> bool {
-        *self.sender.borrow()
+        *self.sender.borrow() != StopOrder::Run
     }
 
-    /// What each connection's pump watches.
-    pub(crate) fn signal(&self) -> watch::Receiver<bool> {
+    /// What the pump of a connection that has no instance channel watches.
+    pub(crate) fn signal(&self) -> StopSignal {
         self.sender.subscribe()
     }
 }
@@ -106,7 +111,7 @@ mod tests {
         assert!(!drain.draining());
         drain.start();
         assert!(drain.draining());
-        assert!(*before.borrow());
-        assert!(*drain.signal().borrow());
+        assert_eq!(*before.borrow(), StopOrder::Drain);
+        assert_eq!(*drain.signal().borrow(), StopOrder::Drain);
     }
 }

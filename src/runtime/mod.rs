@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod drain;
+pub mod fleet_checks;
 pub mod jwks_refresh;
 pub mod probes;
 pub mod reload;

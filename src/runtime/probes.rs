@@ -45,7 +45,18 @@ impl BackgroundService for SecretProbes {
                     .filter(|a| a.upstream.name == upstream.name)
                     .flat_map(|a| a.required_secrets.iter().cloned())
                     .collect();
-                self.probe(&connector, upstream, &probe.path, &required)
+                let addresses: Vec<String> = match &upstream.kind {
+                    UpstreamKind::Worker { address, .. } => vec![address.clone()],
+                    // Every node in the fleet now, up or down: a down node's answer is news.
+                    UpstreamKind::Local { .. } => config.fleets.get(&upstream.name).map_or_else(
+                        Vec::new,
+                        |fleet| {
+                            let placement = fleet.placement();
+                            placement.nodes().iter().map(|n| n.connect.to_string()).collect()
+                        },
+                    ),
+                };
+                self.probe(&connector, upstream, &addresses, &probe.path, &required)
                     .await;
             }
             tokio::select! {
@@ -61,20 +72,17 @@ impl SecretProbes {
         &self,
         connector: &pingora::connectors::TransportConnector,
         upstream: &Upstream,
+        addresses: &[String],
         path: &str,
         required: &[String],
     ) {
-        let addresses: Vec<&str> = match &upstream.kind {
-            UpstreamKind::Worker { address, .. } => vec![address.as_str()],
-            UpstreamKind::Local { nodes } => nodes.iter().map(|n| n.address.as_str()).collect(),
-        };
         for address in addresses {
             let answer = async {
                 let peer = upstream.peer(address).await?;
                 let mut request = RequestHeader::build("GET", path.as_bytes(), None)?;
                 let host = match &upstream.kind {
                     UpstreamKind::Worker { host, .. } => host.as_str(),
-                    UpstreamKind::Local { .. } => address,
+                    UpstreamKind::Local { .. } => address.as_str(),
                 };
                 request.insert_header(http::header::HOST, host)?;
                 request.insert_header(http::header::CONNECTION, "close")?;

@@ -1,6 +1,7 @@
 //! Server wiring: the Pingora server, the public proxy service, the admin service, the secret
 //! probes, the JWKS refresh, and the signal watcher that drains before Pingora shuts down.
 
+use super::fleet_checks::FleetChecks;
 use super::jwks_refresh::JwksRefresh;
 use super::probes::SecretProbes;
 use crate::config::GatewayConfig;
@@ -90,6 +91,10 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
         state: state.clone(),
     };
     server.add_service(background_service("jwks refresh", jwks));
+    let fleet = FleetChecks {
+        state: state.clone(),
+    };
+    server.add_service(background_service("fleet checks", fleet));
     log::info!("agent-gateway listening on http://{listen}, admin on http://{admin_listen}");
     server.run(RunArgs {
         shutdown_signal: Box::new(GatewaySignals { state }),

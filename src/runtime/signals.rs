@@ -42,7 +42,7 @@ impl ShutdownSignalWatch for GatewaySignals {
                     let _ = self.state.reload("SIGHUP");
                 }
                 _ = terminate.recv() => {
-                    self.state.drain.start();
+                    self.state.start_drain();
                     let grace = self.state.config().drain_grace;
                     let left = self.state.connections.wait_idle(grace).await;
                     if left > 0 {
@@ -51,7 +51,7 @@ impl ShutdownSignalWatch for GatewaySignals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = quit.recv() => {
-                    self.state.drain.start();
+                    self.state.start_drain();
                     return ShutdownSignal::GracefulUpgrade;
                 }
                 _ = interrupt.recv() => return ShutdownSignal::FastShutdown,

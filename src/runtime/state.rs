@@ -9,10 +9,12 @@ use crate::auth::Authenticator;
 use crate::config::{ConfigError, GatewayConfig};
 use crate::edge::limits::LimitState;
 use crate::edge::tls::SniResolver;
+use crate::fleet::{Fleet, Fleets};
 use crate::secrets::presence::presence;
 use crate::secrets::reports::UpstreamReports;
 use crate::secrets::SecretStore;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::UpstreamKind;
 use crate::websocket::pump::PumpSettings;
 use crate::websocket::rate_limit::ClientBuckets;
 use arc_swap::ArcSwap;
@@ -32,23 +34,32 @@ pub(crate) struct ActiveConfig {
     pub(crate) client_limits: ClientLimits,
     /// The checks of the authentication policies, with their keys and caches.
     pub(crate) auth: Authenticator,
+    /// The fleets of the `local` upstreams, by upstream name: made once and kept across
+    /// reloads by [`Fleets`], so that node health and discovered nodes survive them.
+    pub(crate) fleets: HashMap<String, Arc<Fleet>>,
 }
 
 impl ActiveConfig {
     /// Reads the secrets `config` names (start-up and reload do this, parsing does not),
-    /// and the JWKS files its policies name. JWKS URLs are `jwks`'s, which outlives it.
-    pub(crate) fn new(config: GatewayConfig, jwks: &JwksRegistry) -> Self {
+    /// and the JWKS files its policies name. JWKS URLs are `jwks`'s, which outlives it, as
+    /// the fleets are `fleets`'s: a changed placement closes the connections it moves.
+    pub(crate) fn new(config: GatewayConfig, jwks: &JwksRegistry, fleets: &Fleets) -> Self {
         let secrets = SecretStore::read(&config);
         let client_limits = ClientLimits::of(&config);
         let auth = Authenticator::new(&config, &secrets, jwks);
         for (_, why) in auth.unusable() {
             log::error!("{why}; its agents answer 503 auth_unavailable until a reload fixes it");
         }
+        let fleets = fleets.configure(config.upstreams.values().filter_map(|u| match &u.kind {
+            UpstreamKind::Local { fleet } => Some((u.name.as_str(), fleet)),
+            UpstreamKind::Worker { .. } => None,
+        }));
         ActiveConfig {
             config,
             secrets,
             client_limits,
             auth,
+            fleets,
         }
     }
 }
@@ -119,6 +130,8 @@ pub(crate) struct GatewayState {
     pub(crate) connections: Arc<ConnectionTracker>,
     /// The JWKS URLs of every policy so far, with their keys: kept across reloads.
     pub(crate) jwks: Arc<JwksRegistry>,
+    /// The `local` upstreams' nodes, health and open connections: kept across reloads.
+    pub(crate) fleets: Arc<Fleets>,
     /// The TLS listener's certificates, replaced on reload.
     tls_resolver: Option<Arc<SniResolver>>,
 }
@@ -131,12 +144,15 @@ impl GatewayState {
             .and_then(|t| t.certificates.clone())
             .map(|store| Arc::new(SniResolver::new(store)));
         let jwks = Arc::new(JwksRegistry::default());
+        let metrics = Metrics::new();
+        let fleets = Arc::new(Fleets::new(metrics.fleet.clone()));
         let state = Arc::new(GatewayState {
             tls_resolver,
-            active: ArcSwap::from_pointee(ActiveConfig::new(config, &jwks)),
+            active: ArcSwap::from_pointee(ActiveConfig::new(config, &jwks, &fleets)),
             jwks,
+            fleets,
             config_path,
-            metrics: Metrics::new(),
+            metrics,
             reports: UpstreamReports::default(),
             limits: Arc::default(),
             drain: Drain::default(),
@@ -174,7 +190,7 @@ impl GatewayState {
             log::warn!("reload ({trigger}): {field} changed; it takes effect only after a restart");
         }
         self.active
-            .store(Arc::new(ActiveConfig::new(new, &self.jwks)));
+            .store(Arc::new(ActiveConfig::new(new, &self.jwks, &self.fleets)));
         self.refresh_secret_gauges();
         log::info!("reload ({trigger}) applied");
         Ok(json!({"reloaded": true, "needs_restart": needs_restart}))
@@ -183,6 +199,12 @@ impl GatewayState {
     /// The resolver the TLS listener is built with, if there is one.
     pub(crate) fn tls_resolver(&self) -> Option<Arc<SniResolver>> {
         self.tls_resolver.clone()
+    }
+
+    /// Starts the drain: every agent WebSocket gets Close 1001, new upgrades are refused.
+    pub(crate) fn start_drain(&self) {
+        self.drain.start();
+        self.fleets.owners.drain();
     }
 
     /// Why the gateway is not ready, if it is not.

@@ -71,7 +71,7 @@ fn read_source(source: &SecretSource) -> Option<SecretValue> {
 /// What may be shown of a credential: its length and FNV-1a hash, enough for a test to check
 /// that the right value arrived without anyone printing it.
 pub fn fingerprint(value: &str) -> String {
-    let hash = crate::upstream::stable_hash(value.as_bytes());
+    let hash = crate::fleet::placement::stable_hash(value.as_bytes());
     format!("redacted len={} fnv={hash:016x}", value.len())
 }
 

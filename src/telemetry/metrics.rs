@@ -3,9 +3,11 @@
 //! Label values come from the configuration (route, upstream and secret names) or from fixed
 //! sets, never from raw client input. The WebSocket families live beside the pump
 //! ([`crate::websocket::metrics`]), the authentication ones beside the policies
-//! ([`crate::auth::metrics`]); both are registered here with the rest.
+//! ([`crate::auth::metrics`]), the fleet's beside it ([`crate::fleet::metrics`]); all are
+//! registered here with the rest.
 
 use crate::auth::metrics::AuthMetrics;
+use crate::fleet::metrics::FleetMetrics;
 use crate::secrets::presence::SecretPresence;
 use crate::websocket::metrics::{counter, gauge, histogram, status_label, WebSocketMetrics};
 use prometheus::core::Collector;
@@ -15,6 +17,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) websocket: WebSocketMetrics,
     pub(crate) auth: AuthMetrics,
+    pub(crate) fleet: FleetMetrics,
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -68,6 +71,7 @@ impl Metrics {
             registry,
             websocket: WebSocketMetrics::new(),
             auth: AuthMetrics::new(),
+            fleet: FleetMetrics::new(),
         };
         // Both results exist from the start, so that increase() sees the first failure.
         for result in ["success", "failure"] {
@@ -93,6 +97,7 @@ impl Metrics {
         ];
         let families = metrics.websocket.collectors().into_iter();
         let families = families.chain(metrics.auth.collectors());
+        let families = families.chain(metrics.fleet.collectors());
         for collector in own.into_iter().chain(families) {
             metrics
                 .registry

@@ -1,10 +1,10 @@
 //! Upstreams: where an agent request goes, and how to reach it.
 //!
 //! A `worker` upstream is one Cloudflare Worker that runs `routeAgentRequest` itself. A `local`
-//! upstream is a set of self-hosted agent nodes that expect the gateway to do that routing; an
-//! agent instance lives on exactly one of them, chosen by rendezvous hashing so that every
-//! gateway replica with the same node list agrees without talking to the others.
+//! upstream is a fleet of self-hosted agent nodes that expect the gateway to do that routing;
+//! an agent instance lives on exactly one of them ([`crate::fleet`] decides which).
 
+use crate::fleet::FleetSettings;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
@@ -73,14 +73,9 @@ pub(crate) enum UpstreamKind {
         ca: OnceLock<Arc<CaType>>,
     },
     Local {
-        nodes: Vec<Node>,
+        /// Where its nodes come from and how they are checked.
+        fleet: FleetSettings,
     },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    /// `host:port`, as configured; also the node's identity in the hash.
-    pub address: String,
 }
 
 impl Upstream {
@@ -94,15 +89,6 @@ impl Upstream {
     /// Whether the gateway must set the routing headers itself.
     pub(crate) fn is_local(&self) -> bool {
         matches!(self.kind, UpstreamKind::Local { .. })
-    }
-
-    /// The address to connect to for an agent instance (`key` is `(slug, instance)`), or the
-    /// fallback route's whole path when there is no instance.
-    pub(crate) fn address_for(&self, key: &[&str]) -> Option<&str> {
-        match &self.kind {
-            UpstreamKind::Worker { address, .. } => Some(address),
-            UpstreamKind::Local { nodes } => home_node(nodes, key).map(|n| n.address.as_str()),
-        }
     }
 
     /// A Pingora peer for `address`, with this upstream's TLS and timeouts. The name is resolved
@@ -149,42 +135,6 @@ impl Upstream {
     }
 }
 
-/// Rendezvous (highest random weight) hashing: the node with the highest score for `key` is
-/// its home. Removing a node moves only the keys that lived on it; adding one takes only
-/// the keys it now wins. The hash is FNV-1a plus a finaliser, fixed here rather than
-/// `std`'s unspecified one, so that replicas built by different compilers agree.
-pub fn home_node<'a>(nodes: &'a [Node], key: &[&str]) -> Option<&'a Node> {
-    let key_hash = key.iter().fold(FNV_OFFSET, |h, part| {
-        fnv1a(fnv1a(h, part.as_bytes()), &[0xff])
-    });
-    nodes
-        .iter()
-        .max_by_key(|node| mix(fnv1a(key_hash, node.address.as_bytes())))
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// A hash that is the same on every build and machine (FNV-1a, 64 bits): for placement and
-/// for fingerprints in logs, never for security.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    fnv1a(FNV_OFFSET, bytes)
-}
-
-fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// splitmix64's finaliser: spreads FNV's weak low bits over the whole word.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Reads every certificate of a PEM file, checking each parses, for a per-upstream CA.
 pub(crate) fn load_ca_file(path: &Path) -> std::result::Result<Arc<CaType>, String> {
     use rustls_pki_types::pem::PemObject;
@@ -202,77 +152,4 @@ pub(crate) fn load_ca_file(path: &Path) -> std::result::Result<Arc<CaType>, Stri
         return Err("it holds no PEM certificate".to_owned());
     }
     Ok(Arc::from(certs.into_boxed_slice()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(addresses: &[&str]) -> Vec<Node> {
-        addresses
-            .iter()
-            .map(|a| Node {
-                address: (*a).to_owned(),
-            })
-            .collect()
-    }
-
-    fn instances() -> Vec<String> {
-        (0..2000).map(|i| format!("room-{i}")).collect()
-    }
-
-    #[test]
-    fn home_node_is_stable_and_spread() {
-        let three = nodes(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
-        let mut counts = [0usize; 3];
-        for instance in instances() {
-            let first = home_node(&three, &["coder-agent", &instance]).expect("a node");
-            let again = home_node(&three, &["coder-agent", &instance]).expect("a node");
-            assert_eq!(first, again);
-            let index = three
-                .iter()
-                .position(|n| n == first)
-                .expect("one of the nodes");
-            counts[index] += 1;
-        }
-        for count in counts {
-            assert!((500..=830).contains(&count), "uneven spread: {counts:?}");
-        }
-    }
-
-    #[test]
-    fn removing_a_node_moves_only_its_instances() {
-        let three = nodes(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
-        let two = nodes(&["10.0.0.1:80", "10.0.0.3:80"]);
-        let mut moved = 0;
-        for instance in instances() {
-            let before = home_node(&three, &["coder-agent", &instance]).expect("a node");
-            let after = home_node(&two, &["coder-agent", &instance]).expect("a node");
-            if before.address == "10.0.0.2:80" {
-                moved += 1;
-            } else {
-                assert_eq!(before, after, "{instance} moved off a surviving node");
-            }
-        }
-        assert!(moved > 0);
-    }
-
-    #[test]
-    fn the_mapping_is_fixed_across_builds() {
-        // Pinned so that a change of hash, which would re-home every instance on a rolling
-        // upgrade, cannot pass unnoticed.
-        let three = nodes(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
-        let homes: Vec<&str> = ["default", "alice", "bob", "Default"]
-            .iter()
-            .map(|i| {
-                home_node(&three, &["coder-agent", i])
-                    .expect("a node")
-                    .address
-                    .as_str()
-            })
-            .collect();
-        assert_eq!(homes, PINNED_HOMES);
-    }
-
-    const PINNED_HOMES: [&str; 4] = ["10.0.0.3:80", "10.0.0.2:80", "10.0.0.1:80", "10.0.0.3:80"];
 }

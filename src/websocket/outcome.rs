@@ -77,6 +77,8 @@ pub(crate) enum Cause {
     RateLimit,
     /// The client's credential expired while its WebSocket was open.
     TokenExpired,
+    /// The instance's home moved to another node (health, reload, discovery).
+    Migrated,
 }
 
 impl Cause {
@@ -90,6 +92,7 @@ impl Cause {
             Cause::ProtocolError => "protocol_error",
             Cause::RateLimit => "rate_limit",
             Cause::TokenExpired => "token_expired",
+            Cause::Migrated => "migrated",
         }
     }
 }

@@ -58,8 +58,21 @@ struct GatewayClose {
     cause: Cause,
 }
 
-/// Requests from outside the pump: the drain of the whole gateway.
-pub(crate) type DrainSignal = watch::Receiver<bool>;
+/// What the gateway may ask of an open connection from outside its pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopOrder {
+    /// Keep pumping.
+    Run,
+    /// The gateway is draining: Close 1001 to both sides.
+    Drain,
+    /// The instance's home moved to another node: Close 1012 to both sides, so the client
+    /// reconnects and lands on the new home.
+    Migrate,
+}
+
+/// Orders from outside the pump: the whole gateway's drain for most connections; for an
+/// instance on a `local` node, its instance's own channel, which also carries the drain.
+pub(crate) type StopSignal = watch::Receiver<StopOrder>;
 
 /// The two ends of an upgraded connection.
 pub(crate) struct Ends<'a> {
@@ -90,7 +103,7 @@ pub(crate) trait PumpOwner: Send + 'static {
 /// before the first wait is done here; the future owns what it needs, once.
 pub(crate) fn pump<O: PumpOwner>(
     ends: Ends<'_>,
-    mut drain: DrainSignal,
+    mut stop: StopSignal,
     owner: O,
     mut limiter: Option<Box<ConnectionLimiter>>,
 ) -> impl Future<Output = (ConnectionOutcome, O)> + Send {
@@ -153,19 +166,23 @@ pub(crate) fn pump<O: PumpOwner>(
         // The side in `ended` did not answer the heartbeat (rather than dropping its stream).
         let mut heartbeat_lost = false;
         let mut watches = [PeerWatch::default(); 2];
-        // Made once, not on every wake-up: a fresh drain waiter and timer per turn of the loop
+        // Made once, not on every wake-up: a fresh stop waiter and timer per turn of the loop
         // would take the watch's and the timer wheel's locks twice for every frame. It borrows
-        // `drain` (a `wait_for` would keep its own copy of the receiver and be larger).
-        let drain_requested = async {
-            // The sender gone (the gateway stopping) counts as a drain too.
-            while !*drain.borrow_and_update() {
-                if drain.changed().await.is_err() {
-                    break;
+        // `stop` (a `wait_for` would keep its own copy of the receiver and be larger).
+        let stop_requested = async {
+            loop {
+                let order = *stop.borrow_and_update();
+                if order != StopOrder::Run {
+                    return order;
+                }
+                if stop.changed().await.is_err() {
+                    // The sender gone (the gateway stopping) counts as a drain.
+                    return StopOrder::Drain;
                 }
             }
         }
         .fuse();
-        tokio::pin!(drain_requested);
+        tokio::pin!(stop_requested);
         // One timer per connection for whatever is due next: the idle timeout, the heartbeats
         // and the end of a throttle while open, then the closing deadline (or a throttle's end
         // before it), and last the final flush.
@@ -195,8 +212,12 @@ pub(crate) fn pump<O: PumpOwner>(
             }
             let wake = tokio::select! {
                 biased;
-                () = &mut drain_requested, if gateway_close.is_none() => {
-                    close_both(&mut c2u, &mut u2c, &mut gateway_close, 1001, "gateway shutting down", Cause::Drain);
+                order = &mut stop_requested, if gateway_close.is_none() => {
+                    let (code, reason, cause) = match order {
+                        StopOrder::Migrate => (1012, "service restart", Cause::Migrated),
+                        _ => (1001, "gateway shutting down", Cause::Drain),
+                    };
+                    close_both(&mut c2u, &mut u2c, &mut gateway_close, code, reason, cause);
                     continue;
                 }
                 () = &mut timer, if closing_deadline.is_some() || timed => {
@@ -664,14 +685,14 @@ mod tests {
         let pumping = tokio::spawn(async move {
             let metrics = WebSocketMetrics::new();
             let connection = metrics.connection_opened("test");
-            let (_drain_sender, drain) = watch::channel(false);
+            let (_stop_sender, stop) = watch::channel(StopOrder::Run);
             let ends = Ends {
                 client: Socket::Layered(Box::new(client_side)),
                 upstream: Socket::Layered(Box::new(upstream_side)),
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, Owner(settings, connection), limiter)
+            pump(ends, stop, Owner(settings, connection), limiter)
                 .await
                 .0
         });
@@ -875,7 +896,7 @@ mod tests {
         let (upstream_side, mut upstream) = tokio::io::duplex(64);
         let metrics = WebSocketMetrics::new();
         let connection = metrics.connection_opened("test");
-        let (_drain_sender, drain) = watch::channel(false);
+        let (_stop_sender, stop) = watch::channel(StopOrder::Run);
         let settings = quiet_settings();
         let pumping = tokio::spawn(async move {
             let ends = Ends {
@@ -884,7 +905,7 @@ mod tests {
                 upstream_preread: b"",
                 deflate: false,
             };
-            pump(ends, drain, Owner(settings, connection), None).await.0
+            pump(ends, stop, Owner(settings, connection), None).await.0
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut sent = frame(true, 0, 0x2, &payload, None);

@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod browser;
+pub mod dns;
+pub mod fleet;
 mod raw;
 pub mod workerd;
 

@@ -1,0 +1,146 @@
+//! The fleet's metric families, registered by [`crate::telemetry::metrics`] with the rest.
+//! Labels are upstream names from the configuration and node ids from the configuration or
+//! from DNS: one series per node, as an operator names them.
+
+use super::owners::NodeLoad;
+use crate::websocket::metrics::{counter, gauge};
+use prometheus::core::Collector;
+use prometheus::{IntCounterVec, IntGaugeVec};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub(crate) struct FleetMetrics {
+    migrations: IntCounterVec,
+    node_healthy: IntGaugeVec,
+    node_instances: IntGaugeVec,
+    node_connections: IntGaugeVec,
+    discovery_failures: IntCounterVec,
+    discovered_nodes: IntGaugeVec,
+}
+
+/// Why placement changed, as the migrations counter labels it.
+pub(crate) const REASONS: [&str; 3] = ["health", "reload", "discovery"];
+
+impl Default for FleetMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FleetMetrics {
+    pub(crate) fn new() -> Self {
+        FleetMetrics {
+            migrations: counter(
+                "agent_gateway_migrations_total",
+                "Agent WebSockets closed with 1012 because their instance's home moved to another node, by upstream and reason (health, reload, discovery).",
+                &["upstream", "reason"],
+            ),
+            node_healthy: gauge(
+                "agent_gateway_node_healthy",
+                "Whether a local upstream's node takes instances (1) or is down (0), as this gateway's checks see it.",
+                &["upstream", "node"],
+            ),
+            node_instances: gauge(
+                "agent_gateway_node_instances",
+                "Agent instances with open WebSockets through this gateway, by the node they are on.",
+                &["upstream", "node"],
+            ),
+            node_connections: gauge(
+                "agent_gateway_node_connections",
+                "Open agent WebSockets through this gateway, by the node they are on.",
+                &["upstream", "node"],
+            ),
+            discovery_failures: counter(
+                "agent_gateway_discovery_failures_total",
+                "Failed DNS resolutions of a local upstream's nodes; the last good list keeps serving.",
+                &["upstream"],
+            ),
+            discovered_nodes: gauge(
+                "agent_gateway_fleet_nodes",
+                "Nodes in a local upstream's current list (static or from DNS).",
+                &["upstream"],
+            ),
+        }
+    }
+
+    pub(crate) fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.migrations.clone()),
+            Box::new(self.node_healthy.clone()),
+            Box::new(self.node_instances.clone()),
+            Box::new(self.node_connections.clone()),
+            Box::new(self.discovery_failures.clone()),
+            Box::new(self.discovered_nodes.clone()),
+        ]
+    }
+
+    /// Makes every reason's series exist, so that `increase()` sees the first migration.
+    pub(crate) fn upstream_known(&self, upstream: &str) {
+        for reason in REASONS {
+            self.migrations.with_label_values(&[upstream, reason]);
+        }
+        self.discovery_failures.with_label_values(&[upstream]);
+    }
+
+    pub(crate) fn migrated(&self, upstream: &str, reason: &str, connections: usize) {
+        self.migrations
+            .with_label_values(&[upstream, reason])
+            .inc_by(connections as u64);
+    }
+
+    pub(crate) fn discovery_failed(&self, upstream: &str) {
+        self.discovery_failures.with_label_values(&[upstream]).inc();
+    }
+
+    /// Sets the node gauges of `upstream` to what it is now: `nodes` (id, healthy) and the
+    /// load of each. Series of nodes that left the list are removed.
+    pub(crate) fn set_nodes(
+        &self,
+        upstream: &str,
+        nodes: &[(Arc<str>, bool)],
+        load: &BTreeMap<Arc<str>, NodeLoad>,
+    ) {
+        for family in [
+            &self.node_healthy,
+            &self.node_instances,
+            &self.node_connections,
+        ] {
+            remove_gone(family, upstream, nodes);
+        }
+        self.discovered_nodes
+            .with_label_values(&[upstream])
+            .set(nodes.len() as i64);
+        for (id, healthy) in nodes {
+            let labels = [upstream, &**id];
+            let held = load.get(id).copied().unwrap_or_default();
+            self.node_healthy
+                .with_label_values(&labels)
+                .set(i64::from(*healthy));
+            self.node_instances
+                .with_label_values(&labels)
+                .set(held.instances as i64);
+            self.node_connections
+                .with_label_values(&labels)
+                .set(held.connections as i64);
+        }
+    }
+}
+
+fn remove_gone(family: &IntGaugeVec, upstream: &str, nodes: &[(Arc<str>, bool)]) {
+    for metric in family.collect().iter().flat_map(|f| f.get_metric()) {
+        let label = |name: &str| {
+            metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == name)
+                .map(|l| l.value().to_owned())
+        };
+        let (Some(series_upstream), Some(node)) = (label("upstream"), label("node")) else {
+            continue;
+        };
+        if series_upstream == upstream && !nodes.iter().any(|(id, _)| **id == *node) {
+            let _ = family.remove_label_values(&[upstream, &node]);
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The fleet of a `local` upstream: its agent nodes (from a static list or DNS), their
+//! health, where each agent instance lives, and the connections that must move when that
+//! changes.
+//!
+//! [`placement`] decides homes, [`health`] judges nodes, [`discovery`] asks DNS, [`owners`]
+//! knows which connections sit where; [`Fleet`] holds one upstream's view and [`Fleets`]
+//! all of them, kept across reloads so that health and discovered nodes survive one.
+
+pub mod discovery;
+pub(crate) mod health;
+pub(crate) mod metrics;
+pub(crate) mod owners;
+pub mod placement;
+
+use arc_swap::ArcSwap;
+use discovery::{DiscoveredNode, DnsDiscovery, DnsQuery};
+use health::{HealthSettings, NodeHealth};
+use metrics::FleetMetrics;
+use owners::Owners;
+use pingora_load_balancing::health_check::HealthCheck;
+use placement::{PlacedNode, Placement};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Where a `local` upstream's nodes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NodeSource {
+    /// `host:port` entries, each its own identity; names are resolved per connection.
+    Static(Vec<String>),
+    Dns {
+        query: DnsQuery,
+        /// How often to resolve again; a reload resolves at once.
+        interval: Duration,
+        /// `None`: the system's resolv.conf.
+        nameserver: Option<SocketAddr>,
+    },
+}
+
+/// A `local` upstream's fleet, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FleetSettings {
+    pub source: NodeSource,
+    pub health: HealthSettings,
+}
+
+/// One upstream's nodes, their health and the placement made of them.
+pub(crate) struct Fleet {
+    upstream: String,
+    placement: ArcSwap<Placement>,
+    state: Mutex<FleetState>,
+}
+
+struct FleetState {
+    settings: FleetSettings,
+    /// (id, connect) of every node in the list.
+    members: Vec<(String, String)>,
+    health: HashMap<String, NodeHealth>,
+    check: Arc<dyn HealthCheck + Send + Sync>,
+    checked_at: Option<Instant>,
+    discovery: Option<Arc<DnsDiscovery>>,
+    resolved_at: Option<Instant>,
+    last_resolution_error: Option<String>,
+}
+
+/// Active checks due now: the check and the nodes to run it on, as (id, connect).
+pub(crate) struct DueChecks {
+    pub check: Arc<dyn HealthCheck + Send + Sync>,
+    pub nodes: Vec<(String, String)>,
+}
+
+impl Fleet {
+    fn new(upstream: &str, settings: FleetSettings) -> Result<Self, String> {
+        let state = FleetState {
+            check: Arc::from(settings.health.check()),
+            discovery: discovery_of(&settings.source)?,
+            members: static_members(&settings.source),
+            settings,
+            health: HashMap::new(),
+            checked_at: None,
+            resolved_at: None,
+            last_resolution_error: None,
+        };
+        let fleet = Fleet {
+            upstream: upstream.to_owned(),
+            placement: ArcSwap::default(),
+            state: Mutex::new(state),
+        };
+        fleet.republish(&mut fleet.lock());
+        Ok(fleet)
+    }
+
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FleetState> {
+        // Every change is made whole under the lock, so a panicking holder leaves no half.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The placement in force: the request path reads it without a lock.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.placement.load_full()
+    }
+
+    /// Applies new settings (a reload); `true` when placement changed. DNS is resolved
+    /// again on the next tick, the old list serving until then.
+    fn configure(&self, settings: FleetSettings) -> Result<bool, String> {
+        let mut state = self.lock();
+        // A reload resolves DNS again at once, changed or not.
+        state.resolved_at = None;
+        if state.settings == settings {
+            return Ok(false);
+        }
+        if state.settings.health != settings.health {
+            state.check = Arc::from(settings.health.check());
+            state.checked_at = None;
+        }
+        if state.settings.source != settings.source {
+            state.discovery = discovery_of(&settings.source)?;
+            state.resolved_at = None;
+            if let NodeSource::Static(_) = settings.source {
+                state.members = static_members(&settings.source);
+            }
+        }
+        state.settings = settings;
+        Ok(self.republish(&mut state))
+    }
+
+    /// Records a check's or a request's result for node `id`; `true` when placement changed.
+    pub fn observe(&self, id: &str, ok: bool) -> bool {
+        let mut state = self.lock();
+        if !state.members.iter().any(|(member, _)| member == id) {
+            return false;
+        }
+        let settings = state.settings.health.clone();
+        let health = state.health.entry(id.to_owned()).or_default();
+        if !health.observe(ok, &settings) {
+            return false;
+        }
+        let now = if health.healthy { "up" } else { "down" };
+        log::warn!("upstream {}: node {id} is {now}", self.upstream);
+        self.republish(&mut state)
+    }
+
+    /// The active checks due at `now`, if any; they are then timed from `now`.
+    pub fn due_checks(&self, now: Instant) -> Option<DueChecks> {
+        let mut state = self.lock();
+        let interval = state.settings.health.interval;
+        if state.checked_at.is_some_and(|at| now < at + interval) {
+            return None;
+        }
+        state.checked_at = Some(now);
+        Some(DueChecks {
+            check: Arc::clone(&state.check),
+            nodes: state.members.clone(),
+        })
+    }
+
+    /// The DNS resolution due at `now`, if any; it is then timed from `now`.
+    pub fn due_resolution(&self, now: Instant) -> Option<Arc<DnsDiscovery>> {
+        let mut state = self.lock();
+        let NodeSource::Dns { interval, .. } = state.settings.source else {
+            return None;
+        };
+        if state.resolved_at.is_some_and(|at| now < at + interval) {
+            return None;
+        }
+        state.resolved_at = Some(now);
+        state.discovery.clone()
+    }
+
+    /// Takes a resolution's result: a new list, or an error that keeps the last good one.
+    /// `true` when placement changed.
+    pub fn resolved(&self, result: Result<Vec<DiscoveredNode>, String>) -> bool {
+        let mut state = self.lock();
+        match result {
+            Ok(found) => {
+                state.last_resolution_error = None;
+                let members: Vec<(String, String)> =
+                    found.into_iter().map(|n| (n.id, n.connect)).collect();
+                if members == state.members {
+                    return false;
+                }
+                log::info!(
+                    "upstream {}: DNS lists {} nodes: {}",
+                    self.upstream,
+                    members.len(),
+                    members
+                        .iter()
+                        .map(|(id, _)| id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                state.members = members;
+                self.republish(&mut state)
+            }
+            Err(why) => {
+                log::warn!(
+                    "upstream {}: DNS resolution failed, keeping the last {} nodes: {why}",
+                    self.upstream,
+                    state.members.len()
+                );
+                state.last_resolution_error = Some(why);
+                false
+            }
+        }
+    }
+
+    /// Builds the placement from the list and health; `true` when it changed. Health of
+    /// nodes that left the list is forgotten: one that returns starts afresh.
+    fn republish(&self, state: &mut FleetState) -> bool {
+        let FleetState {
+            members, health, ..
+        } = state;
+        health.retain(|id, _| members.iter().any(|(member, _)| member == id));
+        let nodes = members
+            .iter()
+            .map(|(id, connect)| {
+                let healthy = health.get(id).is_none_or(|h| h.healthy);
+                PlacedNode::new(id, connect, healthy)
+            })
+            .collect();
+        let placement = Placement::new(nodes);
+        if **self.placement.load() == placement {
+            return false;
+        }
+        self.placement.store(Arc::new(placement));
+        true
+    }
+
+    /// The fleet for `/fleet` and `/config`: the source, each node's health and what it holds.
+    pub(crate) fn describe(&self, owners: &Owners) -> Value {
+        let load = owners.load(&self.upstream);
+        let state = self.lock();
+        let source = match &state.settings.source {
+            NodeSource::Static(_) => json!({"static": true}),
+            NodeSource::Dns {
+                query, interval, ..
+            } => json!({
+                "dns": query.to_string(),
+                "interval_ms": interval.as_millis() as u64,
+                "last_error": state.last_resolution_error,
+            }),
+        };
+        let placement = self.placement();
+        let nodes: Vec<Value> = placement
+            .nodes()
+            .iter()
+            .map(|n| {
+                let held = load.get(&n.id).copied().unwrap_or_default();
+                json!({
+                    "id": &*n.id,
+                    "connect": &*n.connect,
+                    "healthy": n.healthy,
+                    "instances": held.instances,
+                    "connections": held.connections,
+                })
+            })
+            .collect();
+        json!({"source": source, "nodes": nodes})
+    }
+}
+
+fn static_members(source: &NodeSource) -> Vec<(String, String)> {
+    match source {
+        NodeSource::Static(nodes) => nodes.iter().map(|n| (n.clone(), n.clone())).collect(),
+        NodeSource::Dns { .. } => Vec::new(),
+    }
+}
+
+fn discovery_of(source: &NodeSource) -> Result<Option<Arc<DnsDiscovery>>, String> {
+    match source {
+        NodeSource::Static(_) => Ok(None),
+        NodeSource::Dns {
+            query, nameserver, ..
+        } => DnsDiscovery::new(query.clone(), *nameserver).map(|d| Some(Arc::new(d))),
+    }
+}
+
+/// Every `local` upstream's fleet, kept across reloads by upstream name, and the open
+/// connections of all of them.
+pub(crate) struct Fleets {
+    by_upstream: Mutex<HashMap<String, Arc<Fleet>>>,
+    pub owners: Owners,
+    pub(crate) metrics: FleetMetrics,
+}
+
+impl Fleets {
+    /// `metrics`: the families the gateway exports, into which the fleets report.
+    pub(crate) fn new(metrics: FleetMetrics) -> Self {
+        Fleets {
+            by_upstream: Mutex::default(),
+            owners: Owners::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Fleet>>> {
+        self.by_upstream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fleets of a configuration's `local` upstreams: kept ones reconfigured (a changed
+    /// placement closes the connections that moved, reason `reload`), new ones made, gone
+    /// ones dropped. An upstream whose fleet cannot be made (its resolver cannot be set up)
+    /// is left out and logged; its requests answer 503.
+    pub fn configure<'a>(
+        &self,
+        upstreams: impl Iterator<Item = (&'a str, &'a FleetSettings)>,
+    ) -> HashMap<String, Arc<Fleet>> {
+        let mut kept = HashMap::new();
+        let mut by_upstream = self.lock();
+        for (name, settings) in upstreams {
+            let fleet = match by_upstream.get(name) {
+                Some(fleet) => match fleet.configure(settings.clone()) {
+                    Ok(changed) => {
+                        if changed {
+                            self.placement_changed(fleet, "reload");
+                        }
+                        Arc::clone(fleet)
+                    }
+                    Err(why) => {
+                        log::error!("upstream {name}: its nodes cannot be found: {why}");
+                        continue;
+                    }
+                },
+                None => match Fleet::new(name, settings.clone()) {
+                    Ok(fleet) => Arc::new(fleet),
+                    Err(why) => {
+                        log::error!("upstream {name}: its nodes cannot be found: {why}");
+                        continue;
+                    }
+                },
+            };
+            self.metrics.upstream_known(name);
+            kept.insert(name.to_owned(), fleet);
+        }
+        *by_upstream = kept.clone();
+        kept
+    }
+
+    /// Every fleet in force.
+    pub fn all(&self) -> Vec<Arc<Fleet>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Closes, with 1012, the connections whose instance's home `fleet`'s new placement
+    /// moved, counting them under `reason`.
+    pub fn placement_changed(&self, fleet: &Fleet, reason: &str) {
+        let moved = self.owners.migrate(fleet.upstream(), &fleet.placement());
+        if moved > 0 {
+            log::warn!(
+                "upstream {}: placement changed ({reason}); {moved} WebSockets closed with 1012 to move to their instances' new homes",
+                fleet.upstream()
+            );
+        }
+        self.metrics.migrated(fleet.upstream(), reason, moved);
+    }
+
+    /// A request's result on node `id` of `fleet`, counted as a passive check.
+    pub fn observed(&self, fleet: &Fleet, id: &str, ok: bool) {
+        if fleet.observe(id, ok) {
+            self.placement_changed(fleet, "health");
+        }
+    }
+
+    /// Sets the node gauges of every fleet to what they are now.
+    pub(crate) fn refresh_gauges(&self) {
+        for fleet in self.all() {
+            let nodes: Vec<(Arc<str>, bool)> = fleet
+                .placement()
+                .nodes()
+                .iter()
+                .map(|n| (Arc::clone(&n.id), n.healthy))
+                .collect();
+            let load = self.owners.load(fleet.upstream());
+            self.metrics.set_nodes(fleet.upstream(), &nodes, &load);
+        }
+    }
+
+    /// Every fleet, for the admin listener's `/fleet`.
+    pub(crate) fn describe(&self) -> Value {
+        let mut fleets: Vec<Arc<Fleet>> = self.all();
+        fleets.sort_by(|a, b| a.upstream.cmp(&b.upstream));
+        let upstreams: serde_json::Map<String, Value> = fleets
+            .iter()
+            .map(|f| (f.upstream.clone(), f.describe(&self.owners)))
+            .collect();
+        json!({ "upstreams": upstreams })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(nodes: &[&str]) -> FleetSettings {
+        FleetSettings {
+            source: NodeSource::Static(nodes.iter().map(|n| n.to_string()).collect()),
+            health: HealthSettings {
+                unhealthy_after: 1,
+                healthy_after: 1,
+                ..HealthSettings::default()
+            },
+        }
+    }
+
+    #[test]
+    fn health_changes_republish_placement_and_move_connections() {
+        let fleets = Fleets::new(FleetMetrics::new());
+        let three = settings(&["n1", "n2", "n3"]);
+        let configured = fleets.configure([("local", &three)].into_iter());
+        let fleet = &configured["local"];
+        let home = fleet
+            .placement()
+            .home(&["coder", "a"])
+            .expect("home")
+            .id
+            .clone();
+        let signal = fleets.owners.subscribe("local", &home, "coder", "a");
+        fleets.observed(fleet, &home, false);
+        let placement = fleet.placement();
+        assert_ne!(placement.home(&["coder", "a"]).expect("home").id, home);
+        assert_eq!(*signal.borrow(), crate::websocket::pump::StopOrder::Migrate);
+        fleets.observed(fleet, &home, true);
+        assert_eq!(
+            fleet.placement().home(&["coder", "a"]).expect("home").id,
+            home
+        );
+        assert!(!fleet.observe("not-a-member", false));
+    }
+
+    #[test]
+    fn a_reload_keeps_health_and_moves_only_what_the_new_list_moves() {
+        let fleets = Fleets::new(FleetMetrics::new());
+        let three = settings(&["n1", "n2", "n3"]);
+        let fleet = Arc::clone(&fleets.configure([("local", &three)].into_iter())["local"]);
+        fleets.observed(&fleet, "n3", false);
+        let four = settings(&["n1", "n2", "n3", "n4"]);
+        let again = fleets.configure([("local", &four)].into_iter());
+        assert!(Arc::ptr_eq(&fleet, &again["local"]), "the same fleet");
+        let n3 = fleet.placement().node("n3").map(|n| n.healthy);
+        assert_eq!(n3, Some(false), "health survives a reload");
+        assert!(fleets.configure(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_resolution_keeps_the_last_good_list() {
+        let fleet = Fleet::new("local", settings(&[])).expect("fleet");
+        let found = vec![DiscoveredNode {
+            id: "a:1".into(),
+            connect: "127.0.0.1:1".into(),
+        }];
+        assert!(fleet.resolved(Ok(found.clone())));
+        assert!(!fleet.resolved(Ok(found)));
+        assert!(!fleet.resolved(Err("SERVFAIL".into())));
+        assert_eq!(fleet.placement().nodes().len(), 1);
+    }
+
+    #[test]
+    fn checks_are_due_once_per_interval() {
+        let fleet = Fleet::new("local", settings(&["n1"])).expect("fleet");
+        let now = Instant::now();
+        assert!(fleet.due_checks(now).is_some());
+        assert!(fleet.due_checks(now).is_none());
+        assert!(fleet.due_checks(now + Duration::from_secs(5)).is_some());
+        assert!(fleet.due_resolution(now).is_none(), "a static list");
+    }
+}
