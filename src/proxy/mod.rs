@@ -19,12 +19,12 @@ use crate::upstream::upgrade_connector;
 use admission::{admit, Admission, AllowedCors, ConnectionFacts, RefusalReason, Refused, NO_ROUTE};
 use async_trait::async_trait;
 use authorization::authorize;
+use node_choice::{choose_node, NodeChoice};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
-use node_choice::{choose_node, NodeChoice};
 use problem::{upstream_error_kind, Problem};
 use responses::{apply_cors, holds_secrets, is_small, send_preflight, upstream_error_answer};
 use serde_json::json;
@@ -203,10 +203,15 @@ impl ProxyHttp for Gateway {
             Ok(node) => node,
             Err(problem) => {
                 let upstream = target.upstream.name.as_str();
-                self.state.metrics.upstream_error(upstream, "no_healthy_node");
+                self.state
+                    .metrics
+                    .upstream_error(upstream, "no_healthy_node");
                 problem.send(session, &ctx.client.request_id).await?;
                 ctx.status = Some(problem.status);
-                return Error::e_explain(ErrorType::HTTPStatus(problem.status), "answered: no node up");
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(problem.status),
+                    "answered: no node up",
+                );
             }
         };
         ctx.upstream_started = Some(Instant::now());

@@ -78,12 +78,13 @@ impl ServeHttp for Admin {
                     json!({"error": "config_invalid", "detail": e.to_string(), "reloaded": false}),
                 ),
             },
-            (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/fleet" | "/drain" | "/reload") => {
-                json_response(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    json!({"error": "method_not_allowed", "detail": ENDPOINTS}),
-                )
-            }
+            (
+                _,
+                "/metrics" | "/healthz" | "/readyz" | "/config" | "/fleet" | "/drain" | "/reload",
+            ) => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed", "detail": ENDPOINTS}),
+            ),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 json!({"error": "not_found", "detail": ENDPOINTS}),

@@ -45,17 +45,22 @@ impl BackgroundService for SecretProbes {
                     .filter(|a| a.upstream.name == upstream.name)
                     .flat_map(|a| a.required_secrets.iter().cloned())
                     .collect();
-                let addresses: Vec<String> = match &upstream.kind {
-                    UpstreamKind::Worker { address, .. } => vec![address.clone()],
-                    // Every node in the fleet now, up or down: a down node's answer is news.
-                    UpstreamKind::Local { .. } => config.fleets.get(&upstream.name).map_or_else(
-                        Vec::new,
-                        |fleet| {
-                            let placement = fleet.placement();
-                            placement.nodes().iter().map(|n| n.connect.to_string()).collect()
-                        },
-                    ),
-                };
+                let addresses: Vec<String> =
+                    match &upstream.kind {
+                        UpstreamKind::Worker { address, .. } => vec![address.clone()],
+                        // Every node in the fleet now, up or down: a down node's answer is news.
+                        UpstreamKind::Local { .. } => config
+                            .fleets
+                            .get(&upstream.name)
+                            .map_or_else(Vec::new, |fleet| {
+                                let placement = fleet.placement();
+                                placement
+                                    .nodes()
+                                    .iter()
+                                    .map(|n| n.connect.to_string())
+                                    .collect()
+                            }),
+                    };
                 self.probe(&connector, upstream, &addresses, &probe.path, &required)
                     .await;
             }
