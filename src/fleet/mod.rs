@@ -424,7 +424,7 @@ mod tests {
         fleets.observed(fleet, &home, false);
         let placement = fleet.placement();
         assert_ne!(placement.home(&["coder", "a"]).expect("home").id, home);
-        assert_eq!(*signal.borrow(), crate::websocket::pump::StopOrder::Migrate);
+        assert_eq!(*signal.borrow(), crate::websocket::stop::StopOrder::Migrate);
         fleets.observed(fleet, &home, true);
         assert_eq!(
             fleet.placement().home(&["coder", "a"]).expect("home").id,

@@ -7,7 +7,7 @@
 //! when next seen.
 
 use super::placement::{key_hash, Placement};
-use crate::websocket::pump::{StopOrder, StopSignal};
+use crate::websocket::stop::{StopOrder, StopSignal};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;

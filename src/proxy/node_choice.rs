@@ -8,7 +8,7 @@ use crate::fleet::{Fleet, Fleets};
 use crate::routing::resolve::Target;
 use crate::runtime::state::ActiveConfig;
 use crate::upstream::UpstreamKind;
-use crate::websocket::pump::StopSignal;
+use crate::websocket::stop::StopSignal;
 use pingora::prelude::HttpPeer;
 use std::sync::Arc;
 

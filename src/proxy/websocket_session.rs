@@ -21,9 +21,10 @@ use crate::websocket::handshake::{
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
 use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
-use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings, StopSignal};
+use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
+use crate::websocket::stop::StopSignal;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use log::{info, warn};

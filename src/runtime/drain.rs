@@ -1,7 +1,7 @@
 //! Drain: the signal that tells every agent WebSocket to close with 1001 and new upgrades to
 //! be refused, and the count of open WebSockets a drain waits for.
 
-use crate::websocket::pump::{StopOrder, StopSignal};
+use crate::websocket::stop::{StopOrder, StopSignal};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

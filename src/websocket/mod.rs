@@ -3,7 +3,8 @@
 //! pumps them itself) one [`direction`] each, writing through an [`outbox`]; [`frame`] parses
 //! RFC 6455 frames as they pass, [`heartbeat`] finds peers that vanished, [`rate_limit`] holds
 //! back or closes clients that send too fast, [`expiry`] closes a connection whose client's
-//! credential expired, and [`outcome`] and [`metrics`] say how each
+//! credential expired, [`stop`] carries the drain and migration orders, and [`outcome`] and
+//! [`metrics`] say how each
 //! connection went. Nothing here reads the configuration or the gateway's state: callers pass
 //! in what a connection needs.
 
@@ -18,3 +19,4 @@ pub mod outcome;
 pub mod pump;
 pub mod rate_limit;
 pub mod socket;
+pub mod stop;

@@ -17,6 +17,7 @@ use super::outbox::{Sink, Stop};
 use super::outcome::{Cause, ConnectionOutcome, DropKind, Initiator};
 use super::rate_limit::{ConnectionLimiter, RateLimits, CLIENT_CLOSE_CODE, CLIENT_CLOSE_REASON};
 use super::socket::{Keepalive, Socket};
+use super::stop::{StopOrder, StopSignal};
 use futures_util::future::select;
 use futures_util::FutureExt;
 use std::future::{poll_fn, Future};
@@ -24,7 +25,6 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PumpSettings {
@@ -57,22 +57,6 @@ struct GatewayClose {
     at: Instant,
     cause: Cause,
 }
-
-/// What the gateway may ask of an open connection from outside its pump.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopOrder {
-    /// Keep pumping.
-    Run,
-    /// The gateway is draining: Close 1001 to both sides.
-    Drain,
-    /// The instance's home moved to another node: Close 1012 to both sides, so the client
-    /// reconnects and lands on the new home.
-    Migrate,
-}
-
-/// Orders from outside the pump: the whole gateway's drain for most connections; for an
-/// instance on a `local` node, its instance's own channel, which also carries the drain.
-pub(crate) type StopSignal = watch::Receiver<StopOrder>;
 
 /// The two ends of an upgraded connection.
 pub(crate) struct Ends<'a> {
