@@ -37,6 +37,10 @@ impl PlacedNode {
 pub struct Placement {
     /// Sorted by id: equal sets compare equal whatever order they were found in.
     nodes: Vec<PlacedNode>,
+    /// The seeds of the healthy nodes, in `nodes`' order, side by side so that a decision
+    /// scans one contiguous array; and where each of those nodes is in `nodes`.
+    up_seeds: Vec<u64>,
+    up_nodes: Vec<usize>,
 }
 
 /// Why no node can take a key.
@@ -52,7 +56,17 @@ impl Placement {
     pub fn new(mut nodes: Vec<PlacedNode>) -> Self {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         nodes.dedup_by(|a, b| a.id == b.id);
-        Placement { nodes }
+        let (up_nodes, up_seeds) = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.healthy)
+            .map(|(i, node)| (i, node.seed))
+            .unzip();
+        Placement {
+            nodes,
+            up_seeds,
+            up_nodes,
+        }
     }
 
     pub fn nodes(&self) -> &[PlacedNode] {
@@ -69,11 +83,11 @@ impl Placement {
         if self.nodes.is_empty() {
             return Err(NoHome::NoNodes);
         }
-        self.nodes
-            .iter()
-            .filter(|node| node.healthy)
-            .max_by_key(|node| mix(key ^ node.seed))
-            .ok_or(NoHome::AllDown)
+        // The last of equal scores, as ever: only nodes whose seeds collide score the same.
+        let winner = (self.up_seeds.iter().enumerate())
+            .max_by_key(|(_, seed)| mix(key ^ **seed))
+            .ok_or(NoHome::AllDown)?;
+        Ok(&self.nodes[self.up_nodes[winner.0]])
     }
 
     /// The node `id`, if it is in the set.

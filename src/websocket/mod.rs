@@ -4,9 +4,8 @@
 //! RFC 6455 frames as they pass, [`heartbeat`] finds peers that vanished, [`rate_limit`] holds
 //! back or closes clients that send too fast, [`expiry`] closes a connection whose client's
 //! credential expired, [`stop`] carries the drain and migration orders, and [`outcome`] and
-//! [`metrics`] say how each
-//! connection went. Nothing here reads the configuration or the gateway's state: callers pass
-//! in what a connection needs.
+//! [`metrics`] say how each connection went. Nothing here reads the configuration or the
+//! gateway's state: callers pass in what a connection needs.
 
 pub mod direction;
 pub mod expiry;
