@@ -5,13 +5,14 @@ use super::context::Ctx;
 use super::file::{SpannedString, UpstreamSection};
 use super::ConfigError;
 use crate::fleet::discovery::DnsQuery;
-use crate::fleet::health::HealthSettings;
+use crate::fleet::health::{ActiveCheck, HealthSettings};
 use crate::fleet::{FleetSettings, NodeSource};
 use crate::upstream::UpstreamKind;
 use std::time::Duration;
 use toml::Spanned;
 
 const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_HEALTH_PATH: &str = "/healthz";
 
 impl Ctx<'_> {
     pub(crate) fn extract_local(
@@ -200,17 +201,30 @@ impl Ctx<'_> {
 
     fn health_settings(&self, section: &UpstreamSection) -> Result<HealthSettings, ConfigError> {
         let defaults = HealthSettings::default();
-        let path = match &section.health_path {
-            Some(path)
-                if !path.get_ref().starts_with('/')
-                    || path
-                        .get_ref()
-                        .contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control()) =>
-            {
-                return Err(self.error(path, "`health_path` is a path such as \"/healthz\""));
-            }
-            Some(path) => Some(path.get_ref().clone()),
-            None => None,
+        let check = match (&section.health_check, &section.health_path) {
+            (Some(kind), path) => match (kind.get_ref().as_str(), path) {
+                ("http", Some(path)) => ActiveCheck::Http {
+                    path: self.health_path(path)?,
+                },
+                ("http", None) => ActiveCheck::Http {
+                    path: DEFAULT_HEALTH_PATH.to_owned(),
+                },
+                ("tcp" | "passive", Some(path)) => {
+                    return Err(self.error(path, "`health_path` goes with `health_check = \"http\"`"))
+                }
+                ("tcp", None) => ActiveCheck::Tcp,
+                ("passive", None) => ActiveCheck::Passive,
+                (other, _) => {
+                    return Err(self.error(
+                        kind,
+                        format!("unknown health check {other:?}; expected \"http\" (GET health_path, 200 is healthy), \"tcp\" (a connect) or \"passive\" (traffic only)"),
+                    ))
+                }
+            },
+            (None, Some(path)) => ActiveCheck::Http {
+                path: self.health_path(path)?,
+            },
+            (None, None) => ActiveCheck::Passive,
         };
         let interval = self.duration_or(section.health_interval.as_ref(), defaults.interval)?;
         let timeout = self.duration_or(section.health_timeout.as_ref(), defaults.timeout)?;
@@ -223,7 +237,7 @@ impl Ctx<'_> {
             }
         }
         Ok(HealthSettings {
-            path,
+            check,
             interval,
             timeout,
             healthy_after: self
@@ -231,6 +245,16 @@ impl Ctx<'_> {
             unhealthy_after: self
                 .threshold(section.unhealthy_after.as_ref(), defaults.unhealthy_after)?,
         })
+    }
+
+    fn health_path(&self, path: &SpannedString) -> Result<String, ConfigError> {
+        let text = path.get_ref();
+        if !text.starts_with('/')
+            || text.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control())
+        {
+            return Err(self.error(path, "`health_path` is a path such as \"/healthz\""));
+        }
+        Ok(text.clone())
     }
 
     fn threshold(&self, value: Option<&Spanned<i64>>, default: u32) -> Result<u32, ConfigError> {
@@ -248,6 +272,7 @@ impl Ctx<'_> {
 mod tests {
     use crate::config::tests::{error_of, parse, GOOD};
     use crate::fleet::discovery::DnsQuery;
+    use crate::fleet::health::ActiveCheck;
     use crate::fleet::NodeSource;
     use crate::upstream::UpstreamKind;
     use std::time::Duration;
@@ -296,7 +321,25 @@ mod tests {
     fn health_settings() {
         let fleet = fleet_of(&format!("{LOCAL}\nhealth_path = \"/healthz\"\nhealth_interval = \"500ms\"\nhealth_timeout = \"200ms\"\nhealthy_after = 1\nunhealthy_after = 2"));
         let health = fleet.health;
-        assert_eq!(health.path.as_deref(), Some("/healthz"));
+        assert_eq!(
+            health.check,
+            ActiveCheck::Http {
+                path: "/healthz".into()
+            }
+        );
+        let kinds = [
+            ("", ActiveCheck::Passive),
+            ("health_check = \"tcp\"", ActiveCheck::Tcp),
+            (
+                "health_check = \"http\"",
+                ActiveCheck::Http {
+                    path: "/healthz".into(),
+                },
+            ),
+        ];
+        for (text, check) in kinds {
+            assert_eq!(fleet_of(&format!("{LOCAL}\n{text}")).health.check, check);
+        }
         assert_eq!(health.interval, Duration::from_millis(500));
         assert_eq!((health.healthy_after, health.unhealthy_after), (1, 2));
     }
@@ -329,6 +372,14 @@ mod tests {
                 "`health_path` is a path",
             ),
             (&format!("{LOCAL}\nunhealthy_after = 0"), "1 to 100"),
+            (
+                &format!("{LOCAL}\nhealth_check = \"icmp\""),
+                "unknown health check",
+            ),
+            (
+                &format!("{LOCAL}\nhealth_check = \"tcp\"\nhealth_path = \"/h\""),
+                "goes with `health_check = \"http\"`",
+            ),
             (
                 &format!("{LOCAL}\nhealth_interval = \"0s\""),
                 "must be more than zero",

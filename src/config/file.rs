@@ -239,6 +239,7 @@ pub(crate) struct UpstreamSection {
     pub(crate) srv: Option<SpannedString>,
     pub(crate) resolve_interval: Option<SpannedString>,
     pub(crate) nameserver: Option<SpannedString>,
+    pub(crate) health_check: Option<SpannedString>,
     pub(crate) health_path: Option<SpannedString>,
     pub(crate) health_interval: Option<SpannedString>,
     pub(crate) health_timeout: Option<SpannedString>,

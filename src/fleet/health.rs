@@ -1,7 +1,9 @@
 //! Node health: active checks on an interval (pingora-load-balancing's HTTP or TCP check)
 //! and passive observations from real traffic (a connect failure or a 5xx to an upgrade),
 //! counted together: `unhealthy_after` consecutive failures take a node down,
-//! `healthy_after` consecutive successes bring it back.
+//! `healthy_after` consecutive successes bring it back. Without active checks (the default,
+//! as in nginx and HAProxy), only a node that traffic found down is checked, by TCP connect,
+//! so that it can come back.
 
 use pingora::prelude::HttpPeer;
 use pingora::upstreams::peer::BasicPeer;
@@ -9,11 +11,21 @@ use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHeal
 use pingora_load_balancing::Backend;
 use std::time::Duration;
 
+/// The active check of a `local` upstream's nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActiveCheck {
+    /// None: traffic alone judges nodes, and a down node is checked by TCP connect.
+    Passive,
+    /// Every node, by TCP connect.
+    Tcp,
+    /// Every node, by `GET` of this path, expecting 200.
+    Http { path: String },
+}
+
 /// How a `local` upstream's nodes are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
-    /// `GET` this path and expect 200; `None`: a TCP connect is the check.
-    pub path: Option<String>,
+    pub check: ActiveCheck,
     pub interval: Duration,
     /// For the check's connect and for its answer.
     pub timeout: Duration,
@@ -26,7 +38,7 @@ pub struct HealthSettings {
 impl Default for HealthSettings {
     fn default() -> Self {
         HealthSettings {
-            path: None,
+            check: ActiveCheck::Passive,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
             healthy_after: 2,
@@ -36,12 +48,17 @@ impl Default for HealthSettings {
 }
 
 impl HealthSettings {
-    /// The active check these settings describe, for nodes reached as plain HTTP/TCP.
+    /// Whether every node is checked, or only those found down.
+    pub fn checks_every_node(&self) -> bool {
+        self.check != ActiveCheck::Passive
+    }
+
+    /// The check these settings describe, for nodes reached as plain HTTP/TCP.
     pub fn check(&self) -> Box<dyn HealthCheck + Send + Sync> {
         let (healthy_after, unhealthy_after) =
             (self.healthy_after as usize, self.unhealthy_after as usize);
-        match &self.path {
-            Some(path) => {
+        match &self.check {
+            ActiveCheck::Http { path } => {
                 let mut check = HttpHealthCheck::new("agent-node", false);
                 // A path checked by `extract_upstreams` (absolute, no spaces) always builds.
                 if let Ok(request) =
@@ -60,7 +77,7 @@ impl HealthSettings {
                 check.consecutive_failure = unhealthy_after;
                 Box::new(check)
             }
-            None => {
+            ActiveCheck::Tcp | ActiveCheck::Passive => {
                 let mut check = TcpHealthCheck::default();
                 let mut peer = BasicPeer::new("0.0.0.0:1");
                 peer.options.connection_timeout = Some(self.timeout);
@@ -195,7 +212,9 @@ mod tests {
             l.local_addr().expect("address").to_string()
         };
         let http = HealthSettings {
-            path: Some("/healthz".to_owned()),
+            check: ActiveCheck::Http {
+                path: "/healthz".to_owned(),
+            },
             ..settings()
         };
         let serve = tokio::spawn(async move {

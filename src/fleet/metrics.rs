@@ -4,6 +4,7 @@
 
 use super::owners::NodeLoad;
 use crate::websocket::metrics::{counter, gauge};
+use crate::websocket::stop::MigrationReason;
 use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGaugeVec};
 use std::collections::BTreeMap;
@@ -18,9 +19,6 @@ pub(crate) struct FleetMetrics {
     discovery_failures: IntCounterVec,
     discovered_nodes: IntGaugeVec,
 }
-
-/// Why placement changed, as the migrations counter labels it.
-pub(crate) const REASONS: [&str; 3] = ["health", "reload", "discovery"];
 
 impl Default for FleetMetrics {
     fn default() -> Self {
@@ -77,16 +75,18 @@ impl FleetMetrics {
 
     /// Makes every reason's series exist, so that `increase()` sees the first migration.
     pub(crate) fn upstream_known(&self, upstream: &str) {
-        for reason in REASONS {
-            self.migrations.with_label_values(&[upstream, reason]);
+        for reason in MigrationReason::ALL {
+            self.migrations
+                .with_label_values(&[upstream, reason.label()]);
         }
         self.discovery_failures.with_label_values(&[upstream]);
     }
 
-    pub(crate) fn migrated(&self, upstream: &str, reason: &str, connections: usize) {
+    /// A connection closed with 1012 because its instance moved.
+    pub(crate) fn migrated(&self, upstream: &str, why: MigrationReason) {
         self.migrations
-            .with_label_values(&[upstream, reason])
-            .inc_by(connections as u64);
+            .with_label_values(&[upstream, why.label()])
+            .inc();
     }
 
     pub(crate) fn discovery_failed(&self, upstream: &str) {

@@ -12,6 +12,7 @@ pub(crate) mod metrics;
 pub(crate) mod owners;
 pub mod placement;
 
+use crate::websocket::stop::MigrationReason;
 use arc_swap::ArcSwap;
 use discovery::{DiscoveredNode, DnsDiscovery, DnsQuery};
 use health::{HealthSettings, NodeHealth};
@@ -146,7 +147,8 @@ impl Fleet {
         self.republish(&mut state)
     }
 
-    /// The active checks due at `now`, if any; they are then timed from `now`.
+    /// The checks due at `now`, if any (every node, or without active checks the nodes that
+    /// are down); they are then timed from `now`.
     pub fn due_checks(&self, now: Instant) -> Option<DueChecks> {
         let mut state = self.lock();
         let interval = state.settings.health.interval;
@@ -154,9 +156,17 @@ impl Fleet {
             return None;
         }
         state.checked_at = Some(now);
-        Some(DueChecks {
+        let every = state.settings.health.checks_every_node();
+        let placement = self.placement();
+        let nodes: Vec<(String, String)> = state
+            .members
+            .iter()
+            .filter(|(id, _)| every || placement.node(id).is_some_and(|n| !n.healthy))
+            .cloned()
+            .collect();
+        (!nodes.is_empty()).then(|| DueChecks {
             check: Arc::clone(&state.check),
-            nodes: state.members.clone(),
+            nodes,
         })
     }
 
@@ -318,7 +328,7 @@ impl Fleets {
                 Some(fleet) => match fleet.configure(settings.clone()) {
                     Ok(changed) => {
                         if changed {
-                            self.placement_changed(fleet, "reload");
+                            self.placement_changed(fleet, MigrationReason::Reload);
                         }
                         Arc::clone(fleet)
                     }
@@ -348,22 +358,24 @@ impl Fleets {
     }
 
     /// Closes, with 1012, the connections whose instance's home `fleet`'s new placement
-    /// moved, counting them under `reason`.
-    pub fn placement_changed(&self, fleet: &Fleet, reason: &str) {
-        let moved = self.owners.migrate(fleet.upstream(), &fleet.placement());
+    /// moved; each counts itself under `why` as it closes.
+    pub fn placement_changed(&self, fleet: &Fleet, why: MigrationReason) {
+        let moved = self
+            .owners
+            .migrate(fleet.upstream(), &fleet.placement(), why);
         if moved > 0 {
             log::warn!(
-                "upstream {}: placement changed ({reason}); {moved} WebSockets closed with 1012 to move to their instances' new homes",
-                fleet.upstream()
+                "upstream {}: placement changed ({}); {moved} WebSockets told to close with 1012 and move to their instances' new homes",
+                fleet.upstream(),
+                why.label()
             );
         }
-        self.metrics.migrated(fleet.upstream(), reason, moved);
     }
 
     /// A request's result on node `id` of `fleet`, counted as a passive check.
     pub fn observed(&self, fleet: &Fleet, id: &str, ok: bool) {
         if fleet.observe(id, ok) {
-            self.placement_changed(fleet, "health");
+            self.placement_changed(fleet, MigrationReason::Health);
         }
     }
 
@@ -424,7 +436,10 @@ mod tests {
         fleets.observed(fleet, &home, false);
         let placement = fleet.placement();
         assert_ne!(placement.home(&["coder", "a"]).expect("home").id, home);
-        assert_eq!(*signal.borrow(), crate::websocket::stop::StopOrder::Migrate);
+        assert_eq!(
+            *signal.borrow(),
+            crate::websocket::stop::StopOrder::Migrate(MigrationReason::Health)
+        );
         fleets.observed(fleet, &home, true);
         assert_eq!(
             fleet.placement().home(&["coder", "a"]).expect("home").id,
@@ -462,11 +477,24 @@ mod tests {
 
     #[test]
     fn checks_are_due_once_per_interval() {
-        let fleet = Fleet::new("local", settings(&["n1"])).expect("fleet");
+        let mut tcp = settings(&["n1"]);
+        tcp.health.check = health::ActiveCheck::Tcp;
+        let fleet = Fleet::new("local", tcp).expect("fleet");
         let now = Instant::now();
         assert!(fleet.due_checks(now).is_some());
         assert!(fleet.due_checks(now).is_none());
         assert!(fleet.due_checks(now + Duration::from_secs(5)).is_some());
         assert!(fleet.due_resolution(now).is_none(), "a static list");
+    }
+
+    #[test]
+    fn without_active_checks_only_down_nodes_are_checked() {
+        let fleet = Fleet::new("local", settings(&["n1", "n2"])).expect("fleet");
+        let now = Instant::now();
+        assert!(fleet.due_checks(now).is_none(), "every node is up");
+        fleet.observe("n2", false);
+        let later = now + Duration::from_secs(5);
+        let due = fleet.due_checks(later).expect("the down node is due");
+        assert_eq!(due.nodes, vec![("n2".to_owned(), "n2".to_owned())]);
     }
 }

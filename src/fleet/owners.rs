@@ -7,7 +7,7 @@
 //! when next seen.
 
 use super::placement::{key_hash, Placement};
-use crate::websocket::stop::{StopOrder, StopSignal};
+use crate::websocket::stop::{MigrationReason, StopOrder, StopSignal};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -74,10 +74,11 @@ impl Owners {
     }
 
     /// Orders every connection whose instance's home under `placement` is no longer the node
-    /// it is on to close with 1012; returns how many connections that is. An instance with
-    /// no home at all (every node down) is left where it is: closing it would only make its
-    /// clients fail to reconnect.
-    pub fn migrate(&self, upstream: &str, placement: &Placement) -> usize {
+    /// it is on to close with 1012; returns how many connections were ordered (some may be
+    /// closing already: each connection counts its own migration when it acts on the order).
+    /// An instance with no home at all (every node down) is left where it is: closing it
+    /// would only make its clients fail to reconnect.
+    pub fn migrate(&self, upstream: &str, placement: &Placement, why: MigrationReason) -> usize {
         let mut inner = self.lock();
         let mut moved = 0;
         inner.channels.retain(|key, sender| {
@@ -91,7 +92,7 @@ impl Owners {
             let home = placement.home_of(key_hash(&[&key.slug, &key.instance]));
             match home {
                 Ok(home) if home.id != key.node => {
-                    sender.send_replace(StopOrder::Migrate);
+                    sender.send_replace(StopOrder::Migrate(why));
                     moved += live;
                     // Dropped from the map: a connection of this instance made later on this
                     // node, should it become the home again, gets a fresh channel.
@@ -167,14 +168,14 @@ mod tests {
         let owners = Owners::default();
         let all_up = placement(&[]);
         let connections = connect_all(&owners, &all_up);
-        assert_eq!(owners.migrate("local", &all_up), 0);
+        assert_eq!(owners.migrate("local", &all_up, MigrationReason::Health), 0);
         let n2_down = placement(&["n2"]);
-        let moved = owners.migrate("local", &n2_down);
+        let moved = owners.migrate("local", &n2_down, MigrationReason::Health);
         let on_n2 = connections.iter().filter(|(_, n, _)| &**n == "n2").count();
         assert_eq!(moved, on_n2);
         for (_, node, signal) in &connections {
             let expected = if &**node == "n2" {
-                StopOrder::Migrate
+                StopOrder::Migrate(MigrationReason::Health)
             } else {
                 StopOrder::Run
             };
@@ -182,7 +183,7 @@ mod tests {
         }
         assert!(!owners.load("local").contains_key("n2"), "n2 holds nothing");
         assert_eq!(
-            owners.migrate("other", &n2_down),
+            owners.migrate("other", &n2_down, MigrationReason::Health),
             0,
             "other upstreams untouched"
         );

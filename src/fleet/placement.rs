@@ -37,8 +37,9 @@ impl PlacedNode {
 pub struct Placement {
     /// Sorted by id: equal sets compare equal whatever order they were found in.
     nodes: Vec<PlacedNode>,
-    /// The seeds of the healthy nodes, in `nodes`' order, side by side so that a decision
-    /// scans one contiguous array; and where each of those nodes is in `nodes`.
+    /// The seeds of the healthy nodes, ascending (and, for equal seeds, in `nodes`' order),
+    /// side by side so that a decision scans one contiguous array; and where each of those
+    /// nodes is in `nodes`.
     up_seeds: Vec<u64>,
     up_nodes: Vec<usize>,
 }
@@ -56,12 +57,12 @@ impl Placement {
     pub fn new(mut nodes: Vec<PlacedNode>) -> Self {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         nodes.dedup_by(|a, b| a.id == b.id);
-        let (up_nodes, up_seeds) = nodes
-            .iter()
-            .enumerate()
+        let mut up: Vec<(u64, usize)> = (nodes.iter().enumerate())
             .filter(|(_, node)| node.healthy)
-            .map(|(i, node)| (i, node.seed))
-            .unzip();
+            .map(|(i, node)| (node.seed, i))
+            .collect();
+        up.sort_unstable();
+        let (up_seeds, up_nodes) = up.into_iter().unzip();
         Placement {
             nodes,
             up_seeds,
@@ -83,11 +84,13 @@ impl Placement {
         if self.nodes.is_empty() {
             return Err(NoHome::NoNodes);
         }
-        // The last of equal scores, as ever: only nodes whose seeds collide score the same.
-        let winner = (self.up_seeds.iter().enumerate())
-            .max_by_key(|(_, seed)| mix(key ^ **seed))
-            .ok_or(NoHome::AllDown)?;
-        Ok(&self.nodes[self.up_nodes[winner.0]])
+        let top = highest_score(key, &self.up_seeds).ok_or(NoHome::AllDown)?;
+        // `mix` is a bijection: the top score says which seed scored it. Of healthy nodes
+        // with that seed (ids whose hashes collide, which score the same), the last in id
+        // order wins, as it always has.
+        let seed = unmix(top) ^ key;
+        let at = self.up_seeds.partition_point(|s| *s <= seed) - 1;
+        Ok(&self.nodes[self.up_nodes[at]])
     }
 
     /// The node `id`, if it is in the set.
@@ -124,12 +127,66 @@ fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     hash
 }
 
+/// The highest `mix(key ^ seed)` over `seeds`, none if there are none. The cost of a decision
+/// on a large fleet, so: scores only (which node scored it is found afterwards, once), in four
+/// interleaved lanes each keeping its maximum without a branch, so that the multiplies of
+/// neighbouring seeds overlap rather than wait on one running maximum.
+fn highest_score(key: u64, seeds: &[u64]) -> Option<u64> {
+    const LANES: usize = 4;
+    let mut top = [mix(key ^ *seeds.first()?); LANES];
+    let chunks = seeds.chunks_exact(LANES);
+    for &seed in chunks.remainder() {
+        top[0] = top[0].max(mix(key ^ seed));
+    }
+    for chunk in chunks {
+        for (top, &seed) in top.iter_mut().zip(chunk) {
+            *top = (*top).max(mix(key ^ seed));
+        }
+    }
+    Some(top[0].max(top[1]).max(top[2].max(top[3])))
+}
+
+const MIX_1: u64 = 0xbf58_476d_1ce4_e5b9;
+const MIX_2: u64 = 0x94d0_49bb_1331_11eb;
+const UNMIX_1: u64 = inverse(MIX_1);
+const UNMIX_2: u64 = inverse(MIX_2);
+
 /// splitmix64's finaliser: a bijection that spreads every input bit over the whole word, so
 /// `key ^ seed` scores each node independently enough for an even spread.
 fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z = (z ^ (z >> 30)).wrapping_mul(MIX_1);
+    z = (z ^ (z >> 27)).wrapping_mul(MIX_2);
     z ^ (z >> 31)
+}
+
+/// The inverse of [`mix`]: `unmix(mix(z)) == z`.
+fn unmix(mut z: u64) -> u64 {
+    z = unshift(z, 31).wrapping_mul(UNMIX_2);
+    z = unshift(z, 27).wrapping_mul(UNMIX_1);
+    unshift(z, 30)
+}
+
+/// The `x` whose `x ^ (x >> by)` is `y`: `y ^ (y >> by) ^ (y >> 2 * by) ^ ...`.
+fn unshift(y: u64, by: u32) -> u64 {
+    let mut x = y;
+    let mut shift = by;
+    while shift < u64::BITS {
+        x ^= y >> shift;
+        shift += by;
+    }
+    x
+}
+
+/// The multiplicative inverse of an odd `a` modulo 2^64, by Newton's iteration (each step
+/// doubles the correct low bits; `a` itself is right in the low 3).
+const fn inverse(a: u64) -> u64 {
+    let mut x = a;
+    let mut step = 0;
+    while step < 5 {
+        x = x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x)));
+        step += 1;
+    }
+    x
 }
 
 #[cfg(test)]
@@ -227,6 +284,60 @@ mod tests {
     }
 
     const PINNED_HOMES: [&str; 4] = ["10.0.0.1:80", "10.0.0.3:80", "10.0.0.3:80", "10.0.0.1:80"];
+
+    #[test]
+    fn unmix_undoes_mix() {
+        assert_eq!(MIX_1.wrapping_mul(UNMIX_1), 1);
+        assert_eq!(MIX_2.wrapping_mul(UNMIX_2), 1);
+        let edges = [0, 1, u64::MAX, 1 << 63, FNV_OFFSET];
+        let spread = (0..100_000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for z in edges.into_iter().chain(spread) {
+            assert_eq!(unmix(mix(z)), z, "{z:#x}");
+        }
+    }
+
+    /// The scan as it was first written: every healthy node in id order, the last of the
+    /// highest scores.
+    fn plain_home(placement: &Placement, key: u64) -> Option<&PlacedNode> {
+        (placement.nodes.iter())
+            .filter(|node| node.healthy)
+            .max_by_key(|node| mix(key ^ node.seed))
+    }
+
+    #[test]
+    fn the_scan_answers_as_the_plain_one_does() {
+        for count in [1, 2, 3, 4, 5, 7, 8, 9, 100, 1000] {
+            let nodes = (0..count)
+                .map(|i| {
+                    let id = format!("10.0.{}.{}:8787", i / 256, i % 256);
+                    PlacedNode::new(&id, &id, i % 10 != 3)
+                })
+                .collect();
+            let placement = Placement::new(nodes);
+            for i in 0..2000 {
+                let key = key_hash(&["coder-agent", &format!("room-{i}")]);
+                let home = placement.home_of(key).ok().map(|n| &n.id);
+                assert_eq!(home, plain_home(&placement, key).map(|n| &n.id));
+            }
+        }
+    }
+
+    #[test]
+    fn of_nodes_whose_seeds_collide_the_last_healthy_one_wins_as_ever() {
+        // Ids whose hashes collide cannot be found, so the seeds are forced: node i gets seed
+        // i / 3, and one of each three is down.
+        let nodes = (0..30)
+            .map(|i| PlacedNode {
+                seed: i / 3,
+                ..PlacedNode::new(&format!("n{i:02}"), "x:1", i % 3 != 2 || i % 2 == 0)
+            })
+            .collect();
+        let placement = Placement::new(nodes);
+        for key in (0..5000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+            let home = placement.home_of(key).ok().map(|n| &n.id);
+            assert_eq!(home, plain_home(&placement, key).map(|n| &n.id));
+        }
+    }
 
     #[test]
     fn nodes_are_found_by_id() {

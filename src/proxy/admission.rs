@@ -94,7 +94,10 @@ pub(crate) struct Refused {
 /// Why a request was refused, for the metrics each reason has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RefusalReason {
+    /// A request limit (header or body size, header deadline): counted on its own.
     Limit(LimitRefusal),
+    /// A WebSocket limit (upgrade rate, open WebSockets): counted as a handshake too.
+    WebSocketLimit(LimitRefusal),
     /// Unknown agent, bad path, or a path outside every route.
     Routing,
     BadOriginHeader,
@@ -123,6 +126,7 @@ impl Refused {
             | RefusalReason::Draining
             | RefusalReason::WebSocketOverHttp2
             | RefusalReason::InvalidUpgrade
+            | RefusalReason::WebSocketLimit(_)
             | RefusalReason::Auth => HandshakeResult::Status(self.problem.status),
         })
     }

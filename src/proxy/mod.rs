@@ -12,6 +12,7 @@ pub mod websocket_session;
 
 use crate::config::GatewayConfig;
 use crate::edge::client_address::{client_ip, forwarded_for};
+use crate::edge::limits::WebSocketSlot;
 use crate::edge::request_id::{request_id, trace_id, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use crate::routing::resolve::Target;
 use crate::runtime::state::{ActiveConfig, GatewayState};
@@ -31,7 +32,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 use upstream_request::{is_other_upgrade, prepare_upstream_request, ClientInfo};
-use websocket_session::serve_websocket;
+use websocket_session::{hold_websocket_slot, serve_websocket};
 
 pub(crate) struct Gateway {
     state: Arc<GatewayState>,
@@ -137,6 +138,9 @@ impl ProxyHttp for Gateway {
             draining: self.state.drain.draining(),
         };
         let admission = admit(&active, &active.secrets, session.req_header(), connection);
+        // Before authentication: a flood of upgrades from one address is refused by its
+        // limits before each attempt costs a token verification or a forward-auth call.
+        let (admission, slot) = hold_websocket_slot(&self.state, &active, admission, &ctx.client);
         let auth_metrics = &self.state.metrics.auth;
         let request = session.req_header();
         let admission = authorize(&active, auth_metrics, request, admission, &mut ctx.client).await;
@@ -156,9 +160,12 @@ impl ProxyHttp for Gateway {
                 send_preflight(session, &headers, &ctx.client.request_id).await?
             }
             Admission::Upgrade(admitted) => {
+                let Some(slot) = slot else {
+                    return Error::e_explain(ErrorType::InternalError, "no WebSocket slot held");
+                };
                 // Boxed: inline, its state would enlarge the future Pingora moves for every
                 // plain HTTP request too.
-                let upgrade = self.upgrade(session, &ctx.client, active, admitted);
+                let upgrade = self.upgrade(session, &ctx.client, active, admitted, slot);
                 ctx.status = Some(Box::pin(upgrade).await?);
             }
             Admission::Forward(admitted) => {
@@ -372,11 +379,13 @@ impl Gateway {
         client: &ClientInfo,
         active: Arc<ActiveConfig>,
         admitted: admission::Admitted,
+        slot: WebSocketSlot,
     ) -> Result<u16> {
         let agent = admission::agent_label(&admitted.target).to_owned();
         let state = &self.state;
+        let connector = &self.connector;
         let served =
-            serve_websocket(state, &self.connector, session, active, admitted, client).await?;
+            serve_websocket(state, connector, session, active, admitted, slot, client).await?;
         let answered = served.answered;
         state.metrics.websocket.handshake(&agent, answered.result);
         served.written?;
@@ -387,7 +396,9 @@ impl Gateway {
     fn count_refusal(&self, refused: &Refused) {
         let metrics = &self.state.metrics;
         match refused.reason {
-            RefusalReason::Limit(limit) => metrics.limit_refused(limit.kind()),
+            RefusalReason::Limit(limit) | RefusalReason::WebSocketLimit(limit) => {
+                metrics.limit_refused(limit.kind())
+            }
             RefusalReason::OriginRefused => metrics.origin_refused(&refused.route),
             _ => {}
         }

@@ -1,7 +1,7 @@
 //! Serving an admitted WebSocket upgrade: the handshake with the upstream, the answer to the
 //! client, and the connection's life after the 101 in a task of its own.
 
-use super::admission::{agent_label, Admitted};
+use super::admission::{agent_label, Admission, Admitted, RefusalReason, Refused};
 use super::node_choice::choose_for_websocket;
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
@@ -20,7 +20,7 @@ use crate::websocket::handshake::{
     Handshake,
 };
 use crate::websocket::metrics::{ConnectionMetrics, HandshakeResult};
-use crate::websocket::outcome::{ConnectionOutcome, DropKind, Initiator};
+use crate::websocket::outcome::{Cause, ConnectionOutcome, DropKind, Initiator};
 use crate::websocket::pump::{pump, Ends, PumpOwner, PumpSettings};
 use crate::websocket::rate_limit::{ClientKey, ConnectionLimiter, RateLimitCounters};
 use crate::websocket::socket::Socket;
@@ -67,8 +67,9 @@ pub(crate) struct Served {
     pub(crate) written: Result<()>,
 }
 
-/// Performs the upgrade with the upstream; on 101, takes both streams over and hands them to
-/// a task of their own. Returns what the client was answered; an error only when nothing
+/// Performs the upgrade with the upstream for a client holding `slot` in the WebSocket limits
+/// (see [`hold_websocket_slot`]); on 101, takes both streams over and hands them to a task of
+/// their own. Returns what the client was answered; an error only when nothing
 /// was decided (the request could not be prepared for the upstream).
 pub(crate) async fn serve_websocket(
     state: &Arc<GatewayState>,
@@ -76,17 +77,14 @@ pub(crate) async fn serve_websocket(
     session: &mut Session,
     active: Arc<ActiveConfig>,
     admitted: Admitted,
+    slot: WebSocketSlot,
     client: &ClientInfo,
 ) -> Result<Served> {
     let metrics = &state.metrics;
     let target = admitted.target;
     let upstream_name = target.upstream.name.as_str();
-    let slots = state
-        .limits
-        .admit_websocket(&active.limits, client.ip)
-        .and_then(|slot| Ok((slot, subject_slot(state, &target, client)?)));
-    let (slot, subject_slot) = match slots {
-        Ok(slots) => slots,
+    let subject_slot = match subject_slot(state, &target, client) {
+        Ok(subject_slot) => subject_slot,
         Err(refusal) => {
             metrics.limit_refused(refusal.kind());
             let problem = Problem::limit(refusal);
@@ -362,6 +360,9 @@ impl Held {
             };
             metrics.upstream_error(&target.upstream.name, kind);
         }
+        if let Cause::Migrated(why) = outcome.cause {
+            metrics.fleet.migrated(&target.upstream.name, why);
+        }
         metrics
             .websocket
             .connection_closed(agent_label(&target), outcome);
@@ -406,6 +407,33 @@ impl KeptTarget {
                 instance: self.instance,
             }),
             cors: None,
+        }
+    }
+}
+
+/// For an admitted upgrade, the client's place in the per-address and total WebSocket
+/// limits, or the refusal that replaces it (429/503, counted as a handshake).
+pub(crate) fn hold_websocket_slot(
+    state: &GatewayState,
+    active: &ActiveConfig,
+    admission: Admission,
+    client: &ClientInfo,
+) -> (Admission, Option<WebSocketSlot>) {
+    let Admission::Upgrade(admitted) = &admission else {
+        return (admission, None);
+    };
+    match state.limits.admit_websocket(&active.limits, client.ip) {
+        Ok(slot) => (admission, Some(slot)),
+        Err(limit) => {
+            let refused = Refused {
+                problem: Problem::limit(limit),
+                reason: RefusalReason::WebSocketLimit(limit),
+                route: admitted.route.clone(),
+                agent: agent_label(&admitted.target).to_owned(),
+                upstream: Some(admitted.target.upstream.name.clone()),
+                websocket: true,
+            };
+            (Admission::Refuse(refused), None)
         }
     }
 }

@@ -6,6 +6,7 @@
 use crate::auth::jwks_remote::JwksRegistry;
 use crate::auth::{AuthPolicy, Authenticator};
 use crate::config::{GatewayConfig, Route};
+use crate::fleet::health::ActiveCheck;
 use crate::fleet::NodeSource;
 use crate::routing::agent_name::example_spellings;
 use crate::secrets::presence::{hint, secret_state, SecretState};
@@ -231,9 +232,12 @@ impl UpstreamRow {
                     ),
                 };
                 let h = &fleet.health;
-                let check = match &h.path {
-                    Some(path) => format!("GET {path}"),
-                    None => "TCP connect".to_owned(),
+                let check = match &h.check {
+                    ActiveCheck::Http { path } => format!("GET {path}"),
+                    ActiveCheck::Tcp => "TCP connect".to_owned(),
+                    ActiveCheck::Passive => {
+                        "passive; a down node is tried by TCP connect".to_owned()
+                    }
                 };
                 let health = format!(
                     "{check} every {}, down after {} failures, up after {} successes",
@@ -511,7 +515,7 @@ mod tests {
         let text = String::from_utf8(out).expect("utf-8");
         for expected in [
             "route agents (/agents, default instance \"default\")",
-            "    upstream  /agents/coder-agent/{instance} on local (local, nodes 127.0.0.1:1; health TCP connect every 5s, down after 3 failures, up after 2 successes)",
+            "    upstream  /agents/coder-agent/{instance} on local (local, nodes 127.0.0.1:1; health passive; a down node is tried by TCP connect every 5s, down after 3 failures, up after 2 successes)",
             "    secret    TABLE_TEST_UNSET: MISSING: set the file /nonexistent/TABLE_TEST_UNSET",
             "    secret    TABLE_TEST_UNSET: kept by the Worker (the Worker behind upstream cloud needs it",
             "paths outside every prefix: cloud (worker https://agents.example.com:443, Host agents.example.com)",

@@ -5,6 +5,7 @@
 use super::state::GatewayState;
 use crate::fleet::health::run_check;
 use crate::fleet::{DueChecks, Fleet, Fleets};
+use crate::websocket::stop::MigrationReason;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -34,7 +35,7 @@ impl BackgroundService for FleetChecks {
                             fleets.metrics.discovery_failed(fleet.upstream());
                         }
                         if fleet.resolved(result) {
-                            fleets.placement_changed(&fleet, "discovery");
+                            fleets.placement_changed(&fleet, MigrationReason::Discovery);
                         }
                     });
                 }

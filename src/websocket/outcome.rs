@@ -2,6 +2,7 @@
 //! The pump produces it; the close metrics and the connection log line report it.
 
 use super::frame::ProtocolError;
+use super::stop::MigrationReason;
 use std::io;
 use std::time::Duration;
 
@@ -77,8 +78,8 @@ pub(crate) enum Cause {
     RateLimit,
     /// The client's credential expired while its WebSocket was open.
     TokenExpired,
-    /// The instance's home moved to another node (health, reload, discovery).
-    Migrated,
+    /// The instance's home moved to another node, and why.
+    Migrated(MigrationReason),
 }
 
 impl Cause {
@@ -92,7 +93,7 @@ impl Cause {
             Cause::ProtocolError => "protocol_error",
             Cause::RateLimit => "rate_limit",
             Cause::TokenExpired => "token_expired",
-            Cause::Migrated => "migrated",
+            Cause::Migrated(_) => "migrated",
         }
     }
 }

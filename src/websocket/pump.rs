@@ -198,7 +198,7 @@ pub(crate) fn pump<O: PumpOwner>(
                 biased;
                 order = &mut stop_requested, if gateway_close.is_none() => {
                     let (code, reason, cause) = match order {
-                        StopOrder::Migrate => (1012, "service restart", Cause::Migrated),
+                        StopOrder::Migrate(why) => (1012, "service restart", Cause::Migrated(why)),
                         _ => (1001, "gateway shutting down", Cause::Drain),
                     };
                     close_both(&mut c2u, &mut u2c, &mut gateway_close, code, reason, cause);
@@ -601,6 +601,7 @@ mod tests {
     use crate::websocket::metrics::WebSocketMetrics;
     use crate::websocket::rate_limit::{Rate, RateLimitAction, RateLimitCounters};
     use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::sync::watch;
 
     struct Owner(PumpSettings, ConnectionMetrics);
 

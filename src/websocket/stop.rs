@@ -12,7 +12,34 @@ pub enum StopOrder {
     Drain,
     /// The instance's home moved to another node: Close 1012 to both sides, so the client
     /// reconnects and lands on the new home.
-    Migrate,
+    Migrate(MigrationReason),
+}
+
+/// Why an instance's home moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationReason {
+    /// A node went down or came back.
+    Health,
+    /// A reload changed the node list or the checks.
+    Reload,
+    /// DNS listed other nodes.
+    Discovery,
+}
+
+impl MigrationReason {
+    pub const ALL: [MigrationReason; 3] = [
+        MigrationReason::Health,
+        MigrationReason::Reload,
+        MigrationReason::Discovery,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MigrationReason::Health => "health",
+            MigrationReason::Reload => "reload",
+            MigrationReason::Discovery => "discovery",
+        }
+    }
 }
 
 /// Orders from outside the pump: the whole gateway's drain for most connections; for an

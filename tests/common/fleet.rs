@@ -21,7 +21,7 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// A gateway config over the `local` upstream `nodes` with active health checks (`/healthz`
 /// every [`HEALTH_INTERVAL`], 200 ms timeout, [`HEALTHY_AFTER`] / [`UNHEALTHY_AFTER`]),
-/// the admin listener and the agent CoderAgent; `{listen}` and `{admin}` as in
+/// the admin listener, no per-address limits and the agent CoderAgent; `{listen}` and `{admin}` as in
 /// [`super::start_gateway`].
 pub fn fleet_config(nodes: &[SocketAddr]) -> String {
     let nodes: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
@@ -33,6 +33,11 @@ threads = 2
 
 [admin]
 listen = "{{admin}}"
+
+# Every test client is 127.0.0.1: no per-address limits.
+[limits]
+upgrades_per_ip_per_second = 0
+websockets_per_ip = 0
 
 [upstreams.local]
 kind = "local"
