@@ -5,7 +5,8 @@
 //! says so, verifiable with the documented text); a wrong or missing key is refused with 401
 //! before anything reaches the agent; the credential's query parameter and protocol entry,
 //! and client-sent copies of the identity headers, never reach the agent; per-subject limits
-//! refuse with 429 and free their slots; an agent may be public under a guarded route;
+//! refuse with 429 and free their slots, and the per-address limits refuse a flood before any
+//! key is checked; an agent may be public under a guarded route;
 //! `check` and `/config` show each agent's policy, and a policy whose key secret is missing
 //! fails `check` and answers 503. Decisions and refusals are counted.
 
@@ -494,4 +495,36 @@ async fn a_policy_whose_key_secret_is_missing_answers_503() {
     assert_eq!(refused.status, 503);
     let unavailable = key_decisions("auth_unavailable");
     assert_eq!(gateway.metric(&unavailable).await, 3.0);
+}
+
+#[tokio::test]
+async fn the_address_limits_refuse_a_flood_before_any_key_is_checked() {
+    let backend = start_backend(Some(TEST_KEY));
+    let limits = "\n[limits]\nwebsockets_per_ip = 1\n";
+    let gateway = start(&(config(backend.address, KEYS, &guarded()) + limits));
+    let address = gateway.address();
+    let alice = bearer(ALICE);
+    let (_held, _) = upgrade(
+        address,
+        "/agents/CoderAgent/flood",
+        &[("Authorization", &alice)],
+    )
+    .await
+    .open();
+    let wrong = bearer("ak-not-a-key");
+    for _ in 0..3 {
+        let refused = upgrade(
+            address,
+            "/agents/CoderAgent/flood",
+            &[("Authorization", &wrong)],
+        )
+        .await
+        .refused();
+        assert_eq!(refused.status, 429, "{}", refused.body);
+        assert_eq!(refused.json()["error"], "websockets_per_ip");
+    }
+    assert_eq!(gateway.metric(&refusals("websockets_per_ip")).await, 3.0);
+    // The held upgrade's key was checked; the flood's never were.
+    assert_eq!(gateway.metric(&key_decisions("allowed")).await, 1.0);
+    assert_eq!(gateway.metric(&key_decisions("invalid")).await, 0.0);
 }
