@@ -269,3 +269,53 @@ async fn nodes_from_address_records_take_the_configured_port() {
     let answer = get(gateway.address(), "/agents/CoderAgent/a-records", &[]).await;
     assert_eq!(answer.json()["node"], second.address.to_string());
 }
+
+#[tokio::test]
+async fn an_application_error_does_not_take_a_node_down() {
+    // A node without its key answers every request 500 "OPENROUTER_API_KEY is not set": the
+    // node is up, the agent is not, and no other instance should move.
+    let keyless = start_backend(None);
+    let gateway = start_gateway(&fleet_config(&[keyless.address]));
+    for _ in 0..(UNHEALTHY_AFTER + 2) {
+        let answer = get(gateway.address(), "/agents/CoderAgent/app", &[]).await;
+        assert_eq!(answer.json()["error"], "secret_missing", "{}", answer.body);
+        let (status, _) = connect_refused(&gateway.url("/agents/CoderAgent/app-ws")).await;
+        assert_eq!(status, 503);
+    }
+    let health = fleet_health(&fleet(&gateway).await);
+    assert_eq!(
+        health.get(&keyless.address.to_string()),
+        Some(&true),
+        "{health:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_removed_by_a_reload_closes_its_connections_with_1012() {
+    let node = start_backend(Some(TEST_KEY));
+    let config = fleet_config(&[node.address]);
+    let gateway = start_gateway(&config);
+    let mut ws = connect(&gateway.url("/agents/CoderAgent/leaving")).await;
+    next_json(&mut ws).await;
+    // The agent now lives on a Worker: the local upstream is gone.
+    let worker = config
+        .replace(
+            "[upstreams.local]\nkind = \"local\"",
+            "[upstreams.local]\nkind = \"worker\"\ntls = false",
+        )
+        .replace(
+            &format!("nodes = [\"{}\"]", node.address),
+            &format!("address = \"{}\"", node.address),
+        );
+    let worker: String = worker
+        .lines()
+        .filter(|l| {
+            !l.starts_with("health_") && !l.starts_with("healthy_") && !l.starts_with("unhealthy_")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    reload_with(&gateway, &worker).await;
+    assert_eq!(close_code(&mut ws).await, 1012);
+    let migrations = "agent_gateway_migrations_total{reason=\"reload\",upstream=\"local\"}";
+    assert_eq!(gateway.metric(migrations).await, 1.0);
+}

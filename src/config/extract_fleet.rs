@@ -30,7 +30,7 @@ impl Ctx<'_> {
                 return Err(self.error_at(
                     Some(span),
                     format!(
-                        "`{field}` is for worker upstreams; a local upstream lists its `nodes`"
+                        "`{field}` is for worker upstreams; a local upstream has `nodes`, `dns` or `srv`"
                     ),
                 ));
             }
@@ -184,12 +184,19 @@ impl Ctx<'_> {
             }
         }
         let nameserver = match &section.nameserver {
-            Some(value) => Some(value.get_ref().parse().map_err(|_| {
-                self.error(
-                    value,
-                    "`nameserver` is an \"ip:port\" address, such as \"10.96.0.10:53\"",
-                )
-            })?),
+            Some(value) => Some(
+                value
+                    .get_ref()
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .filter(|address| address.port() != 0)
+                    .ok_or_else(|| {
+                        self.error(
+                            value,
+                            "`nameserver` is an \"ip:port\" address, such as \"10.96.0.10:53\"",
+                        )
+                    })?,
+            ),
             None => None,
         };
         Ok(NodeSource::Dns {
@@ -363,6 +370,10 @@ mod tests {
                 "`resolve_interval` is for nodes from",
             ),
             ("dns = \"a..b\"\nport = 1", "is not a DNS name"),
+            (
+                "dns = \"a.b\"\nport = 1\nnameserver = \"127.0.0.1:0\"",
+                "`nameserver` is an \"ip:port\"",
+            ),
             (
                 "dns = \"a.b\"\nport = 1\nnameserver = \"dns.local\"",
                 "`nameserver` is an \"ip:port\"",

@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn each_kind_needs_its_own_fields() {
         let err = error_of(&GOOD.replace(LOCAL, "address = \"a:1\""));
-        assert_eq!(err, "gateway.toml:7:11: `address` is for worker upstreams; a local upstream lists its `nodes`");
+        assert_eq!(err, "gateway.toml:7:11: `address` is for worker upstreams; a local upstream has `nodes`, `dns` or `srv`");
         let err = error_of(&GOOD.replace(LOCAL, ""));
         assert_eq!(err, "gateway.toml:6:8: local upstream \"local\" needs `nodes` (a list such as [\"127.0.0.1:8787\"]), `dns` with `port`, or `srv`");
         let err = error_of(&GOOD.replace(LOCAL, "nodes = []"));

@@ -54,13 +54,13 @@ impl HealthSettings {
     }
 
     /// The check these settings describe, for nodes reached as plain HTTP/TCP.
+    /// The thresholds are `NodeHealth`'s, which counts checks and traffic together: the check
+    /// reports one result per run, and its own `consecutive_*` stay unused.
     pub fn check(&self) -> Box<dyn HealthCheck + Send + Sync> {
-        let (healthy_after, unhealthy_after) =
-            (self.healthy_after as usize, self.unhealthy_after as usize);
         match &self.check {
             ActiveCheck::Http { path } => {
                 let mut check = HttpHealthCheck::new("agent-node", false);
-                // A path checked by `extract_upstreams` (absolute, no spaces) always builds.
+                // A path checked by `extract_fleet` (absolute, no spaces or controls) builds.
                 if let Ok(request) =
                     pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
                 {
@@ -71,10 +71,6 @@ impl HealthSettings {
                     .insert_header(http::header::USER_AGENT, "agent-gateway-health");
                 let _ = check.req.insert_header(http::header::HOST, "agent-node");
                 check.peer_template = timed_peer(self.timeout);
-                // The passive half counts the real traffic, so thresholds live in
-                // `NodeHealth`; the check reports one result per run.
-                check.consecutive_success = healthy_after;
-                check.consecutive_failure = unhealthy_after;
                 Box::new(check)
             }
             ActiveCheck::Tcp | ActiveCheck::Passive => {
@@ -83,8 +79,6 @@ impl HealthSettings {
                 peer.options.connection_timeout = Some(self.timeout);
                 peer.options.total_connection_timeout = Some(self.timeout);
                 check.peer_template = peer;
-                check.consecutive_success = healthy_after;
-                check.consecutive_failure = unhealthy_after;
                 Box::new(check)
             }
         }
@@ -100,17 +94,28 @@ fn timed_peer(timeout: Duration) -> HttpPeer {
     peer
 }
 
-/// Runs `check` once against `connect` (an `ip:port`, or a `host:port` resolved here).
-pub async fn run_check(check: &(dyn HealthCheck + Send + Sync), connect: &str) -> bool {
-    let Some(address) = resolve(connect).await else {
-        return false;
+/// Runs `check` once against `connect` (an `ip:port`, or a `host:port` resolved here),
+/// `timeout` bounding the whole of it (the lookup, and a body the check's own per-read
+/// timeouts would let trickle).
+pub async fn run_check(
+    check: &(dyn HealthCheck + Send + Sync),
+    connect: &str,
+    timeout: Duration,
+) -> bool {
+    let checked = async {
+        let Some(address) = resolve(connect).await else {
+            return false;
+        };
+        let backend = Backend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(address),
+            weight: 1,
+            ext: Default::default(),
+        };
+        check.check(&backend).await.is_ok()
     };
-    let backend = Backend {
-        addr: pingora::protocols::l4::socket::SocketAddr::Inet(address),
-        weight: 1,
-        ext: Default::default(),
-    };
-    check.check(&backend).await.is_ok()
+    tokio::time::timeout(timeout, checked)
+        .await
+        .unwrap_or(false)
 }
 
 async fn resolve(connect: &str) -> Option<std::net::SocketAddr> {
@@ -227,10 +232,11 @@ mod tests {
             stream.write_all(answer).await.expect("write");
             head
         });
-        assert!(run_check(http.check().as_ref(), &open).await);
+        let timeout = Duration::from_secs(2);
+        assert!(run_check(http.check().as_ref(), &open, timeout).await);
         let head = serve.await.expect("served");
         assert!(head.starts_with("GET /healthz HTTP/1.1"), "{head}");
-        assert!(!run_check(http.check().as_ref(), &closed).await);
-        assert!(!run_check(settings().check().as_ref(), &closed).await);
+        assert!(!run_check(http.check().as_ref(), &closed, timeout).await);
+        assert!(!run_check(settings().check().as_ref(), &closed, timeout).await);
     }
 }

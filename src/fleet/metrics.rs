@@ -7,7 +7,7 @@ use crate::websocket::metrics::{counter, gauge};
 use crate::websocket::stop::MigrationReason;
 use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGaugeVec};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -127,20 +127,82 @@ impl FleetMetrics {
     }
 }
 
-fn remove_gone(family: &IntGaugeVec, upstream: &str, nodes: &[(Arc<str>, bool)]) {
-    for metric in family.collect().iter().flat_map(|f| f.get_metric()) {
-        let label = |name: &str| {
-            metric
-                .get_label()
+impl FleetMetrics {
+    /// Removes the gauges of upstreams that are no longer fleets, so that no alert fires
+    /// forever on a node of an upstream that is gone.
+    pub(crate) fn forget_other_upstreams<V>(&self, fleets: &HashMap<String, V>) {
+        for family in [
+            &self.node_healthy,
+            &self.node_instances,
+            &self.node_connections,
+            &self.discovered_nodes,
+        ] {
+            for labels in series_labels(family) {
+                let upstream = labels.get("upstream");
+                if upstream.is_some_and(|u| !fleets.contains_key(u.as_str())) {
+                    let _ = family.remove(&as_refs(&labels));
+                }
+            }
+        }
+    }
+}
+
+/// Every series of `family` as its labels, by name.
+fn series_labels(family: &IntGaugeVec) -> Vec<HashMap<String, String>> {
+    family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| {
+            m.get_label()
                 .iter()
-                .find(|l| l.name() == name)
-                .map(|l| l.value().to_owned())
-        };
-        let (Some(series_upstream), Some(node)) = (label("upstream"), label("node")) else {
+                .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+fn as_refs(labels: &HashMap<String, String>) -> HashMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// Removes the series of `upstream`'s nodes that are not in `nodes` any more.
+fn remove_gone(family: &IntGaugeVec, upstream: &str, nodes: &[(Arc<str>, bool)]) {
+    for labels in series_labels(family) {
+        let (Some(series_upstream), Some(node)) = (labels.get("upstream"), labels.get("node"))
+        else {
             continue;
         };
-        if series_upstream == upstream && !nodes.iter().any(|(id, _)| **id == *node) {
-            let _ = family.remove_label_values(&[upstream, &node]);
+        if series_upstream == upstream && !nodes.iter().any(|(id, _)| **id == **node) {
+            let _ = family.remove(&as_refs(&labels));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(metrics: &FleetMetrics) -> usize {
+        series_labels(&metrics.node_healthy).len()
+    }
+
+    #[test]
+    fn series_of_nodes_and_upstreams_that_left_are_removed() {
+        let metrics = FleetMetrics::new();
+        let (n1, n2): (Arc<str>, Arc<str>) = (Arc::from("n1"), Arc::from("n2"));
+        let load = BTreeMap::new();
+        metrics.set_nodes("a", &[(n1.clone(), true), (n2, false)], &load);
+        metrics.set_nodes("b", &[(n1.clone(), true)], &load);
+        assert_eq!(series(&metrics), 3);
+        metrics.set_nodes("a", &[(n1, true)], &load);
+        assert_eq!(series(&metrics), 2, "n2 left upstream a");
+        let only_b: HashMap<String, ()> = [("b".to_owned(), ())].into();
+        metrics.forget_other_upstreams(&only_b);
+        assert_eq!(series(&metrics), 1, "upstream a is gone");
+        assert_eq!(series_labels(&metrics.discovered_nodes).len(), 1);
     }
 }

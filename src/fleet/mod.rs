@@ -61,14 +61,20 @@ struct FleetState {
     health: HashMap<String, NodeHealth>,
     check: Arc<dyn HealthCheck + Send + Sync>,
     checked_at: Option<Instant>,
+    /// A round of checks is running: the next waits for it, so rounds never overlap.
+    checking: bool,
     discovery: Option<Arc<DnsDiscovery>>,
     resolved_at: Option<Instant>,
+    /// A resolution is running: the next waits for it, so answers land in order.
+    resolving: bool,
     last_resolution_error: Option<String>,
 }
 
 /// Active checks due now: the check and the nodes to run it on, as (id, connect).
 pub(crate) struct DueChecks {
     pub check: Arc<dyn HealthCheck + Send + Sync>,
+    /// The most one check may take, whatever the check's own timeouts.
+    pub timeout: Duration,
     pub nodes: Vec<(String, String)>,
 }
 
@@ -81,7 +87,9 @@ impl Fleet {
             settings,
             health: HashMap::new(),
             checked_at: None,
+            checking: false,
             resolved_at: None,
+            resolving: false,
             last_resolution_error: None,
         };
         let fleet = Fleet {
@@ -108,9 +116,16 @@ impl Fleet {
     }
 
     /// Applies new settings (a reload); `true` when placement changed. DNS is resolved
-    /// again on the next tick, the old list serving until then.
+    /// again on the next tick, the old list serving until then. On an error nothing changed.
     fn configure(&self, settings: FleetSettings) -> Result<bool, String> {
         let mut state = self.lock();
+        let new_source = state.settings.source != settings.source;
+        // Made before anything changes, so that a failure leaves the fleet as it was.
+        let discovery = if new_source {
+            discovery_of(&settings.source)?
+        } else {
+            state.discovery.clone()
+        };
         // A reload resolves DNS again at once, changed or not.
         state.resolved_at = None;
         if state.settings == settings {
@@ -120,9 +135,8 @@ impl Fleet {
             state.check = Arc::from(settings.health.check());
             state.checked_at = None;
         }
-        if state.settings.source != settings.source {
-            state.discovery = discovery_of(&settings.source)?;
-            state.resolved_at = None;
+        if new_source {
+            state.discovery = discovery;
             if let NodeSource::Static(_) = settings.source {
                 state.members = static_members(&settings.source);
             }
@@ -131,9 +145,15 @@ impl Fleet {
         Ok(self.republish(&mut state))
     }
 
-    /// Records a check's or a request's result for node `id`; `true` when placement changed.
-    pub fn observe(&self, id: &str, ok: bool) -> bool {
+    /// Records a check's or, with `traffic`, a request's result for node `id`; `true` when
+    /// placement changed. A request's success counts only when no active check watches the
+    /// node: otherwise the checks decide, so a node failing its health path goes down
+    /// whatever traffic still succeeds.
+    pub fn observe(&self, id: &str, ok: bool, traffic: bool) -> bool {
         let mut state = self.lock();
+        if ok && traffic && state.settings.health.checks_every_node() {
+            return false;
+        }
         if !state.members.iter().any(|(member, _)| member == id) {
             return false;
         }
@@ -152,7 +172,7 @@ impl Fleet {
     pub fn due_checks(&self, now: Instant) -> Option<DueChecks> {
         let mut state = self.lock();
         let interval = state.settings.health.interval;
-        if state.checked_at.is_some_and(|at| now < at + interval) {
+        if state.checking || state.checked_at.is_some_and(|at| now < at + interval) {
             return None;
         }
         state.checked_at = Some(now);
@@ -164,10 +184,20 @@ impl Fleet {
             .filter(|(id, _)| every || placement.node(id).is_some_and(|n| !n.healthy))
             .cloned()
             .collect();
-        (!nodes.is_empty()).then(|| DueChecks {
+        if nodes.is_empty() {
+            return None;
+        }
+        state.checking = true;
+        Some(DueChecks {
             check: Arc::clone(&state.check),
+            timeout: state.settings.health.timeout,
             nodes,
         })
+    }
+
+    /// The round of checks [`Self::due_checks`] gave has ended.
+    pub fn checks_done(&self) {
+        self.lock().checking = false;
     }
 
     /// The DNS resolution due at `now`, if any; it is then timed from `now`.
@@ -176,17 +206,27 @@ impl Fleet {
         let NodeSource::Dns { interval, .. } = state.settings.source else {
             return None;
         };
-        if state.resolved_at.is_some_and(|at| now < at + interval) {
+        if state.resolving || state.resolved_at.is_some_and(|at| now < at + interval) {
             return None;
         }
         state.resolved_at = Some(now);
+        state.resolving = state.discovery.is_some();
         state.discovery.clone()
     }
 
-    /// Takes a resolution's result: a new list, or an error that keeps the last good one.
-    /// `true` when placement changed.
-    pub fn resolved(&self, result: Result<Vec<DiscoveredNode>, String>) -> bool {
+    /// Takes the result of a resolution by `by`: a new list, or an error that keeps the last
+    /// good one; `true` when placement changed. A result of a query a reload has replaced
+    /// since is dropped.
+    pub fn resolved(
+        &self,
+        by: &Arc<DnsDiscovery>,
+        result: Result<Vec<DiscoveredNode>, String>,
+    ) -> bool {
         let mut state = self.lock();
+        state.resolving = false;
+        if !state.discovery.as_ref().is_some_and(|d| Arc::ptr_eq(d, by)) {
+            return false;
+        }
         match result {
             Ok(found) => {
                 state.last_resolution_error = None;
@@ -325,18 +365,16 @@ impl Fleets {
         let mut by_upstream = self.lock();
         for (name, settings) in upstreams {
             let fleet = match by_upstream.get(name) {
-                Some(fleet) => match fleet.configure(settings.clone()) {
-                    Ok(changed) => {
-                        if changed {
-                            self.placement_changed(fleet, MigrationReason::Reload);
-                        }
-                        Arc::clone(fleet)
+                Some(fleet) => {
+                    match fleet.configure(settings.clone()) {
+                        Ok(true) => self.placement_changed(fleet, MigrationReason::Reload),
+                        Ok(false) => {}
+                        Err(why) => log::error!(
+                            "upstream {name}: its new node source cannot be used, the old one keeps serving: {why}"
+                        ),
                     }
-                    Err(why) => {
-                        log::error!("upstream {name}: its nodes cannot be found: {why}");
-                        continue;
-                    }
-                },
+                    Arc::clone(fleet)
+                }
                 None => match Fleet::new(name, settings.clone()) {
                     Ok(fleet) => Arc::new(fleet),
                     Err(why) => {
@@ -348,7 +386,16 @@ impl Fleets {
             self.metrics.upstream_known(name);
             kept.insert(name.to_owned(), fleet);
         }
+        // Connections on the nodes of an upstream that is gone (or no longer `local`) have no
+        // home any more: their clients reconnect to wherever their agent now lives.
+        for gone in by_upstream.keys().filter(|name| !kept.contains_key(*name)) {
+            let moved = self.owners.evict(gone, MigrationReason::Reload);
+            if moved > 0 {
+                log::warn!("upstream {gone} is gone; {moved} WebSockets on its nodes told to close with 1012");
+            }
+        }
         *by_upstream = kept.clone();
+        self.metrics.forget_other_upstreams(&kept);
         kept
     }
 
@@ -372,9 +419,17 @@ impl Fleets {
         }
     }
 
-    /// A request's result on node `id` of `fleet`, counted as a passive check.
-    pub fn observed(&self, fleet: &Fleet, id: &str, ok: bool) {
-        if fleet.observe(id, ok) {
+    /// An active check's result on node `id` of `fleet`.
+    pub fn checked(&self, fleet: &Fleet, id: &str, ok: bool) {
+        if fleet.observe(id, ok, false) {
+            self.placement_changed(fleet, MigrationReason::Health);
+        }
+    }
+
+    /// A request's result on node `id` of `fleet`, counted as a passive check: `ok` when the
+    /// node answered, not when it could not be reached or refused as unavailable.
+    pub fn traffic_observed(&self, fleet: &Fleet, id: &str, ok: bool) {
+        if fleet.observe(id, ok, true) {
             self.placement_changed(fleet, MigrationReason::Health);
         }
     }
@@ -433,19 +488,19 @@ mod tests {
             .id
             .clone();
         let signal = fleets.owners.subscribe("local", &home, "coder", "a");
-        fleets.observed(fleet, &home, false);
+        fleets.traffic_observed(fleet, &home, false);
         let placement = fleet.placement();
         assert_ne!(placement.home(&["coder", "a"]).expect("home").id, home);
         assert_eq!(
             *signal.borrow(),
             crate::websocket::stop::StopOrder::Migrate(MigrationReason::Health)
         );
-        fleets.observed(fleet, &home, true);
+        fleets.checked(fleet, &home, true);
         assert_eq!(
             fleet.placement().home(&["coder", "a"]).expect("home").id,
             home
         );
-        assert!(!fleet.observe("not-a-member", false));
+        assert!(!fleet.observe("not-a-member", false, false));
     }
 
     #[test]
@@ -453,7 +508,7 @@ mod tests {
         let fleets = Fleets::new(FleetMetrics::new());
         let three = settings(&["n1", "n2", "n3"]);
         let fleet = Arc::clone(&fleets.configure([("local", &three)].into_iter())["local"]);
-        fleets.observed(&fleet, "n3", false);
+        fleets.checked(&fleet, "n3", false);
         let four = settings(&["n1", "n2", "n3", "n4"]);
         let again = fleets.configure([("local", &four)].into_iter());
         assert!(Arc::ptr_eq(&fleet, &again["local"]), "the same fleet");
@@ -463,16 +518,45 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_resolution_keeps_the_last_good_list() {
-        let fleet = Fleet::new("local", settings(&[])).expect("fleet");
+    fn a_failed_resolution_keeps_the_last_good_list_and_a_stale_one_is_dropped() {
+        let query = DnsQuery::Srv {
+            name: "_agent._tcp.nodes.test".into(),
+        };
+        let dns = FleetSettings {
+            source: NodeSource::Dns {
+                query: query.clone(),
+                interval: Duration::from_secs(10),
+                nameserver: Some(SocketAddr::from(([127, 0, 0, 1], 53))),
+            },
+            ..settings(&[])
+        };
+        let fleet = Fleet::new("local", dns).expect("fleet");
+        let now = Instant::now();
+        let by = fleet.due_resolution(now).expect("due at once");
+        assert!(
+            fleet
+                .due_resolution(now + Duration::from_secs(60))
+                .is_none(),
+            "one at a time"
+        );
         let found = vec![DiscoveredNode {
             id: "a:1".into(),
             connect: "127.0.0.1:1".into(),
         }];
-        assert!(fleet.resolved(Ok(found.clone())));
-        assert!(!fleet.resolved(Ok(found)));
-        assert!(!fleet.resolved(Err("SERVFAIL".into())));
+        assert!(fleet.resolved(&by, Ok(found.clone())));
+        assert!(!fleet.resolved(&by, Ok(found)));
+        assert!(!fleet.resolved(&by, Err("SERVFAIL".into())));
         assert_eq!(fleet.placement().nodes().len(), 1);
+        let replaced = Arc::new(DnsDiscovery::new(query, None).expect("a resolver"));
+        let other = vec![DiscoveredNode {
+            id: "b:1".into(),
+            connect: "127.0.0.1:2".into(),
+        }];
+        assert!(
+            !fleet.resolved(&replaced, Ok(other)),
+            "not the query in force"
+        );
+        assert_eq!(&*fleet.placement().nodes()[0].id, "a:1");
     }
 
     #[test]
@@ -482,8 +566,14 @@ mod tests {
         let fleet = Fleet::new("local", tcp).expect("fleet");
         let now = Instant::now();
         assert!(fleet.due_checks(now).is_some());
+        fleet.checks_done();
         assert!(fleet.due_checks(now).is_none());
-        assert!(fleet.due_checks(now + Duration::from_secs(5)).is_some());
+        let later = now + Duration::from_secs(5);
+        assert!(fleet.due_checks(later).is_some());
+        assert!(
+            fleet.due_checks(later + Duration::from_secs(5)).is_none(),
+            "the last round is still running"
+        );
         assert!(fleet.due_resolution(now).is_none(), "a static list");
     }
 
@@ -492,7 +582,7 @@ mod tests {
         let fleet = Fleet::new("local", settings(&["n1", "n2"])).expect("fleet");
         let now = Instant::now();
         assert!(fleet.due_checks(now).is_none(), "every node is up");
-        fleet.observe("n2", false);
+        fleet.observe("n2", false, true);
         let later = now + Duration::from_secs(5);
         let due = fleet.due_checks(later).expect("the down node is due");
         assert_eq!(due.nodes, vec![("n2".to_owned(), "n2".to_owned())]);

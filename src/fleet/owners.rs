@@ -80,6 +80,10 @@ impl Owners {
     /// would only make its clients fail to reconnect.
     pub fn migrate(&self, upstream: &str, placement: &Placement, why: MigrationReason) -> usize {
         let mut inner = self.lock();
+        if inner.draining {
+            // Every connection is closing with 1001 already.
+            return 0;
+        }
         let mut moved = 0;
         inner.channels.retain(|key, sender| {
             let live = sender.receiver_count();
@@ -102,6 +106,32 @@ impl Owners {
             }
         });
         moved
+    }
+
+    /// Orders every connection on a node of `upstream` to close with 1012: the upstream is
+    /// gone. Returns how many were ordered.
+    pub fn evict(&self, upstream: &str, why: MigrationReason) -> usize {
+        let mut inner = self.lock();
+        if inner.draining {
+            return 0;
+        }
+        let mut moved = 0;
+        inner.channels.retain(|key, sender| {
+            if *key.upstream != *upstream {
+                return sender.receiver_count() > 0;
+            }
+            moved += sender.receiver_count();
+            sender.send_replace(StopOrder::Migrate(why));
+            false
+        });
+        moved
+    }
+
+    /// Forgets the entries whose connections have all ended.
+    pub fn prune(&self) {
+        self.lock()
+            .channels
+            .retain(|_, sender| sender.receiver_count() > 0);
     }
 
     /// Orders every registered connection to close with 1001, and every later one at once.
@@ -203,6 +233,24 @@ mod tests {
         assert_eq!((load.instances, load.connections), (1, 1));
         drop(a2);
         assert!(owners.load("local").is_empty());
+    }
+
+    #[test]
+    fn an_upstream_that_is_gone_loses_every_connection_and_a_drain_is_not_overridden() {
+        let owners = Owners::default();
+        let node: Arc<str> = Arc::from("n1");
+        let gone = owners.subscribe("old", &node, "coder", "a");
+        let kept = owners.subscribe("local", &node, "coder", "b");
+        assert_eq!(owners.evict("old", MigrationReason::Reload), 1);
+        assert_eq!(*gone.borrow(), StopOrder::Migrate(MigrationReason::Reload));
+        assert_eq!(*kept.borrow(), StopOrder::Run);
+        owners.drain();
+        assert_eq!(owners.evict("local", MigrationReason::Reload), 0);
+        assert_eq!(
+            owners.migrate("local", &placement(&["n1"]), MigrationReason::Health),
+            0
+        );
+        assert_eq!(*kept.borrow(), StopOrder::Drain);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::upstream::upgrade_connector;
 use admission::{admit, Admission, AllowedCors, ConnectionFacts, RefusalReason, Refused, NO_ROUTE};
 use async_trait::async_trait;
 use authorization::authorize;
-use node_choice::{choose_node, NodeChoice};
+use node_choice::{choose_node, is_connect_failure, NodeChoice};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -127,8 +127,9 @@ impl ProxyHttp for Gateway {
 
     /// Runs first for every request, with the request head read. Admission decides; this
     /// performs the decision. `Ok(true)` means the answer has been written here: a refusal,
-    /// a preflight, or a WebSocket upgrade served in full (see [`serve_websocket`]);
-    /// `Ok(false)` lets Pingora proxy the request to the admitted target. Pingora's default
+    /// a preflight, a 503 when no node of a `local` upstream is up, or a WebSocket upgrade
+    /// served in full (see [`serve_websocket`]); `Ok(false)` lets Pingora proxy the request to
+    /// the node chosen for the admitted target. Pingora's default
     /// admits everything.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let active = self.state.config();
@@ -168,12 +169,22 @@ impl ProxyHttp for Gateway {
                 let upgrade = self.upgrade(session, &ctx.client, active, admitted, slot);
                 ctx.status = Some(Box::pin(upgrade).await?);
             }
-            Admission::Forward(admitted) => {
-                ctx.cors = admitted.cors;
-                ctx.target = Some(admitted.target);
-                ctx.active = Some(active);
-                return Ok(false);
-            }
+            Admission::Forward(admitted) => match choose_node(&active, &admitted.target) {
+                Ok(node) => {
+                    ctx.node = Some(node);
+                    ctx.cors = admitted.cors;
+                    ctx.target = Some(admitted.target);
+                    ctx.active = Some(active);
+                    return Ok(false);
+                }
+                Err(problem) => {
+                    let upstream = admitted.target.upstream.name.as_str();
+                    self.state
+                        .metrics
+                        .upstream_error(upstream, "no_healthy_node");
+                    problem.send(session, &ctx.client.request_id).await?;
+                }
+            },
         }
         Ok(true)
     }
@@ -194,37 +205,19 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Runs after `request_filter` let a request through: the peer is the admitted target's
-    /// node (for `local` upstreams, the instance's home in its fleet). There is no default
-    /// in Pingora; an error here reaches [`Self::fail_to_proxy`], and a `local` upstream with
-    /// no node up answers 503 `no_healthy_node` here.
+    /// Runs after `request_filter` let a request through: the peer is the node it chose for
+    /// the admitted target (for `local` upstreams, the instance's home in its fleet). There is
+    /// no default in Pingora; an error here reaches [`Self::fail_to_proxy`].
     async fn upstream_peer(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let (Some(target), Some(active)) = (ctx.target.as_ref(), ctx.active.as_ref()) else {
+        let (Some(target), Some(node)) = (ctx.target.as_ref(), ctx.node.as_ref()) else {
             return Error::e_explain(ErrorType::InternalError, "no target resolved");
         };
-        let node = match choose_node(active, target) {
-            Ok(node) => node,
-            Err(problem) => {
-                let upstream = target.upstream.name.as_str();
-                self.state
-                    .metrics
-                    .upstream_error(upstream, "no_healthy_node");
-                problem.send(session, &ctx.client.request_id).await?;
-                ctx.status = Some(problem.status);
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(problem.status),
-                    "answered: no node up",
-                );
-            }
-        };
         ctx.upstream_started = Some(Instant::now());
-        let peer = node.peer(target).await;
-        ctx.node = Some(node);
-        Ok(Box::new(peer?))
+        Ok(Box::new(node.peer(target).await?))
     }
 
     /// Runs on the request header just before it goes upstream: rewritten for the target
@@ -272,7 +265,8 @@ impl ProxyHttp for Gateway {
         }
         let status = response.status.as_u16();
         if let Some(node) = &ctx.node {
-            node.observed(&self.state.fleets, status < 500);
+            // The node answered: whatever the status, an application's, it is up.
+            node.observed(&self.state.fleets, true);
         }
         if status < 500 {
             self.state.upstream_answered_well(upstream);
@@ -321,9 +315,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let problem = match (&ctx.target, e.esource()) {
-            (Some(_), _) if session.response_written().is_some() => None,
             (Some(target), pingora::ErrorSource::Upstream) => {
-                if let Some(node) = &ctx.node {
+                if let (Some(node), true) = (&ctx.node, is_connect_failure(e.etype())) {
                     node.observed(&self.state.fleets, false);
                 }
                 let upstream = &target.upstream.name;

@@ -8,8 +8,9 @@ use crate::fleet::{Fleet, Fleets};
 use crate::routing::resolve::Target;
 use crate::runtime::state::ActiveConfig;
 use crate::upstream::UpstreamKind;
-use crate::websocket::stop::StopSignal;
+use crate::websocket::stop::{MigrationReason, StopSignal};
 use pingora::prelude::HttpPeer;
+use pingora::ErrorType;
 use std::sync::Arc;
 
 /// The node chosen for a request.
@@ -27,13 +28,29 @@ impl NodeChoice {
         target.upstream.peer(&self.connect).await
     }
 
-    /// Counts a request's result on the chosen node as a passive health check: a connect
-    /// failure or a 5xx to an upgrade is a failure, an answer below 500 a success.
+    /// Counts a request's result on the chosen node as a passive health check (see
+    /// [`Fleets::traffic_observed`]).
     pub(crate) fn observed(&self, fleets: &Fleets, ok: bool) {
         if let Some((fleet, id)) = &self.fleet_node {
-            fleets.observed(fleet, id, ok);
+            fleets.traffic_observed(fleet, id, ok);
         }
     }
+}
+
+/// Whether an upstream error says the node could not be reached at all, as opposed to a
+/// slow or failing answer from a node that is up (one endpoint's trouble, not the node's).
+pub(crate) fn is_connect_failure(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::SocketError
+            | ErrorType::BindError
+    )
 }
 
 /// The node for `target` under `active`, or the 503 that says why there is none.
@@ -90,7 +107,13 @@ pub(crate) fn choose_for_websocket(
         let placement = fleet.placement();
         let still_home = placement.home(&key).is_ok_and(|home| home.id == *id);
         attempts += 1;
-        if still_home || attempts == 3 {
+        if still_home {
+            return Ok((choice, Some(signal)));
+        }
+        if attempts == 3 {
+            // Placement is flapping: the connection goes ahead, told at once to move on
+            // (as every other on that node is), rather than outlive its home there.
+            fleets.placement_changed(fleet, MigrationReason::Health);
             return Ok((choice, Some(signal)));
         }
     }

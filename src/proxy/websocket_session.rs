@@ -2,7 +2,7 @@
 //! client, and the connection's life after the 101 in a task of its own.
 
 use super::admission::{agent_label, Admission, Admitted, RefusalReason, Refused};
-use super::node_choice::choose_for_websocket;
+use super::node_choice::{choose_for_websocket, is_connect_failure};
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
 use super::upstream_request::{prepare_upstream_request, ClientInfo};
@@ -113,11 +113,15 @@ pub(crate) async fn serve_websocket(
     // count as a connection that a placement change moves.
     let upgraded = matches!(answer, Ok(Handshake::Upgraded { .. }));
     let stop = stop.filter(|_| upgraded);
-    // A passive health check: the node failed the upgrade or answered it 5xx, or not.
+    // A passive health check: the node could not be reached, or refused the upgrade as
+    // unavailable (502, 503, 504). An application's answer, a 500 "NAME is not set" among
+    // them, says the node is up.
     let node_failed = match &answer {
-        Ok(Handshake::Refused { response, .. }) => response.status.as_u16() >= 500,
+        Ok(Handshake::Refused { response, .. }) => {
+            matches!(response.status.as_u16(), 502..=504)
+        }
         Ok(Handshake::Upgraded { .. }) => false,
-        Err(_) => true,
+        Err(e) => is_connect_failure(e.etype()),
     };
     node.observed(&state.fleets, !node_failed);
     let (mut response, stream, preread) = match answer {

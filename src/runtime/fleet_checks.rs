@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// How often the loop looks for due work: intervals are met to within this.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the record of open connections forgets instances with none left.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) struct FleetChecks {
     pub(crate) state: Arc<GatewayState>,
@@ -22,8 +24,15 @@ pub(crate) struct FleetChecks {
 #[async_trait]
 impl BackgroundService for FleetChecks {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut pruned_at = Instant::now();
         loop {
             let now = Instant::now();
+            if now.duration_since(pruned_at) >= PRUNE_EVERY {
+                // Without scrapes or placement changes, nothing else would forget the
+                // instances whose connections all ended.
+                self.state.fleets.owners.prune();
+                pruned_at = now;
+            }
             for fleet in self.state.fleets.all() {
                 // Each round is a task of its own, so that a slow node or DNS server delays
                 // no other fleet's round.
@@ -34,7 +43,7 @@ impl BackgroundService for FleetChecks {
                         if result.is_err() {
                             fleets.metrics.discovery_failed(fleet.upstream());
                         }
-                        if fleet.resolved(result) {
+                        if fleet.resolved(&discovery, result) {
                             fleets.placement_changed(&fleet, MigrationReason::Discovery);
                         }
                     });
@@ -52,13 +61,14 @@ impl BackgroundService for FleetChecks {
     }
 }
 
-/// Checks every node of `fleet` at once and records each result.
+/// Checks the due nodes of `fleet` at once and records each result.
 async fn check_round(fleets: Arc<Fleets>, fleet: Arc<Fleet>, due: DueChecks) {
     let checks = due.nodes.iter().map(|(id, connect)| {
         let check = Arc::clone(&due.check);
-        async move { (id, run_check(check.as_ref(), connect).await) }
+        async move { (id, run_check(check.as_ref(), connect, due.timeout).await) }
     });
     for (id, ok) in futures_util::future::join_all(checks).await {
-        fleets.observed(&fleet, id, ok);
+        fleets.checked(&fleet, id, ok);
     }
+    fleet.checks_done();
 }
