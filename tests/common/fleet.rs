@@ -2,7 +2,7 @@
 //! checks, the gateway's `/fleet`, each node's own `/admin/instances`, placement as the
 //! gateway computes it, and bounded polling.
 
-use super::{get, raw_request, Gateway, WAIT};
+use super::{get, local_config, raw_request, Gateway, WAIT};
 use agent_gateway::fleet::placement::{PlacedNode, Placement};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -19,46 +19,17 @@ pub const UNHEALTHY_AFTER: u32 = 2;
 /// How often [`wait_until`] looks again.
 pub const POLL: Duration = Duration::from_millis(20);
 
-/// A gateway config over the `local` upstream `nodes` with active health checks (`/healthz`
-/// every [`HEALTH_INTERVAL`], 200 ms timeout, [`HEALTHY_AFTER`] / [`UNHEALTHY_AFTER`]),
-/// the admin listener, no per-address limits and the agent CoderAgent; `{listen}` and `{admin}` as in
-/// [`super::start_gateway`].
+/// [`local_config`] over `nodes` with active health checks (`/healthz` every
+/// [`HEALTH_INTERVAL`], 200 ms timeout, [`HEALTHY_AFTER`] / [`UNHEALTHY_AFTER`]) and no
+/// per-address limits (every test client is 127.0.0.1).
 pub fn fleet_config(nodes: &[SocketAddr]) -> String {
-    let nodes: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
-    format!(
-        r#"
-[server]
-listen = "{{listen}}"
-threads = 2
-
-[admin]
-listen = "{{admin}}"
-
-# Every test client is 127.0.0.1: no per-address limits.
-[limits]
-upgrades_per_ip_per_second = 0
-websockets_per_ip = 0
-
-[upstreams.local]
-kind = "local"
-nodes = [{}]
-connect_timeout = "2s"
-health_path = "/healthz"
-health_interval = "{}ms"
-health_timeout = "200ms"
-healthy_after = {HEALTHY_AFTER}
-unhealthy_after = {UNHEALTHY_AFTER}
-
-[[routes]]
-prefix = "/agents"
-
-[[routes.agents]]
-name = "CoderAgent"
-upstream = "local"
-"#,
-        nodes.join(", "),
+    let health = format!(
+        "connect_timeout = \"2s\"\nhealth_path = \"/healthz\"\nhealth_interval = \"{}ms\"\n\
+         health_timeout = \"200ms\"\nhealthy_after = {HEALTHY_AFTER}\nunhealthy_after = {UNHEALTHY_AFTER}\n",
         HEALTH_INTERVAL.as_millis()
-    )
+    );
+    local_config(nodes).replace("connect_timeout = \"2s\"\n", &health)
+        + "\n[limits]\nupgrades_per_ip_per_second = 0\nwebsockets_per_ip = 0\n"
 }
 
 /// Rewrites a running gateway's config file with `config` (its placeholders filled with the
