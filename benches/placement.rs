@@ -1,7 +1,8 @@
 //! What choosing an agent instance's home costs per WebSocket upgrade: `Placement::home` on
 //! `("coder-agent", instance)`, the key's hash and the rendezvous ranking of every node, for
-//! fleets of 3, 100 and 1,000 nodes, all up and with a tenth of them down. The key's hash
-//! alone is measured beside it.
+//! fleets of 3, 100 and 1,000 nodes, all up and with every tenth one down (one of 3). The
+//! key's hash alone is measured beside it. The scan for up to 32 healthy nodes differs from
+//! the one beyond (see `Placement::home_of`): 3 nodes take the first, 100 and 1,000 the second.
 //! Instances cycle through 4,096 precomputed names, so that neither the key nor the winner is
 //! the same from one decision to the next.
 
