@@ -319,3 +319,22 @@ async fn an_upstream_removed_by_a_reload_closes_its_connections_with_1012() {
     let migrations = "agent_gateway_migrations_total{reason=\"reload\",upstream=\"local\"}";
     assert_eq!(gateway.metric(migrations).await, 1.0);
 }
+
+#[tokio::test]
+async fn a_reload_resolves_dns_again_at_once() {
+    let dns = TestDns::start();
+    let first = start_backend(Some(TEST_KEY));
+    let second = start_backend(Some(TEST_KEY));
+    dns.set_a("node-a.fleet.test", &[[127, 0, 0, 1].into()]);
+    dns.set_srv(SRV, &[("node-a.fleet.test", first.address.port())]);
+    // Resolved at start, then not for an hour: only the reload can pick the change up.
+    let config = dns_config(&dns, &format!("srv = \"{SRV}\""))
+        .replace("resolve_interval = \"200ms\"", "resolve_interval = \"1h\"");
+    let gateway = start_gateway(&config);
+    let id_a = format!("node-a.fleet.test:{}", first.address.port());
+    wait_fleet_ids(&gateway, std::slice::from_ref(&id_a)).await;
+    dns.set_srv(SRV, &[("node-a.fleet.test", second.address.port())]);
+    reload_with(&gateway, &config).await;
+    let id_b = format!("node-a.fleet.test:{}", second.address.port());
+    wait_fleet_ids(&gateway, &[id_b]).await;
+}
