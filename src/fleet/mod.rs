@@ -154,15 +154,24 @@ impl Fleet {
         if ok && traffic && state.settings.health.checks_every_node() {
             return false;
         }
-        if !state.members.iter().any(|(member, _)| member == id) {
+        let FleetState {
+            settings,
+            health,
+            members,
+            ..
+        } = &mut *state;
+        let record = match health.get_mut(id) {
+            Some(record) => record,
+            // Healthy, with no run of failures: a success changes nothing (the common case,
+            // on every answered request without active checks).
+            None if ok => return false,
+            None if !members.iter().any(|(member, _)| member == id) => return false,
+            None => health.entry(id.to_owned()).or_default(),
+        };
+        if !record.observe(ok, &settings.health) {
             return false;
         }
-        let settings = state.settings.health.clone();
-        let health = state.health.entry(id.to_owned()).or_default();
-        if !health.observe(ok, &settings) {
-            return false;
-        }
-        let now = if health.healthy { "up" } else { "down" };
+        let now = if record.healthy { "up" } else { "down" };
         log::warn!("upstream {}: node {id} is {now}", self.upstream);
         self.republish(&mut state)
     }
