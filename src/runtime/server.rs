@@ -64,8 +64,11 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
         match TlsSettings::intermediate("", "") {
             Ok(mut settings) => {
                 settings.set_cert_resolver(resolver);
-                // HTTP/1.1 only: agent WebSockets are upgrades, which HTTP/2 does not have.
-                settings.set_alpn(ALPN::H1);
+                // HTTP/2 and HTTP/1.1: a browser opens at most six HTTP/1.1 connections per
+                // origin, too few for an agent UI with several event streams. WebSocket
+                // upgrades stay on HTTP/1.1: without RFC 8441's setting, which is not sent,
+                // browsers open them on a connection of their own.
+                settings.set_alpn(ALPN::H2H1);
                 proxy.add_listener(
                     ListenerConfig::tcp(tls_listen.as_str())
                         .tls(settings)
@@ -115,7 +118,10 @@ impl ServerApp for EdgeApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = match self.state.config().limits.header_timeout {
+        // The deadline reads HTTP/1.1 heads; HTTP/2 has binary frames and no such head.
+        let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+        let header_timeout = self.state.config().limits.header_timeout;
+        let stream: Stream = match header_timeout.filter(|_| !http2) {
             Some(limit) => Box::new(HeaderDeadline::new(
                 stream,
                 limit,

@@ -407,6 +407,11 @@ impl TestCa {
         let key = rcgen::KeyPair::generate().expect("CA key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Names of their own: OpenSSL (curl) takes a leaf whose subject is its issuer's for a
+        // self-signed certificate.
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agent-gateway test CA");
         let cert = params.self_signed(&key).expect("CA");
         TestCa {
             pem: cert.pem(),
@@ -418,10 +423,13 @@ impl TestCa {
     pub fn issue(&self, names: &[&str]) -> TestLeaf {
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let leaf = rcgen::CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("leaf");
+        let mut params = rcgen::CertificateParams::new(names.clone()).expect("leaf params");
+        if let Some(first) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, first.as_str());
+        }
+        let leaf = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
         TestLeaf {
             cert_pem: leaf.pem(),
             key_pem: key.serialize_pem(),

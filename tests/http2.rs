@@ -1,0 +1,168 @@
+//! HTTP/2 on the TLS listener (ALPN `h2`, `http/1.1`), with curl as the client: eight
+//! server-sent-event streams at once on one connection, where HTTP/1.1 would need eight; and
+//! the gateway's own answers the same as over HTTP/1.1.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Barrier;
+
+const STREAMS: usize = 8;
+const NAME: &str = "agents.test";
+
+/// An agent node that answers every request with an event stream, and sends its events only
+/// once [`STREAMS`] requests are open at the same time.
+async fn event_node() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let all_open = Arc::new(Barrier::new(STREAMS));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let all_open = Arc::clone(&all_open);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                              cache-control: no-cache\r\nconnection: close\r\n\r\n";
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                all_open.wait().await;
+                for event in 0..3 {
+                    let text = format!("data: event-{event}\n\n");
+                    if stream.write_all(text.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A gateway over `node` with its TLS listener, and the CA file curl trusts.
+fn gateway_with_tls(node: SocketAddr) -> (Gateway, std::path::PathBuf) {
+    let ca = TestCa::new();
+    let leaf = ca.issue(&[NAME]);
+    let config = local_config(&[node])
+        + "\n[tls]\nlisten = \"{tls}\"\n[[tls.certificates]]\ncert = \"leaf.pem\"\nkey = \"leaf.key\"\n";
+    let gateway = start_gateway_with(&config, &[], |dir| {
+        std::fs::write(dir.join("leaf.pem"), &leaf.cert_pem).expect("cert");
+        std::fs::write(dir.join("leaf.key"), &leaf.key_pem).expect("key");
+        std::fs::write(dir.join("ca.pem"), &ca.pem).expect("ca");
+    });
+    let ca_file = gateway.dir.path().join("ca.pem");
+    (gateway, ca_file)
+}
+
+/// curl over TLS to the gateway's TLS listener on `port`, `args` after the common ones;
+/// bounded in time.
+fn curl(port: u16, ca_file: &std::path::Path, args: &[String]) -> Output {
+    let resolve = format!("{NAME}:{port}:127.0.0.1");
+    Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca_file)
+        .args(["--resolve", &resolve])
+        .args(args)
+        .output()
+        .expect("curl runs")
+}
+
+fn url(gateway: &Gateway, path: &str) -> String {
+    format!("https://{NAME}:{}{path}", gateway.tls.port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_event_streams_share_one_http2_connection() {
+    let node = event_node().await;
+    let (gateway, ca_file) = gateway_with_tls(node);
+    let dir = gateway.dir.path().to_owned();
+    let mut args: Vec<String> = ["--http2", "--parallel", "--parallel-max", "8"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend([
+        "-w".to_owned(),
+        "%{http_version} %{num_connects}\\n".to_owned(),
+    ]);
+    for stream in 0..STREAMS {
+        let output = dir.join(format!("stream-{stream}.txt"));
+        args.push("-o".to_owned());
+        args.push(output.display().to_string());
+        args.push(url(
+            &gateway,
+            &format!("/agents/CoderAgent/stream-{stream}"),
+        ));
+    }
+    // curl blocks; the node and the gateway keep running on the test's other threads.
+    let port = gateway.tls.port();
+    let output = tokio::task::spawn_blocking(move || curl(port, &ca_file, &args))
+        .await
+        .expect("curl joined");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), STREAMS, "{report}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("2 ")),
+        "not all HTTP/2: {report}"
+    );
+    let connects: u32 = lines
+        .iter()
+        .map(|l| {
+            l.split(' ')
+                .nth(1)
+                .and_then(|n| n.parse::<u32>().ok())
+                .expect("a count")
+        })
+        .sum();
+    assert_eq!(connects, 1, "one connection for all streams: {report}");
+    for stream in 0..STREAMS {
+        let events = std::fs::read_to_string(dir.join(format!("stream-{stream}.txt")))
+            .expect("the stream's events");
+        assert_eq!(
+            events, "data: event-0\n\ndata: event-1\n\ndata: event-2\n\n",
+            "stream {stream}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_gateways_answers_are_the_same_over_http2() {
+    let node = event_node().await;
+    let (gateway, ca_file) = gateway_with_tls(node);
+    for (path, status) in [("/agents/Nobody/x", 404), ("/elsewhere", 404)] {
+        let h1 = get(gateway.address(), path, &[]).await;
+        assert_eq!(h1.status, status, "{}", h1.body);
+        let args = [
+            "--http2".to_owned(),
+            "-w".to_owned(),
+            "\n%{http_version} %{http_code}".to_owned(),
+            url(&gateway, path),
+        ];
+        let output = curl(gateway.tls.port(), &ca_file, &args);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, codes) = text.rsplit_once('\n').expect("the -w line");
+        assert_eq!(codes, format!("2 {status}"), "{text}");
+        let mut h2: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        let mut h1 = h1.json();
+        for answer in [&mut h1, &mut h2] {
+            answer.as_object_mut().map(|o| o.remove("request_id"));
+        }
+        assert_eq!(h2, h1, "{path}");
+    }
+}
