@@ -4,12 +4,12 @@
 
 mod common;
 
+use common::auth::{read_request, serve};
 use common::*;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Barrier;
 
 const STREAMS: usize = 8;
@@ -18,36 +18,28 @@ const NAME: &str = "agents.test";
 /// An agent node that answers every request with an event stream, and sends its events only
 /// once [`STREAMS`] requests are open at the same time.
 async fn event_node() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
     let all_open = Arc::new(Barrier::new(STREAMS));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let all_open = Arc::clone(&all_open);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                              cache-control: no-cache\r\nconnection: close\r\n\r\n";
-                if stream.write_all(answer.as_bytes()).await.is_err() {
+    let (address, _accepting) = serve(move |mut stream| {
+        let all_open = Arc::clone(&all_open);
+        async move {
+            if read_request(&mut stream, &mut Vec::new()).await.is_none() {
+                return;
+            }
+            let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                          cache-control: no-cache\r\nconnection: close\r\n\r\n";
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            all_open.wait().await;
+            for event in 0..3 {
+                let text = format!("data: event-{event}\n\n");
+                if stream.write_all(text.as_bytes()).await.is_err() {
                     return;
                 }
-                all_open.wait().await;
-                for event in 0..3 {
-                    let text = format!("data: event-{event}\n\n");
-                    if stream.write_all(text.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            }
         }
-    });
+    })
+    .await;
     address
 }
 

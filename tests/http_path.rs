@@ -4,26 +4,13 @@
 
 mod common;
 
+use common::auth::{answer, read_request, serve};
 use common::*;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-/// Reads a request head from `stream`; `None` when the connection ends first.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(head)
-}
 
 /// Opens a plain GET of `path` through the gateway and returns the stream past the head.
 async fn open_get(gateway: &Gateway, path: &str) -> (TcpStream, String) {
@@ -32,34 +19,36 @@ async fn open_get(gateway: &Gateway, path: &str) -> (TcpStream, String) {
         .expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: agents\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("request");
-    let head = tokio::time::timeout(WAIT, read_head(&mut stream))
-        .await
-        .expect("a head in time")
-        .expect("a head");
-    (stream, String::from_utf8_lossy(&head).into_owned())
+    let head = read_head(&mut stream).await;
+    (stream, head)
 }
 
 #[tokio::test]
 async fn events_flow_one_at_a_time() {
     // The node sends the next event only once the client has read the last: if anything on
     // the way held events back, this would wait forever (and fail at its bound).
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let node = listener.local_addr().expect("address");
-    let (read_one, mut was_read) = mpsc::channel::<()>(1);
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.expect("accept");
-        read_head(&mut stream).await.expect("a request");
-        let head =
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-        stream.write_all(head.as_bytes()).await.expect("head");
-        for event in 0..20 {
-            let text = format!("data: event-{event}\n\n");
-            stream.write_all(text.as_bytes()).await.expect("event");
-            if was_read.recv().await.is_none() {
-                return;
+    let (read_one, was_read) = mpsc::channel::<()>(1);
+    let was_read = Arc::new(tokio::sync::Mutex::new(was_read));
+    let (node, _accepting) = serve(move |mut stream| {
+        let was_read = Arc::clone(&was_read);
+        async move {
+            read_request(&mut stream, &mut Vec::new())
+                .await
+                .expect("a request");
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.expect("head");
+            let mut was_read = was_read.lock().await;
+            for event in 0..20 {
+                let text = format!("data: event-{event}\n\n");
+                stream.write_all(text.as_bytes()).await.expect("event");
+                if was_read.recv().await.is_none() {
+                    return;
+                }
             }
         }
-    });
+    })
+    .await;
     let gateway = start_gateway(&local_config(&[node]));
     let (mut stream, head) = open_get(&gateway, "/agents/CoderAgent/events").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -83,23 +72,26 @@ async fn events_flow_one_at_a_time() {
 async fn a_client_that_stops_reading_holds_the_upstream_back_and_loses_nothing() {
     const TOTAL: usize = 256 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let node = listener.local_addr().expect("address");
     let written = Arc::new(AtomicUsize::new(0));
     let progress = Arc::clone(&written);
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.expect("accept");
-        read_head(&mut stream).await.expect("a request");
-        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {TOTAL}\r\n\r\n");
-        stream.write_all(head.as_bytes()).await.expect("head");
-        let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-        for _ in 0..TOTAL / CHUNK {
-            if stream.write_all(&chunk).await.is_err() {
-                return;
+    let (node, _accepting) = serve(move |mut stream| {
+        let progress = Arc::clone(&progress);
+        async move {
+            read_request(&mut stream, &mut Vec::new())
+                .await
+                .expect("a request");
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {TOTAL}\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.expect("head");
+            let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+            for _ in 0..TOTAL / CHUNK {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                progress.fetch_add(CHUNK, Ordering::SeqCst);
             }
-            progress.fetch_add(CHUNK, Ordering::SeqCst);
         }
-    });
+    })
+    .await;
     let gateway = start_gateway(&local_config(&[node]));
     let (mut stream, head) = open_get(&gateway, "/agents/CoderAgent/download").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -151,23 +143,21 @@ async fn wait_stalled(written: &AtomicUsize, last: &mut usize) -> usize {
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let node: SocketAddr = listener.local_addr().expect("address");
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                while read_head(&mut stream).await.is_some() {
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
+    let (node, _accepting) = serve(move |mut stream| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buffer = Vec::new();
+            while read_request(&mut stream, &mut buffer).await.is_some() {
+                let ok = answer(200, &[], "ok");
+                if stream.write_all(ok.as_bytes()).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     let gateway = start_gateway(&local_config(&[node]));
     for i in 0..20 {
         let answer = get(gateway.address(), &format!("/agents/CoderAgent/r{i}"), &[]).await;
