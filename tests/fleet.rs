@@ -91,14 +91,17 @@ async fn a_node_that_returns_takes_its_instances_back_with_1012_on_both_sides() 
     // The instance that lived on the first node all along was not touched.
     assert_echo(&mut stayed, "still here").await;
     let migrations = "agent_gateway_migrations_total{reason=\"health\",upstream=\"local\"}";
-    assert_eq!(gateway.metric(migrations).await, 1.0);
-    let causes = gateway.metrics().await;
-    let migrated = metric_sum(
-        &causes,
-        "agent_gateway_ws_close_causes_total",
-        &["cause=\"migrated\""],
-    );
-    assert_eq!(migrated, 1.0, "{causes}");
+    // Counted as the connection ends, just after its Close reached the client.
+    gateway.wait_metric(migrations, 1.0).await;
+    wait_until("the close is counted as migrated", WAIT, || async {
+        let causes = gateway.metrics().await;
+        let cause = "cause=\"migrated\"";
+        match metric_sum(&causes, "agent_gateway_ws_close_causes_total", &[cause]) {
+            1.0 => Ok(()),
+            n => Err(format!("{n} migrated closes")),
+        }
+    })
+    .await;
 
     // Reconnected, it is home again, and the temporary home holds nothing of it.
     let mut back = connect(&gateway.url(&format!("/agents/CoderAgent/{moving}"))).await;
@@ -212,7 +215,8 @@ async fn nodes_from_srv_records_follow_dns_and_survive_its_failures() {
     assert_eq!(close_code(&mut ws).await, 1012, "moved to the new node");
     wait_fleet_ids(&gateway, &[id_a.clone(), id_b.clone()]).await;
     let migrations = "agent_gateway_migrations_total{reason=\"discovery\",upstream=\"local\"}";
-    assert_eq!(gateway.metric(migrations).await, 1.0);
+    // Counted as the connection ends, just after its Close reached the client.
+    gateway.wait_metric(migrations, 1.0).await;
     let mut ws = connect(&gateway.url(&format!("/agents/CoderAgent/{room}"))).await;
     next_json(&mut ws).await;
     assert_eq!(
@@ -317,7 +321,8 @@ async fn an_upstream_removed_by_a_reload_closes_its_connections_with_1012() {
     reload_with(&gateway, &worker).await;
     assert_eq!(close_code(&mut ws).await, 1012);
     let migrations = "agent_gateway_migrations_total{reason=\"reload\",upstream=\"local\"}";
-    assert_eq!(gateway.metric(migrations).await, 1.0);
+    // Counted as the connection ends, just after its Close reached the client.
+    gateway.wait_metric(migrations, 1.0).await;
 }
 
 #[tokio::test]

@@ -310,6 +310,20 @@ async fn assert_migrations(step: &str, replicas: &[Gateway], reason: &str, expec
         format!("reason=\"{reason}\""),
     ];
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    // A connection counts its migration as it ends, just after its Close reached the client:
+    // the sum may trail the clients by a moment.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut total = 0.0;
+        for gateway in replicas {
+            let text = gateway.metrics().await;
+            total += metric_sum(&text, "agent_gateway_migrations_total", &labels);
+        }
+        if total == expected as f64 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
     let mut total = 0.0;
     let mut evidence = String::new();
     for (r, gateway) in replicas.iter().enumerate() {
