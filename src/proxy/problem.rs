@@ -9,7 +9,7 @@ use crate::routing::resolve::Refusal;
 use crate::websocket::handshake::{InvalidUpgrade, InvalidUpgradeAnswer, WEBSOCKET_VERSION};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession;
 use pingora::{ErrorType, Result};
 use serde_json::{json, Value};
 
@@ -272,12 +272,10 @@ impl Problem {
     }
 
     /// Writes the answer on `session` and ends the response.
-    pub(crate) async fn send(&self, session: &mut Session, request_id: &str) -> Result<()> {
+    pub(crate) async fn send(&self, session: &mut ServerSession, request_id: &str) -> Result<()> {
         let (header, body) = self.response(request_id)?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_header(Box::new(header)).await?;
+        session.write_response_body(body, true).await
     }
 }
 

@@ -8,7 +8,7 @@ use crate::runtime::state::GatewayState;
 use crate::secrets::presence::hint;
 use crate::secrets::reports::reported_missing;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession;
 use pingora::Result;
 
 /// Largest upstream 500 body inspected for the "NAME is not set" signature.
@@ -37,7 +37,7 @@ pub(crate) fn apply_cors(
 }
 
 pub(crate) async fn send_preflight(
-    session: &mut Session,
+    session: &mut ServerSession,
     headers: &[(&'static str, String)],
     request_id: &str,
 ) -> Result<()> {
@@ -45,15 +45,13 @@ pub(crate) async fn send_preflight(
     apply_cors(&mut response, headers)?;
     response.insert_header(http::header::CONTENT_LENGTH, "0")?;
     response.insert_header(REQUEST_ID_HEADER, request_id)?;
-    session
-        .write_response_header(Box::new(response), true)
-        .await
+    session.write_response_header(Box::new(response)).await
 }
 
 /// Relays an upstream's refusal of an upgrade as the plain HTTP answer it was, so the client
 /// sees the status and reason instead of a socket that died with 1006.
 pub(crate) async fn relay_refusal(
-    session: &mut Session,
+    session: &mut ServerSession,
     mut response: Box<ResponseHeader>,
     body: bytes::Bytes,
     request_id: &str,
@@ -63,8 +61,8 @@ pub(crate) async fn relay_refusal(
     }
     response.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     response.insert_header(REQUEST_ID_HEADER, request_id)?;
-    session.write_response_header(response, false).await?;
-    session.write_response_body(Some(body), true).await
+    session.write_response_header(response).await?;
+    session.write_response_body(body, true).await
 }
 
 /// Whether requests to this target need secrets, so a 500 may be the field's signature.

@@ -30,7 +30,7 @@ use futures_util::FutureExt;
 use log::{info, warn};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType, Result};
 use serde_json::json;
 use std::future::Future;
@@ -74,7 +74,7 @@ pub(crate) struct Served {
 pub(crate) async fn serve_websocket(
     state: &Arc<GatewayState>,
     connector: &TransportConnector,
-    session: &mut Session,
+    session: &mut ServerSession,
     active: Arc<ActiveConfig>,
     admitted: Admitted,
     slot: WebSocketSlot,
@@ -194,7 +194,7 @@ pub(crate) async fn serve_websocket(
         return Ok(upgraded.written(Err(e)));
     }
     let deflate = negotiated_deflate(&response);
-    let Some(mut client_stream) = take_client_stream(session.as_downstream_mut()) else {
+    let Some(mut client_stream) = take_client_stream(session) else {
         let unavailable =
             Error::e_explain(ErrorType::InternalError, "downstream stream unavailable");
         return Ok(upgraded.written(unavailable));

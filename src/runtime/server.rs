@@ -6,7 +6,9 @@ use super::jwks_refresh::JwksRefresh;
 use super::probes::SecretProbes;
 use crate::config::GatewayConfig;
 use crate::edge::header_deadline::HeaderDeadline;
-use crate::proxy::Gateway;
+use crate::http1::Http1App;
+use crate::proxy::exchange::Gateway;
+use crate::proxy::Http2Hooks;
 use crate::runtime::admin::Admin;
 use crate::runtime::signals::GatewaySignals;
 use crate::runtime::state::GatewayState;
@@ -15,7 +17,6 @@ use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, ALPN};
 use pingora::protocols::Stream;
-use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::ShutdownWatch;
 use pingora::server::{RunArgs, Server};
@@ -47,11 +48,13 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     let tls_listen = config.tls.as_ref().map(|t| t.listen.clone());
     let state = GatewayState::new(config, config_path);
 
+    let gateway = Arc::new(Gateway::new(state.clone()));
+    let http2 = Http2Hooks {
+        gateway: Arc::clone(&gateway),
+    };
+    let http2 = Arc::new(pingora::proxy::http_proxy(&server.configuration, http2));
     let edge = EdgeApp {
-        proxy: Arc::new(pingora::proxy::http_proxy(
-            &server.configuration,
-            Gateway::new(state.clone()),
-        )),
+        http: Arc::new(Http1App::new(gateway, http2)),
         state: state.clone(),
     };
     let mut proxy = Service::new("agent gateway".to_owned(), edge);
@@ -104,10 +107,10 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     });
 }
 
-/// The public listeners' app: Pingora's HTTP proxy behind a deadline on each connection's
-/// first request head, which no Pingora hook can enforce (see [`HeaderDeadline`]).
+/// The public listeners' app: the HTTP application (see [`crate::http1`]) behind a deadline
+/// on each connection's first request head (see [`HeaderDeadline`]).
 struct EdgeApp {
-    proxy: Arc<HttpProxy<Gateway>>,
+    http: Arc<Http1App>,
     state: Arc<GatewayState>,
 }
 
@@ -129,10 +132,10 @@ impl ServerApp for EdgeApp {
             )),
             None => stream,
         };
-        ServerApp::process_new(&self.proxy, stream, shutdown).await
+        ServerApp::process_new(&self.http, stream, shutdown).await
     }
 
     async fn cleanup(&self) {
-        ServerApp::cleanup(self.proxy.as_ref()).await
+        ServerApp::cleanup(self.http.as_ref()).await
     }
 }

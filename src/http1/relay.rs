@@ -1,0 +1,241 @@
+//! Relaying one admitted HTTP/1.1 request to its node and the answer back, both bodies
+//! streamed chunk by chunk in one loop: a chunk is written on before the next is read, so a
+//! slow reader on either side slows the other and nothing is buffered whole, and a response
+//! chunk (an event of an event stream) is written as soon as it arrives.
+
+use crate::proxy::exchange::{Exchange, Gateway};
+use bytes::Bytes;
+use http::{Method, Version};
+use pingora::connectors::http::v1::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora::protocols::http::{HttpTask, ServerSession};
+use pingora::{Error, ErrorType, Result, RetryType};
+
+/// Forwards the request on `session` to the node [`Gateway::decide`] chose and relays the
+/// answer. Returns whether the client's connection may carry another request; an error
+/// (marked upstream or downstream) when the exchange failed, to be answered by
+/// [`Gateway::failed`].
+pub(super) async fn forward(
+    gateway: &Gateway,
+    upstreams: &Connector,
+    session: &mut ServerSession,
+    exchange: &mut Exchange,
+) -> Result<bool> {
+    let peer = gateway.peer(exchange).await?;
+    let request = upstream_request(gateway, session, exchange)?;
+    let (mut upstream, reused) = connect(upstreams, &peer).await?;
+    let mut relayed = relay(gateway, session, &mut upstream, request, exchange).await;
+    if reused && relayed.as_ref().is_err_and(|e| may_retry(e, session)) {
+        // An idle pooled connection the node had closed just as it was taken: the request
+        // never reached it, so it goes again on a new connection, as Pingora's proxy does.
+        debug_retry(&relayed);
+        let request = upstream_request(gateway, session, exchange)?;
+        let (fresh, _) = connect(upstreams, &peer).await?;
+        upstream = fresh;
+        relayed = relay(gateway, session, &mut upstream, request, exchange).await;
+    }
+    if relayed? {
+        let idle_timeout = pingora::upstreams::peer::Peer::idle_timeout(&peer);
+        upstreams
+            .release_http_session(upstream, &peer, idle_timeout)
+            .await;
+    }
+    Ok(true)
+}
+
+async fn connect(upstreams: &Connector, peer: &HttpPeer) -> Result<(UpstreamSession, bool)> {
+    let (mut upstream, reused) = upstreams
+        .get_http_session(peer)
+        .await
+        .map_err(|e| e.into_up())?;
+    upstream.read_timeout = peer.options.read_timeout;
+    upstream.write_timeout = peer.options.write_timeout;
+    Ok((upstream, reused))
+}
+
+/// The request header for the upstream, built from the client's.
+fn upstream_request(
+    gateway: &Gateway,
+    session: &ServerSession,
+    exchange: &Exchange,
+) -> Result<Box<RequestHeader>> {
+    let mut request = Box::new(session.req_header().clone());
+    request.set_version(Version::HTTP_11);
+    gateway.upstream_request(exchange, &mut request)?;
+    Ok(request)
+}
+
+/// Whether a failure on a reused upstream connection left the request safe to send again:
+/// Pingora marks the connection closed before any answer (`ReusedOnly`), and no request
+/// body was taken from the client.
+fn may_retry(e: &Error, session: &mut ServerSession) -> bool {
+    matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true))
+        && e.esource() == &pingora::ErrorSource::Upstream
+        && session.response_written().is_none()
+        && session.body_bytes_read() == 0
+        && session.is_body_done()
+}
+
+fn debug_retry(relayed: &Result<bool>) {
+    if let Err(e) = relayed {
+        log::debug!("reused upstream connection failed, retrying on a new one: {e}");
+    }
+}
+
+/// Writes the request upstream and relays until the response is complete. Returns whether
+/// the upstream connection may be reused.
+async fn relay(
+    gateway: &Gateway,
+    session: &mut ServerSession,
+    upstream: &mut UpstreamSession,
+    request: Box<RequestHeader>,
+    exchange: &mut Exchange,
+) -> Result<bool> {
+    let head_only = request.method == Method::HEAD;
+    upstream
+        .write_request_header(request)
+        .await
+        .map_err(|e| e.into_up())?;
+    let mut request_done = false;
+    let mut response_done = false;
+    // A request body the upstream stopped taking: its answer may still come.
+    let mut send_error = None;
+    if session.is_body_done() {
+        request_done = true;
+        upstream.finish_body().await.map_err(|e| e.into_up())?;
+    }
+    while !response_done {
+        tokio::select! {
+            task = upstream.read_response_task() => {
+                let task = match task {
+                    Ok(task) => task,
+                    Err(e) => return Err(send_error.unwrap_or(e).into_up()),
+                };
+                response_done = task.is_end();
+                deliver(gateway, session, exchange, task, head_only).await?;
+            }
+            // After the body, this watches for the client leaving (an error ends the relay).
+            body = session.read_body_or_idle(request_done), if send_error.is_none() => {
+                match body.map_err(|e| e.into_down())? {
+                    Some(chunk) => {
+                        if let Err(e) = upstream.write_body(&chunk).await {
+                            send_error = Some(e);
+                        }
+                    }
+                    None => {
+                        request_done = true;
+                        if let Err(e) = upstream.finish_body().await {
+                            send_error = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(request_done && send_error.is_none())
+}
+
+/// Writes one piece of the upstream's answer downstream, through the gateway's decisions.
+async fn deliver(
+    gateway: &Gateway,
+    session: &mut ServerSession,
+    exchange: &mut Exchange,
+    task: HttpTask,
+    head_only: bool,
+) -> Result<()> {
+    match task {
+        HttpTask::Header(mut header, end) => {
+            if !header.status.is_informational() {
+                gateway.upstream_answered(exchange, &mut header)?;
+                frame_for_keep_alive(&mut header, head_only, end)?;
+                gateway.answer_headers(exchange, &mut header)?;
+            } else if header.status == 101 {
+                // The upgrade headers were not sent: a 101 here is the upstream's mistake.
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "101 to a plain request")
+                    .map_err(|e| e.into_up());
+            }
+            session
+                .write_response_header(header)
+                .await
+                .map_err(|e| e.into_down())?;
+            if end {
+                write_body(session, Bytes::new(), true).await?;
+            }
+        }
+        HttpTask::Body(mut data, end) => {
+            gateway.upstream_body(exchange, &mut data, end);
+            write_body(session, data.unwrap_or_default(), end).await?;
+        }
+        HttpTask::Done => write_body(session, Bytes::new(), true).await?,
+        HttpTask::Failed(e) => return Err(e),
+        // Trailers are not relayed on HTTP/1.1 (as in Pingora's proxy); no upgrade was asked.
+        HttpTask::Trailer(_) | HttpTask::UpgradedBody(..) => {}
+    }
+    Ok(())
+}
+
+async fn write_body(session: &mut ServerSession, data: Bytes, end: bool) -> Result<()> {
+    session
+        .write_response_body(data, end)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// An answer framed by the upstream closing its connection is sent chunked, so that the
+/// client's connection stays open (what Pingora's proxy does for HTTP/1.1 clients).
+fn frame_for_keep_alive(header: &mut ResponseHeader, head_only: bool, end: bool) -> Result<()> {
+    let no_body = head_only || matches!(header.status.as_u16(), 204 | 304);
+    let framed = header.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || header.headers.contains_key(http::header::CONTENT_LENGTH);
+    if !no_body && !framed && !end {
+        header.set_version(Version::HTTP_11);
+        header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut header = ResponseHeader::build(status, None).expect("a header");
+        for (name, value) in headers {
+            header
+                .insert_header(name.to_string(), *value)
+                .expect("a field");
+        }
+        header
+    }
+
+    fn chunked(header: &ResponseHeader) -> bool {
+        header.headers.contains_key(http::header::TRANSFER_ENCODING)
+    }
+
+    #[test]
+    fn close_delimited_answers_become_chunked() {
+        let mut header = answer(200, &[]);
+        frame_for_keep_alive(&mut header, false, false).expect("framed");
+        assert!(chunked(&header));
+        assert_eq!(header.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn framed_or_bodiless_answers_are_left_alone() {
+        for (status, headers, head_only, end) in [
+            (200, &[("content-length", "5")][..], false, false),
+            (200, &[("transfer-encoding", "chunked")][..], false, false),
+            (204, &[][..], false, false),
+            (304, &[][..], false, false),
+            (200, &[][..], true, false),
+            (200, &[][..], false, true),
+        ] {
+            let mut header = answer(status, headers);
+            let before = chunked(&header);
+            frame_for_keep_alive(&mut header, head_only, end).expect("framed");
+            assert_eq!(chunked(&header), before, "{status} {headers:?}");
+        }
+    }
+}
