@@ -7,6 +7,7 @@
 //! upstream log and is never echoed back as the selected protocol.
 
 use http::header::{HeaderValue, AUTHORIZATION, COOKIE, SEC_WEBSOCKET_PROTOCOL};
+use http::request::Parts;
 use percent_encoding::percent_decode_str;
 use pingora::http::RequestHeader;
 use std::fmt;
@@ -119,7 +120,7 @@ fn decode(value: &str) -> String {
     percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
 }
 
-fn protocol_entries(request: &RequestHeader) -> impl Iterator<Item = &str> {
+fn protocol_entries(request: &Parts) -> impl Iterator<Item = &str> {
     request
         .headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
@@ -132,10 +133,7 @@ fn protocol_entries(request: &RequestHeader) -> impl Iterator<Item = &str> {
 
 /// The subprotocols the client offered, without the credential entries: what the upstream is
 /// offered and what an answer may select.
-pub(crate) fn offered_protocols(
-    sources: &[CredentialSource],
-    request: &RequestHeader,
-) -> Vec<String> {
+pub(crate) fn offered_protocols(sources: &[CredentialSource], request: &Parts) -> Vec<String> {
     protocol_entries(request)
         .filter(|entry| !is_credential_entry(sources, entry))
         .map(str::to_owned)
@@ -143,10 +141,7 @@ pub(crate) fn offered_protocols(
 }
 
 /// Whether the client offered a credential as a `Sec-WebSocket-Protocol` entry.
-pub(crate) fn offers_protocol_credential(
-    sources: &[CredentialSource],
-    request: &RequestHeader,
-) -> bool {
+pub(crate) fn offers_protocol_credential(sources: &[CredentialSource], request: &Parts) -> bool {
     protocol_entries(request).any(|entry| is_credential_entry(sources, entry))
 }
 
@@ -160,7 +155,7 @@ fn is_credential_entry(sources: &[CredentialSource], entry: &str) -> bool {
 /// credentials from out of `request`, the request that goes upstream.
 pub(crate) fn strip_credentials(
     sources: &[CredentialSource],
-    request: &mut RequestHeader,
+    request: &mut Parts,
 ) -> pingora::Result<()> {
     let query_names: Vec<&str> = sources
         .iter()
@@ -189,13 +184,13 @@ pub(crate) fn strip_credentials(
                     "rewritten URI is invalid",
                 )
             })?;
-            request.set_uri(uri);
+            request.uri = uri;
         }
     }
     let offered = protocol_entries(request).count();
     let kept = offered_protocols(sources, request);
     if kept.len() != offered {
-        request.remove_header(&SEC_WEBSOCKET_PROTOCOL);
+        request.headers.remove(SEC_WEBSOCKET_PROTOCOL);
         if !kept.is_empty() {
             let value = HeaderValue::from_str(&kept.join(", ")).map_err(|_| {
                 pingora::Error::explain(
@@ -203,7 +198,7 @@ pub(crate) fn strip_credentials(
                     "invalid subprotocol list",
                 )
             })?;
-            request.insert_header(SEC_WEBSOCKET_PROTOCOL, value)?;
+            request.headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
         }
     }
     Ok(())
@@ -280,7 +275,8 @@ mod tests {
         let mut req = request(
             "/agents/a/b?_pk=1&token=secret&x=2",
             &[("sec-websocket-protocol", "bearer.secret, chat")],
-        );
+        )
+        .as_owned_parts();
         strip_credentials(&order, &mut req).unwrap();
         assert_eq!(req.uri.to_string(), "/agents/a/b?_pk=1&x=2");
         assert_eq!(req.headers.get("sec-websocket-protocol").unwrap(), "chat");
@@ -288,7 +284,8 @@ mod tests {
         let mut req = request(
             "/agents/a/b?token=secret",
             &[("sec-websocket-protocol", "bearer.s")],
-        );
+        )
+        .as_owned_parts();
         strip_credentials(&order, &mut req).unwrap();
         assert_eq!(req.uri.to_string(), "/agents/a/b");
         assert!(req.headers.get("sec-websocket-protocol").is_none());

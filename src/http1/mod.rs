@@ -9,31 +9,62 @@
 mod relay;
 
 use crate::proxy::exchange::{Exchange, Gateway};
-use crate::proxy::Http2Hooks;
-use async_trait::async_trait;
 use log::debug;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::apps::HttpPersistentSettings;
 use pingora::connectors::http::v1::Connector;
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::HttpProxy;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::ErrorType;
 use std::sync::Arc;
 
-/// The public listeners' HTTP application.
-pub(crate) struct Http1App {
+/// Serves HTTP/1.1 connections.
+pub(crate) struct Http1 {
     gateway: Arc<Gateway>,
     /// Upstream HTTP/1.1 connections, pooled by peer for keep-alive reuse.
     upstreams: Connector,
-    http2: Arc<HttpProxy<Http2Hooks>>,
 }
 
-impl Http1App {
-    pub(crate) fn new(gateway: Arc<Gateway>, http2: Arc<HttpProxy<Http2Hooks>>) -> Self {
-        Http1App {
+impl Http1 {
+    pub(crate) fn new(gateway: Arc<Gateway>) -> Self {
+        Http1 {
             gateway,
             upstreams: Connector::new(None),
-            http2,
+        }
+    }
+
+    /// Serves the requests of one connection, one after another, while it is kept alive.
+    ///
+    /// The loop is here rather than in pingora-core's `HttpServerApp` driver, which boxes a
+    /// new future per request and moves the session into it: that copy alone cost about a
+    /// sixth of a request's instructions (see `docs/pingora-costs.md`).
+    pub(crate) async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        // Pingora's default: 60 s idle between requests, none once shutting down.
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        loop {
+            if !read_head(&mut session, shutdown).await {
+                return;
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let mut exchange = Exchange::default();
+            let reusable = self.serve(&mut session, &mut exchange).await;
+            self.gateway.record(&session, &exchange);
+            if !reusable {
+                return;
+            }
+            let mut settings = HttpPersistentSettings::for_session(&session);
+            let Ok(Some(next)) = session.finish().await else {
+                return;
+            };
+            let (stream, pipelined) = next.into_parts();
+            if let Some(prefix) = pipelined {
+                settings.set_pipelined_prefix(prefix);
+            }
+            session = ServerSession::new_http1(stream);
+            settings.apply_to_session(&mut session);
         }
     }
 
@@ -53,49 +84,6 @@ impl Http1App {
                 false
             }
         }
-    }
-}
-
-#[async_trait]
-impl HttpServerApp for Http1App {
-    /// Runs for each request on a connection (pingora-core's loop brings back the stream
-    /// returned for the next one), or once for an HTTP/2 connection, which goes to
-    /// `pingora-proxy`.
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if session.is_http2() {
-            return HttpServerApp::process_new_http(&self.http2, session, shutdown).await;
-        }
-        if !read_head(&mut session, shutdown).await {
-            return None;
-        }
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        }
-        let mut exchange = Exchange::default();
-        let reusable = self.serve(&mut session, &mut exchange).await;
-        self.gateway.record(&session, &exchange);
-        if !reusable {
-            return None;
-        }
-        let settings = HttpPersistentSettings::for_session(&session);
-        let stream = session.finish().await.ok().flatten()?;
-        Some(ReusedHttpStream::from_reusable_stream(stream, settings))
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        HttpServerApp::server_options(self.http2.as_ref())
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        HttpServerApp::h2_options(self.http2.as_ref())
-    }
-
-    async fn http_cleanup(&self) {
-        HttpServerApp::http_cleanup(self.http2.as_ref()).await
     }
 }
 

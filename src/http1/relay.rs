@@ -58,13 +58,12 @@ async fn connect(upstreams: &Connector, peer: &HttpPeer) -> Result<(UpstreamSess
 /// The request header for the upstream, built from the client's.
 fn upstream_request(
     gateway: &Gateway,
-    session: &ServerSession,
+    session: &mut ServerSession,
     exchange: &Exchange,
 ) -> Result<Box<RequestHeader>> {
-    let mut request = Box::new(session.req_header().clone());
-    request.set_version(Version::HTTP_11);
-    gateway.upstream_request(exchange, &mut request)?;
-    Ok(request)
+    let has_body = !session.is_body_empty();
+    let request = gateway.upstream_request(exchange, session.req_header(), has_body)?;
+    Ok(Box::new(request))
 }
 
 /// Whether a failure on a reused upstream connection left the request safe to send again:

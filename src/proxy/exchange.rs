@@ -10,7 +10,7 @@ use super::node_choice::{choose_node, is_connect_failure, NodeChoice};
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::upstream_error_answer;
 use super::responses::{apply_cors, holds_secrets, is_small, send_preflight};
-use super::upstream_request::{is_other_upgrade, prepare_upstream_request, ClientInfo};
+use super::upstream_request::{upstream_request_for, ClientInfo, UpstreamBody};
 use super::websocket_session::{hold_websocket_slot, serve_websocket};
 use crate::config::GatewayConfig;
 use crate::edge::client_address::{client_ip, forwarded_for};
@@ -188,23 +188,25 @@ impl Gateway {
         node.peer(target).await
     }
 
-    /// Rewrites the request header for the upstream: for the target (path, Host, routing and
-    /// forwarding headers, forwarded secrets, no hop-by-hop or client-chosen routing headers).
-    /// Upgrades other than WebSocket go as plain requests.
+    /// The request header for the upstream, from the client's: rewritten for the target
+    /// (path, Host, routing and forwarding headers, forwarded secrets, no hop-by-hop or
+    /// client-chosen routing headers; upgrades other than WebSocket go as plain requests).
     pub(crate) fn upstream_request(
         &self,
         exchange: &Exchange,
-        upstream_request: &mut RequestHeader,
-    ) -> Result<()> {
+        client_request: &RequestHeader,
+        has_body: bool,
+    ) -> Result<RequestHeader> {
         let (Some(target), Some(active)) = (exchange.target.as_ref(), exchange.active.as_ref())
         else {
             return Error::e_explain(ErrorType::InternalError, "no target resolved");
         };
-        if is_other_upgrade(upstream_request) {
-            upstream_request.remove_header(&http::header::UPGRADE);
-        }
         let client = &exchange.client;
-        prepare_upstream_request(upstream_request, target, client, false, &active.secrets)
+        let body = match has_body {
+            true => UpstreamBody::Present,
+            false => UpstreamBody::None,
+        };
+        upstream_request_for(client_request, target, client, body, &active.secrets)
     }
 
     /// Takes the upstream's response header as it arrives: records the upstream's latency

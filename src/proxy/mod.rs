@@ -70,11 +70,15 @@ impl ProxyHttp for Http2Hooks {
     /// [`Gateway::upstream_request`]. Pingora's default sends the client's header as it is.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut Exchange,
     ) -> Result<()> {
-        self.gateway.upstream_request(ctx, upstream_request)
+        let has_body = !session.as_downstream_mut().is_body_empty();
+        *upstream_request = self
+            .gateway
+            .upstream_request(ctx, upstream_request, has_body)?;
+        Ok(())
     }
 
     /// Runs on the upstream's response header: [`Gateway::upstream_answered`]. Pingora's

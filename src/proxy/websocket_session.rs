@@ -5,7 +5,7 @@ use super::admission::{agent_label, Admission, Admitted, RefusalReason, Refused}
 use super::node_choice::{choose_for_websocket, is_connect_failure};
 use super::problem::{upstream_error_kind, Problem};
 use super::responses::{apply_cors, holds_secrets, relay_refusal, upstream_error_answer};
-use super::upstream_request::{prepare_upstream_request, ClientInfo};
+use super::upstream_request::{upstream_request_for, ClientInfo, UpstreamBody};
 use crate::auth::credential::{offered_protocols, offers_protocol_credential};
 use crate::config::Agent;
 use crate::edge::limits::{LimitRefusal, SubjectLimits, SubjectSlot, WebSocketSlot};
@@ -102,8 +102,9 @@ pub(crate) async fn serve_websocket(
             return Ok(answered.written(written));
         }
     };
-    let mut request = session.req_header().clone();
-    prepare_upstream_request(&mut request, &target, client, true, &active.secrets)?;
+    let secrets = &active.secrets;
+    let websocket = UpstreamBody::WebSocket;
+    let request = upstream_request_for(session.req_header(), &target, client, websocket, secrets)?;
     let started = Instant::now();
     let answer = match node.peer(&target).await {
         Ok(peer) => handshake(connector, &peer, &request, target.upstream.read_timeout).await,

@@ -6,7 +6,7 @@ use super::jwks_refresh::JwksRefresh;
 use super::probes::SecretProbes;
 use crate::config::GatewayConfig;
 use crate::edge::header_deadline::HeaderDeadline;
-use crate::http1::Http1App;
+use crate::http1::Http1;
 use crate::proxy::exchange::Gateway;
 use crate::proxy::Http2Hooks;
 use crate::runtime::admin::Admin;
@@ -17,6 +17,7 @@ use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, ALPN};
 use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::ShutdownWatch;
 use pingora::server::{RunArgs, Server};
@@ -52,9 +53,9 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     let http2 = Http2Hooks {
         gateway: Arc::clone(&gateway),
     };
-    let http2 = Arc::new(pingora::proxy::http_proxy(&server.configuration, http2));
     let edge = EdgeApp {
-        http: Arc::new(Http1App::new(gateway, http2)),
+        http2: Arc::new(pingora::proxy::http_proxy(&server.configuration, http2)),
+        http1: Http1::new(gateway),
         state: state.clone(),
     };
     let mut proxy = Service::new("agent gateway".to_owned(), edge);
@@ -107,10 +108,12 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     });
 }
 
-/// The public listeners' app: the HTTP application (see [`crate::http1`]) behind a deadline
-/// on each connection's first request head (see [`HeaderDeadline`]).
+/// The public listeners' app: HTTP/1.1 on pingora-core's lower layers (see
+/// [`crate::http1`]) behind a deadline on each connection's first request head (see
+/// [`HeaderDeadline`]), and HTTP/2 (ALPN `h2` on the TLS listener) through `pingora-proxy`.
 struct EdgeApp {
-    http: Arc<Http1App>,
+    http1: Http1,
+    http2: Arc<HttpProxy<Http2Hooks>>,
     state: Arc<GatewayState>,
 }
 
@@ -121,10 +124,11 @@ impl ServerApp for EdgeApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // The deadline reads HTTP/1.1 heads; HTTP/2 has binary frames and no such head.
-        let http2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return ServerApp::process_new(&self.http2, stream, shutdown).await;
+        }
         let header_timeout = self.state.config().limits.header_timeout;
-        let stream: Stream = match header_timeout.filter(|_| !http2) {
+        let stream: Stream = match header_timeout {
             Some(limit) => Box::new(HeaderDeadline::new(
                 stream,
                 limit,
@@ -132,10 +136,11 @@ impl ServerApp for EdgeApp {
             )),
             None => stream,
         };
-        ServerApp::process_new(&self.http, stream, shutdown).await
+        self.http1.serve_connection(stream, shutdown).await;
+        None
     }
 
     async fn cleanup(&self) {
-        ServerApp::cleanup(self.http.as_ref()).await
+        ServerApp::cleanup(self.http2.as_ref()).await
     }
 }
