@@ -49,6 +49,39 @@ async fn header_and_body_size_limits() {
 }
 
 #[tokio::test]
+async fn a_body_without_a_declared_length_is_bounded_on_the_way() {
+    // The node reads and never answers: the gateway's 413 is the only answer there can be.
+    let (node, _accepting) = common::auth::serve(|mut stream| async move {
+        let mut sink = [0u8; 4096];
+        while matches!(
+            tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await,
+            Ok(n) if n > 0
+        ) {}
+    })
+    .await;
+    let gateway = start_gateway(&with_sections(
+        node,
+        "\n[limits]\nmax_request_body_bytes = 16\n",
+    ));
+    let chunk = "x".repeat(10);
+    let body = format!("a\r\n{chunk}\r\na\r\n{chunk}\r\n0\r\n\r\n");
+    let answer = raw_request(
+        gateway.address(),
+        &format!(
+            "POST /agents/CoderAgent/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.json()["error"], "request_body_too_large");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, &refusals("request_body_too_large")),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn upgrade_rate_per_client_address() {
     let backend = start_backend(Some(TEST_KEY));
     let gateway = start_gateway(&with_sections(

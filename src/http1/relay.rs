@@ -119,6 +119,7 @@ async fn relay(
             body = session.read_body_or_idle(request_done), if send_error.is_none() => {
                 match body.map_err(|e| e.into_down())? {
                     Some(chunk) => {
+                        gateway.request_body(exchange, chunk.len())?;
                         if let Err(e) = upstream.write_body(&chunk).await {
                             send_error = Some(e);
                         }

@@ -14,7 +14,7 @@ use super::upstream_request::{upstream_request_for, ClientInfo, UpstreamBody};
 use super::websocket_session::{hold_websocket_slot, serve_websocket};
 use crate::config::GatewayConfig;
 use crate::edge::client_address::{client_ip, forwarded_for};
-use crate::edge::limits::WebSocketSlot;
+use crate::edge::limits::{LimitRefusal, WebSocketSlot};
 use crate::edge::request_id::{request_id, trace_id, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use crate::routing::resolve::Target;
 use crate::runtime::state::{ActiveConfig, GatewayState};
@@ -57,7 +57,13 @@ pub(crate) struct Exchange {
     access: Option<AccessFacts>,
     /// Who the client is, worked out once per request.
     client: ClientInfo,
+    /// Request body bytes taken from the client so far.
+    body_received: u64,
 }
+
+/// A request body that outgrew `max_request_body_bytes` on the way (one without a declared
+/// length: admission refuses a declared one before anything goes upstream).
+pub(crate) const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("request body too large");
 
 struct AccessFacts {
     method: String,
@@ -80,6 +86,7 @@ impl Default for Exchange {
             started: Instant::now(),
             access: None,
             client: ClientInfo::default(),
+            body_received: 0,
         }
     }
 }
@@ -209,6 +216,20 @@ impl Gateway {
         upstream_request_for(client_request, target, client, body, &active.secrets)
     }
 
+    /// Counts a chunk of the client's body on its way upstream; past `max_request_body_bytes`
+    /// the request fails with [`BODY_TOO_LARGE`], answered 413 while nothing was answered yet.
+    pub(crate) fn request_body(&self, exchange: &mut Exchange, chunk_len: usize) -> Result<()> {
+        exchange.body_received += chunk_len as u64;
+        let limit = exchange.active.as_ref();
+        let limit = limit.and_then(|active| active.limits.max_request_body_bytes);
+        match limit {
+            Some(max) if exchange.body_received > max => {
+                Error::e_explain(BODY_TOO_LARGE, format!("more than {max} bytes"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Takes the upstream's response header as it arrives: records the upstream's latency
     /// and health, and rewrites a small 500 from an upstream whose agents need secrets into
     /// a 503 whose JSON body is decided once the body is read (see [`Self::upstream_body`]).
@@ -290,6 +311,11 @@ impl Gateway {
         exchange: &Exchange,
     ) -> u16 {
         let problem = match (&exchange.target, e.esource()) {
+            _ if e.etype() == &BODY_TOO_LARGE => {
+                let refusal = LimitRefusal::BodyTooLarge;
+                self.state.metrics.limit_refused(refusal.kind());
+                Some(Problem::limit(refusal))
+            }
             (Some(target), pingora::ErrorSource::Upstream) => {
                 if let (Some(node), true) = (&exchange.node, is_connect_failure(e.etype())) {
                     node.observed(&self.state.fleets, false);

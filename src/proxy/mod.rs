@@ -81,6 +81,19 @@ impl ProxyHttp for Http2Hooks {
         Ok(())
     }
 
+    /// Runs on each chunk of the client's body: [`Gateway::request_body`], which bounds a
+    /// body without a declared length. Pingora's default passes every chunk.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Exchange,
+    ) -> Result<()> {
+        let len = body.as_ref().map_or(0, |chunk| chunk.len());
+        self.gateway.request_body(ctx, len)
+    }
+
     /// Runs on the upstream's response header: [`Gateway::upstream_answered`]. Pingora's
     /// default passes everything.
     async fn upstream_response_filter(
