@@ -105,6 +105,13 @@ def storm_source(raw_path, raw, meta):
     return best
 
 
+def added_us(r, d, key):
+    """A run's latency percentile minus the direct run's, when both have it."""
+    if r.get(key) is None or d.get(key) is None:
+        return None
+    return r[key] - d[key]
+
+
 def main():
     raw = load(sys.argv[1])
     with open(sys.argv[2]) as f:
@@ -170,12 +177,19 @@ def main():
       f"runs kept although noisy: {len(noisy)}."
       + (f" Hypervisor steal during the kept runs: median {fmt(med(steal))}%, highest {fmt(max(steal))}% "
          "(also a reason to repeat above the same limit)." if steal else ""))
+    paced = meta.get("sse_paced_events_per_read")
+    if paced:
+        w(f"- Server-sent events pass on as they come: at the start, one stream per target paced at an event every "
+          f"{meta.get('sse_paced_ms', 20)} ms brought, per read of the client, "
+          + ", ".join(f"{t} {fmt(v, 2)}" for t, v in paced.items())
+          + " event(s) (1: each event passed on alone; more: the proxy held events back).")
     w("- CPU per operation: the proxy's utime+stime (/proc/PID/stat, all threads; nginx master+worker) over the "
       "measured window, divided by the operations in it. A WebSocket \"message\" is one 64-byte message and its "
       "echo (the proxy relays two frames). Time the kernel spends in softirq for loopback traffic is not "
       "charged to any process. \"direct\" rows show the backend's own CPU instead.")
     w("")
 
+    sse_described = False  # the SSE test is described under its first table only
     for layout, title in LAYOUTS.items():
         if not any(k[0] == layout for k in by):
             continue
@@ -183,14 +197,47 @@ def main():
         w("")
         w(f"### HTTP: GET /agents/hello/default, wrk -t1 -c{meta['http_conns']}, keep-alive")
         w("")
-        w("| target | requests/s | vs direct | proxy CPU µs/request | p50 µs | p99 µs |")
-        w("|---|---|---|---|---|---|")
+        w("| target | requests/s | vs direct | proxy CPU µs/request | p50 µs | p99 µs | added p50 µs | added p99 µs |")
+        w("|---|---|---|---|---|---|---|---|")
         for t in TARGETS:
             if not by[(layout, "http", t)]:
                 continue
+            added = [cell(per_round(layout, "http", t, lambda r, d, k=k: added_us(r, d, k)), 0, True)
+                     if t != "direct" else "-" for k in ("p50_us", "p99_us")]
             w(f"| {t} | {throughput_cells(layout, 'http', t)} | "
-              f"{cell(vals(layout, 'http', t, 'p50_us'), 0)} | {cell(vals(layout, 'http', t, 'p99_us'), 0)} |")
+              f"{cell(vals(layout, 'http', t, 'p50_us'), 0)} | {cell(vals(layout, 'http', t, 'p99_us'), 0)} | "
+              f"{added[0]} | {added[1]} |")
         w("")
+        w(f"Closed loop: wrk keeps {meta['http_conns']} requests in flight, so these latencies are mostly the wait "
+          f"in line (about {meta['http_conns']} / requests per second) and the added latency follows the lost "
+          "throughput; the open-loop WebSocket table below shows added latency below saturation.")
+        w("")
+        has_sse = any(by[(layout, "sse", t)] for t in TARGETS)  # none in runs before the SSE test
+        if has_sse:
+            w(f"### SSE: {meta.get('sse_conns', 16)} streams, {meta.get('sse_size', 64)}-byte events")
+            w("")
+        if has_sse and not sse_described:
+            sse_described = True
+            w(f"`GET /agents/hello/s{{i}}/events`: the hello backend answers `text/event-stream` (chunked, no "
+              f"Content-Length) and writes events back to back, one chunk and one write each, as fast as the "
+              f"client takes them; the client reads every stream as fast as it comes and counts the events over "
+              f"the window ({meta['duration_s']} s, after {meta.get('sse_warmup_s', 0.5)} s of streaming). nginx "
+              f"with `proxy_buffering off` and HAProxy with `option http-no-delay` for this path. \"events per "
+              f"read\": how many events one read of the client brought. At full speed events queue up, and a proxy "
+              f"that reads many at once and writes them on together pays less per event and sends fewer, larger "
+              f"segments, which can make it faster than the backend's one segment per event straight to the "
+              f"client (\"vs direct\" above 1). MiB/s: bytes on the wire, chunk framing included.")
+            w("")
+        if has_sse:
+            w("| target | events/s | vs direct | proxy CPU µs/event | MiB/s | events per read | streams ended early |")
+            w("|---|---|---|---|---|---|---|")
+            for t in TARGETS:
+                runs = by[(layout, "sse", t)]
+                if not runs:
+                    continue
+                w(f"| {t} | {throughput_cells(layout, 'sse', t)} | {cell(vals(layout, 'sse', t, 'mib_per_s'), 1)} | "
+                  f"{cell(vals(layout, 'sse', t, 'events_per_read'), 1)} | {sum(r.get('errors', 0) for r in runs)} |")
+            w("")
         w(f"### WebSocket closed loop: {meta['ws_conns']} connections, {meta['ws_size']}-byte messages, ping-pong")
         w("")
         w("| target | messages/s | vs direct | proxy CPU µs/message |")

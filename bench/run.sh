@@ -3,7 +3,7 @@
 # 127.0.0.1. One command: installs what it needs, builds, runs, writes
 # bench/results/RESULTS.md and prints it. See bench/README.md.
 #
-#   bench/run.sh              full run (about 28 minutes on 2 cores), liveness and storm phases included
+#   bench/run.sh              full run (about 33 minutes on 2 cores), liveness and storm phases included
 #   bench/run.sh --quick      smoke run (a few minutes): fewer rounds, shorter runs
 #   bench/run.sh --storm-only the reconnect storm alone (about 5 minutes; 1 with --quick)
 #
@@ -15,7 +15,9 @@
 # --storm-only (only that phase: raw-<stamp>-storm.jsonl, or storm-quick with --quick),
 # --storm-rounds N (rounds of the storm phase; 3 by default, 1 quick),
 # --bin-dir DIR (test DIR/agent-gateway and DIR/examples/bare_pingora, built
-# elsewhere, instead of building this tree; GATEWAY_REV=... names them in the report).
+# elsewhere, instead of building this tree; GATEWAY_REV=... names them in the report),
+# --no-sse (leave out the server-sent events test of the load rounds, about 4.5 minutes of a
+# full run: the time budget shrinks back by its share).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,6 +33,7 @@ STORM=""        # the same
 STORM_ONLY=0
 STORM_ROUNDS_OVERRIDE=""
 BIN_DIR=""
+SSE=1           # the server-sent events test in the load rounds
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -43,8 +46,9 @@ while [[ $# -gt 0 ]]; do
         --no-storm) STORM=0 ;;
         --storm-only) STORM_ONLY=1 ;;
         --storm-rounds) STORM_ROUNDS_OVERRIDE="${2:?--storm-rounds needs a number}"; shift ;;
+        --no-sse) SSE=0 ;;
         --bin-dir) BIN_DIR="$(cd "${2:?--bin-dir needs a folder}" && pwd)"; BUILD=0; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -57,7 +61,7 @@ if [[ $MODE == full ]]; then
     WARMUP=1        # seconds of WebSocket traffic before measuring
     MEM_ROUNDS=2    # idle-memory rounds
     HOLD=10         # seconds the idle sockets are held
-    BUDGET=1740     # seconds for the whole script (29 min); rounds are cut to fit
+    BUDGET=1740     # seconds for the whole script (29 min) without the SSE test; rounds are cut to fit
 else
     ROUNDS=2; DUR=2; WARMUP=0.5; MEM_ROUNDS=1; HOLD=3; BUDGET=600
 fi
@@ -125,6 +129,11 @@ GATEWAY_AUTH_PORT=${GATEWAY_AUTH_PORT:-18087}               # the storm phase's 
 GATEWAY_AUTH_ADMIN_PORT=${GATEWAY_AUTH_ADMIN_PORT:-18094}
 
 HTTP_CONNS=64          # wrk connections (one wrk thread)
+SSE_CONNS=16           # server-sent event streams, each read as fast as it comes ...
+SSE_SIZE=64            # ... of events this many bytes ("data: xxx...\n\n"), one chunk each
+SSE_WARMUP=0.5         # seconds of streaming before measuring (a stream is at full speed at once)
+SSE_PACED_MS=20        # the start-up check's paced stream: an event every this many ms
+SSE_PACED=""           # its result per target (events per read), for the meta file
 WS_CONNS=64            # closed-loop WebSocket connections
 WS_SIZE=64             # bytes per WebSocket message
 RATE=20000             # open-loop messages per second ...
@@ -140,6 +149,12 @@ MAX_RETRIES=2          # repeats of a noisy run before it is kept (flagged)
 TARGETS=(direct gateway pingora nginx haproxy)
 PROXIES=(gateway pingora nginx haproxy)
 TESTS=(http ws_pingpong ws_rate)
+((SSE)) && TESTS=(http sse ws_pingpong ws_rate)
+# The SSE test's share of the time budget (what it adds to the load rounds: per round, 2
+# layouts x 5 targets x (the run, its warm-up, and about 1.5 s of start, noise check and stop)):
+# added to the budget, so that it takes no time from the phases after the load rounds.
+SSE_RESERVE=$((SSE ? ROUNDS * 2 * ${#TARGETS[@]} * (${DUR%.*} + 2) : 0))
+BUDGET=$((BUDGET + SSE_RESERVE))
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 RUN="$HERE/.run/$STAMP"
@@ -376,7 +391,7 @@ check_proxy() {
 # PIDs whose CPU or memory counts as the proxy's: nginx's master and worker, else the process.
 proxy_pids() {
     case $1 in
-        direct) [[ $2 == http ]] && echo "${PID[hello]}" || echo "${PID[echo]}" ;;
+        direct) [[ $2 == http || $2 == sse ]] && echo "${PID[hello]}" || echo "${PID[echo]}" ;;
         nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}" || true) ;;
         auth_off | hs256* | es256* | rs256* | apikey) echo "${PID[gateway_auth]}" ;;
         *) echo "${PID[$1]}" ;;
@@ -465,7 +480,7 @@ run_once() { # layout test target -> JSON on stdout
     local layout=$1 test=$2 target=$3 port url pids json prefix=/agents
     local -a auth=()
     if [[ $target == direct ]]; then
-        [[ $test == http ]] && port=$HELLO_PORT || port=$ECHO_PORT
+        [[ $test == http || $test == sse ]] && port=$HELLO_PORT || port=$ECHO_PORT
     elif [[ $test == storm ]] || [[ $target == auth_off || $target == hs256 ]]; then
         storm_target "$target" || return 1
         port=$ST_PORT; prefix=$ST_PREFIX; auth=("${ST_ARGS[@]}")
@@ -492,6 +507,12 @@ run_once() { # layout test target -> JSON on stdout
             json=$(awk -v req="$req" -v rps="$rps" -v t="$((c1 - c0))" -v hz="$HZ" -v p50="$p50" -v p99="$p99" -v e="$errs" \
                 'BEGIN { printf "{\"mode\":\"http\",\"conns\":%d,\"requests\":%d,\"rate\":%s,\"p50_us\":%s,\"p99_us\":%s,\"proxy_cpu_ticks\":%d,\"proxy_cpu_us_per_msg\":%.3f,\"errors\":%d}",
                     '"$HTTP_CONNS"', req, rps, p50, p99, t, t * 1e6 / hz / req, e }')
+            ;;
+        sse)
+            url="http://127.0.0.1:$port/agents/hello/s{i}/events?size=$SSE_SIZE"
+            json=$(timeout $((DUR + 60)) taskset -c 1 "$WSLOAD" exec --out "$RUN/client.json" -- \
+                "$WSLOAD" sse --url "$url" --conns "$SSE_CONNS" --warmup "$SSE_WARMUP" --duration "$DUR" \
+                --cpu-pids "$(csv $pids)" 2>>"$RUN/sse.log") || return 1
             ;;
         ws_pingpong)
             url="ws://127.0.0.1:$port$prefix/bench/c{i}"
@@ -549,6 +570,7 @@ measure() { # round layout test target [phase]: runs until quiet enough (bounded
 r = json.load(sys.stdin)
 out = []
 if "rate" in r: out.append("%.0f/s" % r["rate"])
+if r.get("mode") == "sse": out.append("%.1f events/read" % r["events_per_read"])
 if r.get("mode") == "rate": out.append("p50 %.0f us, p99 %.0f us" % (r["p50_us"], r["p99_us"]))
 if r.get("mode") == "storm":
     out.append("handshake p50 %.0f us, p99 %.0f us, %.1f us proxy CPU/upgrade, %d failed%s" % (r["handshake_p50_us"] or 0,
@@ -566,11 +588,29 @@ rotate() { # offset items... -> items rotated left by offset
 }
 
 # ---- 7. The runs --------------------------------------------------------------------------
-log "mode $MODE: $ROUNDS load rounds of ${DUR}s runs, $MEM_ROUNDS memory rounds of ${HOLD}s holds$( ((STORM)) && echo ", $STORM_ROUNDS storm round(s)"); run folder $RUN"
+log "mode $MODE: $ROUNDS load rounds of ${DUR}s runs (${TESTS[*]}), $MEM_ROUNDS memory rounds of ${HOLD}s holds$( ((STORM)) && echo ", $STORM_ROUNDS storm round(s)"); run folder $RUN"
 start_backends
 if ((!STORM_ONLY)); then
     for p in "${PROXIES[@]}"; do start_proxy "$p"; done
     log "all targets answer on both paths"
+    if ((SSE)); then
+        # Each target must stream events on the SSE path (200, text/event-stream, no length),
+        # and pass them on as they come: one stream paced at an event every SSE_PACED_MS ms
+        # should bring one event per read; more means the proxy held events back (a warning,
+        # and the figure goes into the meta file and the report).
+        for target in "${TARGETS[@]}"; do
+            [[ $target == direct ]] && port=$HELLO_PORT || port=$(port_of "$target")
+            json=$(timeout 20 "$WSLOAD" sse --url "http://127.0.0.1:$port/agents/hello/check/events?size=$SSE_SIZE&every_ms=$SSE_PACED_MS" \
+                --conns 1 --warmup 0.1 --duration 0.6 2>>"$RUN/sse.log") ||
+                die "$target does not stream events (see $RUN/sse.log)"
+            epr=$(echo "$json" | sed -n 's/.*"events_per_read":\([0-9.]*\).*/\1/p')
+            SSE_PACED="$SSE_PACED${SSE_PACED:+, }\"$target\": ${epr:-null}"
+            if awk -v e="${epr:-0}" 'BEGIN { exit !(e > 1.5) }'; then
+                log "warning: $target passes paced events on in bunches ($epr per read, one every ${SSE_PACED_MS} ms sent): it holds them back"
+            fi
+        done
+        log "all targets stream server-sent events (paced, events per read: $SSE_PACED)"
+    fi
 fi
 
 # Time left for the load rounds: the memory runs (and the liveness phase) need their share.
@@ -753,6 +793,8 @@ cat >"$RUN/meta.json" <<EOF
  "pingora": "$(awk '/^name = "pingora-core"/ {getline; gsub(/[^0-9.]/, ""); print; exit}' "$ROOT/Cargo.lock")",
  "rounds_planned": $ROUNDS, "rounds_done": $ROUNDS_DONE, "mem_rounds": $MEM_DONE, "duration_s": $DUR,
  "warmup_s": $WARMUP, "hold_s": $HOLD, "http_conns": $HTTP_CONNS, "ws_conns": $WS_CONNS,
+ "sse": $( ((SSE)) && echo true || echo false), "sse_conns": $SSE_CONNS, "sse_size": $SSE_SIZE, "sse_warmup_s": $SSE_WARMUP,
+ "sse_paced_ms": $SSE_PACED_MS, "sse_paced_events_per_read": {$SSE_PACED},
  "ws_size": $WS_SIZE, "rate": $RATE, "rate_conns": $RATE_CONNS, "nofile": $NOFILE,
  "foreign_max_pct": $FOREIGN_MAX, "noisy_repeats": $FOREIGN_RETRIES, "skipped_runs": $SKIPPED, "hz": $HZ,$( ((LIVENESS)) && echo "
  \"liveness\": $LIVE_META," || true)$( ((STORM_DONE)) || [[ -n $STORM_REFUSED ]] && echo "

@@ -1,5 +1,6 @@
 //! Shared pieces of the benchmark's backends and load generator: a minimal RFC 6455 frame
-//! codec (just what echoing and timing need), HTTP/1.1 head handling, the two backends, and
+//! codec (just what echoing and timing need), HTTP/1.1 head handling, the two backends (the
+//! hello backend's server-sent event stream in [`sse`]), and
 //! readers for /proc (CPU ticks, PSS) so that measurements are taken at the right instant.
 //!
 //! Everything here is single-threaded (tokio current-thread runtimes): each process is pinned
@@ -13,6 +14,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 pub mod args;
 pub mod procfs;
+pub mod sse;
 pub mod storm;
 pub mod tokens;
 
@@ -78,6 +80,8 @@ struct HeadInfo {
     body: usize,
     /// A request for [`STATS_PATH`] (looked for by the echo backend only).
     stats: bool,
+    /// `GET .../events`: a server-sent event stream (hello backend only).
+    events: Option<sse::EventsRequest>,
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
@@ -98,6 +102,7 @@ fn parse_request(buf: &[u8], echo: bool) -> io::Result<Option<HeadInfo>> {
                 close: false,
                 body: 0,
                 stats: echo && req.path == Some(STATS_PATH),
+                events: if echo { None } else { sse::events_request(req.method, req.path) },
             };
             let mut upgrade_ws = false;
             let mut connection_upgrade = false;
@@ -155,6 +160,13 @@ async fn serve_connection(mut s: TcpStream, websocket: bool) -> io::Result<()> {
                 drop(inb);
                 drop(out);
                 return echo_websocket(s, leftover).await;
+            }
+            if let Some(req) = head.events {
+                // The rest of this connection is the event stream (until the client goes).
+                if !out.is_empty() {
+                    s.write_all(&out).await?;
+                }
+                return sse::stream_events(s, req).await;
             }
             if inb.len() - consumed < head.len + head.body {
                 break; // body still arriving

@@ -28,6 +28,12 @@
 //!     Prints JWTs (one a line), each with its own jti, signed with jsonwebtoken.
 //! wsload jwks --keys KID=PRIVATE.pem[,KID=PRIVATE.pem]
 //!     Prints the JWKS of the public halves (RSA: RS256, EC P-256: ES256).
+//! wsload sse --url http://127.0.0.1:18080/agents/hello/s{i}/events?size=64 --conns 16
+//!            --warmup 0.5 --duration 5 [--cpu-pids 1,2]
+//!     Server-sent events, closed loop: N streams (GET, `text/event-stream`, no Content-Length),
+//!     each read as fast as it comes (chunked framing decoded), event boundaries (`\n\n`)
+//!     counted; reports events/s over the window, the proxy's CPU per event, and how many
+//!     events each read brought (how coalesced the stream arrives).
 //! wsload probe --url ...       one connection, one echo: exit 0 when it works.
 //! wsload exec --out FILE -- cmd args...
 //!     Runs cmd and writes its CPU time (getrusage of children) to FILE, for the noise check.
@@ -36,6 +42,7 @@
 //! its own agent instance.
 
 use gateway_bench_loadgen::args::{die, Args};
+use gateway_bench_loadgen::sse;
 use gateway_bench_loadgen::storm::{self, pct_us, Storm, Tokens};
 use gateway_bench_loadgen::tokens::{public_jwk, Minter};
 use gateway_bench_loadgen::procfs::{sum_cpu_ticks, sum_pss_kib, ticks_per_second};
@@ -57,6 +64,7 @@ const USAGE: &str = "usage:
                   [--token T | --tokens FILE | --mint-alg ALG (--mint-key PEM | --mint-secret-env VAR) [--mint-kid K]]
   wsload mint     --alg ALG (--key PEM | --secret-env VAR) [--kid K] [--sub bench] [--ttl 3600] [--count 1]
   wsload jwks     --keys KID=PRIVATE.pem[,KID=PRIVATE.pem]
+  wsload sse      --url http://IP:PORT/path/s{i}/events [--conns 16] [--warmup 0.5] [--duration 5] [--cpu-pids P,..]
   wsload probe    --url ... [--token T]
   wsload exec     --out FILE -- command args...
 Each run prints one JSON object; {i} in the path becomes the connection's index.";
@@ -829,6 +837,100 @@ async fn storm_mode(args: &Args) {
     ]);
 }
 
+/// Server-sent events: `conns` streams read as fast as they come, events counted over the
+/// window (see `gateway_bench_loadgen::sse`).
+async fn sse_mode(args: &Args) {
+    let url = args.required("url");
+    let rest = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| die("--url must start with http://"));
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr: SocketAddr = host
+        .parse()
+        .unwrap_or_else(|_| die("--url host must be ip:port (loopback only)"));
+    let path = if path.is_empty() { "/" } else { path };
+    let conns: usize = args.get::<usize>("conns", 16).max(1);
+    let warmup = args.secs("warmup", 0.5);
+    let duration = args.secs("duration", 5.0);
+    let cpu_pids = args.pids("cpu-pids");
+    let opening: Vec<_> = (0..conns)
+        .map(|i| {
+            let (host, path) = (host.to_owned(), path.replace("{i}", &i.to_string()));
+            tokio::task::spawn_local(async move {
+                tokio::time::timeout(Duration::from_secs(10), sse::open_stream(addr, &host, &path))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no response head"))?
+            })
+        })
+        .collect();
+    let mut streams = Vec::with_capacity(conns);
+    for (i, o) in opening.into_iter().enumerate() {
+        match o.await {
+            Ok(Ok(s)) => streams.push(s),
+            Ok(Err(e)) => die(&format!("sse: stream {i}: {e}")),
+            Err(e) => die(&format!("sse: stream {i}: {e}")),
+        }
+    }
+    let chunked = streams.iter().filter(|(_, h, _)| h.chunked).count();
+    let events = Rc::new(Cell::new(0u64));
+    let bytes = Rc::new(Cell::new(0u64));
+    let reads = Rc::new(Cell::new(0u64));
+    let ended = Rc::new(Cell::new(0u64));
+    let first_error: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, (stream, head, first))| {
+            let (events, bytes, reads, ended, first_error) =
+                (events.clone(), bytes.clone(), reads.clone(), ended.clone(), first_error.clone());
+            tokio::task::spawn_local(async move {
+                let e = sse::read_events(stream, head, first, |n, b| {
+                    events.set(events.get() + n);
+                    bytes.set(bytes.get() + b);
+                    reads.set(reads.get() + 1);
+                })
+                .await;
+                ended.set(ended.get() + 1);
+                first_error
+                    .borrow_mut()
+                    .get_or_insert_with(|| format!("stream {i}: {e}"));
+            })
+        })
+        .collect();
+    tokio::time::sleep(warmup).await;
+    let (e0, b0, r0, cpu0, t0) = (events.get(), bytes.get(), reads.get(), sum_cpu_ticks(&cpu_pids), Instant::now());
+    tokio::time::sleep(duration).await;
+    let (e1, b1, r1, cpu1, elapsed) = (events.get(), bytes.get(), reads.get(), sum_cpu_ticks(&cpu_pids), t0.elapsed());
+    let ended_in_run = ended.get();
+    for t in tasks {
+        t.abort();
+    }
+    let (n, secs) = (e1 - e0, elapsed.as_secs_f64());
+    if n == 0 {
+        die(&format!(
+            "sse: no event in the window ({})",
+            first_error.borrow().as_deref().unwrap_or("the streams stalled")
+        ));
+    }
+    emit(&[
+        ("mode", json_str("sse")),
+        ("conns", conns.to_string()),
+        ("seconds", num(secs)),
+        ("events", n.to_string()),
+        ("rate", num(n as f64 / secs)),
+        ("bytes", (b1 - b0).to_string()),
+        ("mib_per_s", num((b1 - b0) as f64 / secs / (1024.0 * 1024.0))),
+        ("bytes_per_event", num((b1 - b0) as f64 / n as f64)),
+        ("reads", (r1 - r0).to_string()),
+        ("events_per_read", num(n as f64 / (r1 - r0).max(1) as f64)),
+        ("chunked_streams", chunked.to_string()),
+        ("proxy_cpu_ticks", (cpu1 - cpu0).to_string()),
+        ("proxy_cpu_us_per_msg", num(us_per(cpu1 - cpu0, n))),
+        ("errors", ended_in_run.to_string()),
+        ("error", first_error.borrow().as_ref().map_or("null".into(), |e| json_str(e))),
+    ]);
+}
+
 fn mint(args: &Args) {
     let alg = args.required("alg");
     let m = minter(args, alg, "key", "secret-env", "kid");
@@ -907,6 +1009,7 @@ fn main() {
         "rate" => run_local(rate(&args)),
         "hold" => run_local(hold(&args)),
         "probe" => run_local(probe(&args)),
+        "sse" => run_local(sse_mode(&args)),
         "storm" => run_local(storm_mode(&args)),
         "mint" => mint(&args),
         "jwks" => jwks(&args),
