@@ -189,6 +189,36 @@ async fn backend_without_its_key_gives_the_client_503_json_until_the_probe_passe
 }
 
 #[tokio::test]
+async fn an_empty_500_still_gets_its_json_answer() {
+    // A 500 with no body, to an agent that needs a secret: held back like any small 500,
+    // it becomes the gateway's 503 JSON, with a body, even though the head ended the answer.
+    let (node, _accepting) = common::auth::serve(|mut stream| async move {
+        let mut buffer = Vec::new();
+        while common::auth::read_request(&mut stream, &mut buffer)
+            .await
+            .is_some()
+        {
+            let answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n";
+            if tokio::io::AsyncWriteExt::write_all(&mut stream, answer)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let gateway = start_gateway(&config(node, "", ""));
+    for _ in 0..2 {
+        let answer = get(gateway.address(), "/agents/CoderAgent/default", &[]).await;
+        assert_eq!(answer.status, 503, "{}", answer.body);
+        let body = answer.json();
+        assert_eq!(body["error"], "upstream_error", "{body}");
+        assert_eq!(body["upstream_status"], 500, "{body}");
+    }
+}
+
+#[tokio::test]
 async fn check_reports_missing_secrets_by_name() {
     let backend = start_backend(Some(TEST_KEY));
     let dir = tempfile::tempdir().expect("dir");

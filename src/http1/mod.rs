@@ -12,24 +12,36 @@ use crate::proxy::exchange::{Exchange, Gateway};
 use log::debug;
 use pingora::apps::HttpPersistentSettings;
 use pingora::connectors::http::v1::Connector;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
+use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::ErrorType;
+use relay::Upstreams;
 use std::sync::Arc;
+
+/// How long a client's connection may wait idle between requests. Pingora's session keeps
+/// it open forever after the first request of HTTP/1.1 (`respect_keepalive`), or as long
+/// as the client's own `Keep-Alive: timeout=` asks; nginx's default is 75 s.
+const KEEPALIVE_IDLE_SECONDS: u64 = 60;
 
 /// Serves HTTP/1.1 connections.
 pub(crate) struct Http1 {
     gateway: Arc<Gateway>,
-    /// Upstream HTTP/1.1 connections, pooled by peer for keep-alive reuse.
-    upstreams: Connector,
+    upstreams: Upstreams,
 }
 
 impl Http1 {
-    pub(crate) fn new(gateway: Arc<Gateway>) -> Self {
+    pub(crate) fn new(gateway: Arc<Gateway>, conf: &ServerConf) -> Self {
+        // Pingora's proxy sizes its pool by the server's threads; the same here.
+        let options = || Some(ConnectorOptions::from_server_conf(conf));
         Http1 {
             gateway,
-            upstreams: Connector::new(None),
+            upstreams: Upstreams {
+                pool: Connector::new(options()),
+                fresh: TransportConnector::new(options()),
+            },
         }
     }
 
@@ -40,8 +52,8 @@ impl Http1 {
     /// sixth of a request's instructions (see `docs/pingora-costs.md`).
     pub(crate) async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let mut session = ServerSession::new_http1(stream);
-        // Pingora's default: 60 s idle between requests, none once shutting down.
-        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        // Idle between requests for a while, not at all once shutting down.
+        session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_IDLE_SECONDS));
         loop {
             if !read_head(&mut session, shutdown).await {
                 return;
@@ -54,6 +66,9 @@ impl Http1 {
             self.gateway.record(&session, &exchange);
             if !reusable {
                 return;
+            }
+            if session.get_keepalive().is_some() {
+                session.set_keepalive(Some(KEEPALIVE_IDLE_SECONDS));
             }
             let mut settings = HttpPersistentSettings::for_session(&session);
             let Ok(Some(next)) = session.finish().await else {
@@ -78,7 +93,7 @@ impl Http1 {
             Err(e) => Err(e),
         };
         match result {
-            Ok(reusable) => reusable,
+            Ok(()) => true,
             Err(e) => {
                 gateway.failed(session, &e, exchange).await;
                 false

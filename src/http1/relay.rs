@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::{Method, Version};
 use pingora::connectors::http::v1::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
@@ -15,45 +16,52 @@ use pingora::protocols::http::{HttpTask, ServerSession};
 use pingora::{Error, ErrorType, Result, RetryType};
 
 /// Forwards the request on `session` to the node [`Gateway::decide`] chose and relays the
-/// answer. Returns whether the client's connection may carry another request; an error
-/// (marked upstream or downstream) when the exchange failed, to be answered by
-/// [`Gateway::failed`].
+/// answer. An error (marked upstream or downstream) says the exchange failed, to be answered
+/// by [`Gateway::failed`].
 pub(super) async fn forward(
     gateway: &Gateway,
-    upstreams: &Connector,
+    upstreams: &Upstreams,
     session: &mut ServerSession,
     exchange: &mut Exchange,
-) -> Result<bool> {
+) -> Result<()> {
     let peer = gateway.peer(exchange).await?;
     let request = upstream_request(gateway, session, exchange)?;
-    let (mut upstream, reused) = connect(upstreams, &peer).await?;
+    let (pooled, reused) = upstreams
+        .pool
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| e.into_up())?;
+    let mut upstream = with_timeouts(pooled, &peer);
     let mut relayed = relay(gateway, session, &mut upstream, request, exchange).await;
     if reused && relayed.as_ref().is_err_and(|e| may_retry(e, session)) {
-        // An idle pooled connection the node had closed just as it was taken: the request
-        // never reached it, so it goes again on a new connection, as Pingora's proxy does.
+        // A pooled connection the node closed as it was taken: sent again, as Pingora's proxy
+        // does, on a new connection rather than another pooled one that may be as stale.
         debug_retry(&relayed);
         let request = upstream_request(gateway, session, exchange)?;
-        let (fresh, _) = connect(upstreams, &peer).await?;
-        upstream = fresh;
+        let fresh = upstreams.fresh.new_stream(&peer).await;
+        let fresh = fresh.map_err(|e| e.into_up())?;
+        upstream = with_timeouts(UpstreamSession::new_with_options(fresh, &peer), &peer);
         relayed = relay(gateway, session, &mut upstream, request, exchange).await;
     }
     if relayed? {
         let idle_timeout = pingora::upstreams::peer::Peer::idle_timeout(&peer);
-        upstreams
-            .release_http_session(upstream, &peer, idle_timeout)
+        let pool = &upstreams.pool;
+        pool.release_http_session(upstream, &peer, idle_timeout)
             .await;
     }
-    Ok(true)
+    Ok(())
 }
 
-async fn connect(upstreams: &Connector, peer: &HttpPeer) -> Result<(UpstreamSession, bool)> {
-    let (mut upstream, reused) = upstreams
-        .get_http_session(peer)
-        .await
-        .map_err(|e| e.into_up())?;
+/// Connections to nodes: the keep-alive pool, and new connections for a retry.
+pub(super) struct Upstreams {
+    pub(super) pool: Connector,
+    pub(super) fresh: TransportConnector,
+}
+
+fn with_timeouts(mut upstream: UpstreamSession, peer: &HttpPeer) -> UpstreamSession {
     upstream.read_timeout = peer.options.read_timeout;
     upstream.write_timeout = peer.options.write_timeout;
-    Ok((upstream, reused))
+    upstream
 }
 
 /// The request header for the upstream, built from the client's.
@@ -67,11 +75,12 @@ fn upstream_request(
     Ok(Box::new(request))
 }
 
-/// Whether a failure on a reused upstream connection left the request safe to send again:
-/// Pingora marks the connection closed before any answer (`ReusedOnly`), and no request
-/// body was taken from the client.
+/// Whether a failure on a reused upstream connection may be sent again: Pingora marks a
+/// connection that closed before any answer (`ReusedOnly`). The request may have reached the
+/// node, so only an idempotent one without a body goes again, as in Pingora's proxy.
 fn may_retry(e: &Error, session: &mut ServerSession) -> bool {
     matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true))
+        && session.req_header().method.is_idempotent()
         && e.esource() == &pingora::ErrorSource::Upstream
         && session.response_written().is_none()
         && session.body_bytes_read() == 0
@@ -106,6 +115,9 @@ async fn relay(
         request_done = true;
         upstream.finish_body().await.map_err(|e| e.into_up())?;
     }
+    // The answer's end ends the relay, as in Pingora's proxy: a body still coming (an early
+    // refusal's, or one whose length the client never made clear) is Pingora's to drain or
+    // cut when the session finishes.
     while !response_done {
         tokio::select! {
             task = upstream.read_response_task() => {
@@ -181,9 +193,14 @@ async fn deliver(
 ) -> Result<()> {
     match task {
         HttpTask::Header(mut header, end) => {
+            // The body a held-back 500 without one gets (its JSON problem).
+            let mut tail = None;
             if !header.status.is_informational() {
                 gateway.upstream_answered(exchange, &mut header)?;
-                frame_for_keep_alive(&mut header, head_only, end)?;
+                if end {
+                    gateway.upstream_body(exchange, &mut tail, true);
+                }
+                frame_for_keep_alive(&mut header, head_only, end && tail.is_none())?;
                 gateway.answer_headers(exchange, &mut header)?;
             } else if header.status == 101 {
                 // The upgrade headers were not sent: a 101 here is the upstream's mistake.
@@ -195,7 +212,7 @@ async fn deliver(
                 .await
                 .map_err(|e| e.into_down())?;
             if end {
-                write_body(session, Bytes::new(), true).await?;
+                write_body(session, tail.unwrap_or_default(), true).await?;
             }
         }
         HttpTask::Body(mut data, end) => {
@@ -257,6 +274,34 @@ mod tests {
             HttpTask::Body(data, end) => (data.as_deref().unwrap_or_default(), *end),
             _ => panic!("not a body"),
         }
+    }
+
+    /// A client's session with `request` read, and the error of a pooled connection that
+    /// closed before answering.
+    async fn closed_before_answering(request: &'static [u8]) -> (ServerSession, Box<Error>) {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        theirs.write_all(request).await.expect("sent");
+        let mut session = ServerSession::new_http1(Box::new(ours));
+        assert!(session.read_request().await.expect("a head"));
+        let mut error = Error::explain(ErrorType::ConnectionClosed, "closed").into_up();
+        error.retry = RetryType::ReusedOnly;
+        (session, error)
+    }
+
+    #[tokio::test]
+    async fn only_idempotent_requests_without_a_body_are_sent_again() {
+        let get = b"GET /agents/a/b HTTP/1.1\r\nHost: gw\r\n\r\n";
+        let (mut session, error) = closed_before_answering(get).await;
+        assert!(may_retry(&error, &mut session));
+        let post = b"POST /agents/a/b HTTP/1.1\r\nHost: gw\r\ncontent-length: 0\r\n\r\n";
+        let (mut session, error) = closed_before_answering(post).await;
+        assert!(
+            !may_retry(&error, &mut session),
+            "a POST may have reached the node"
+        );
+        let put = b"PUT /agents/a/b HTTP/1.1\r\nHost: gw\r\ncontent-length: 2\r\n\r\nhi";
+        let (mut session, error) = closed_before_answering(put).await;
+        assert!(!may_retry(&error, &mut session), "its body was not kept");
     }
 
     #[tokio::test]

@@ -67,10 +67,12 @@ pub(crate) struct ClientInfo {
 /// The request for the upstream: the client's `request` rewritten for `target` by
 /// [`prepare_upstream_request`]. A plain request's body keeps its declared length, or goes
 /// chunked when it has none (a chunked body, or an HTTP/2 one without `Content-Length`):
-/// never both, and never a client's `Transfer-Encoding` list as sent. It is built without Pingora's header-case map, so names go
-/// upstream in lower case (as HTTP/2 sends them, and as HTTP/1.1 allows): Pingora's
-/// `insert_header` turns each name into bytes and parses it back, and keeps the case map in
-/// step, about 1.3k instructions per header against a plain map insert.
+/// never both, and never a client's `Transfer-Encoding` list as sent.
+///
+/// It is built without Pingora's header-case map, so names go upstream in lower case (as
+/// HTTP/2 sends them, and as HTTP/1.1 allows): Pingora's `insert_header` turns each name into
+/// bytes and parses it back, and keeps the case map in step, about 1.6k instructions per
+/// header set against a plain map insert (see `docs/pingora-costs.md`).
 pub(crate) fn upstream_request_for(
     request: &RequestHeader,
     target: &Target,
@@ -174,9 +176,10 @@ fn remove_hop_by_hop(req: &mut Parts) {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| {
-            // Host is never the client's to drop (Pingora's proxy refuses such a request).
+            // Neither Host nor the body's length is the client's to drop (Pingora's proxy
+            // refuses a request that nominates Host).
             !t.is_empty()
-                && !["keep-alive", "upgrade", "host"]
+                && !["keep-alive", "upgrade", "host", "content-length"]
                     .iter()
                     .any(|fixed| t.eq_ignore_ascii_case(fixed))
         })
@@ -266,6 +269,23 @@ mod tests {
 
     fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
         req.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn a_client_cannot_drop_host_or_the_body_length_by_naming_them_in_connection() {
+        let req = prepared(
+            "/agents/coderagent/Room1",
+            &[
+                ("host", "gw"),
+                ("content-length", "5"),
+                ("connection", "host, content-length, x-drop-me"),
+                ("x-drop-me", "1"),
+            ],
+            false,
+        );
+        assert_eq!(header(&req, "host"), Some("gw"));
+        assert_eq!(header(&req, "content-length"), Some("5"));
+        assert_eq!(header(&req, "x-drop-me"), None);
     }
 
     #[test]

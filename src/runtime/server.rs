@@ -55,7 +55,7 @@ pub fn run(config: GatewayConfig, config_path: PathBuf, upgrade: bool) {
     };
     let edge = EdgeApp {
         http2: Arc::new(pingora::proxy::http_proxy(&server.configuration, http2)),
-        http1: Http1::new(gateway),
+        http1: Http1::new(gateway, &server.configuration),
         state: state.clone(),
     };
     let mut proxy = Service::new("agent gateway".to_owned(), edge);
