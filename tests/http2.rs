@@ -43,12 +43,14 @@ async fn event_node() -> SocketAddr {
     address
 }
 
-/// A gateway over `node` with its TLS listener, and the CA file curl trusts.
-fn gateway_with_tls(node: SocketAddr) -> (Gateway, std::path::PathBuf) {
+/// A gateway over `node` with its TLS listener and `sections` added to its configuration,
+/// and the CA file curl trusts.
+fn gateway_with_tls(node: SocketAddr, sections: &str) -> (Gateway, std::path::PathBuf) {
     let ca = TestCa::new();
     let leaf = ca.issue(&[NAME]);
     let config = local_config(&[node])
-        + "\n[tls]\nlisten = \"{tls}\"\n[[tls.certificates]]\ncert = \"leaf.pem\"\nkey = \"leaf.key\"\n";
+        + "\n[tls]\nlisten = \"{tls}\"\n[[tls.certificates]]\ncert = \"leaf.pem\"\nkey = \"leaf.key\"\n"
+        + sections;
     let gateway = start_gateway_with(&config, &[], |dir| {
         std::fs::write(dir.join("leaf.pem"), &leaf.cert_pem).expect("cert");
         std::fs::write(dir.join("leaf.key"), &leaf.key_pem).expect("key");
@@ -78,7 +80,7 @@ fn url(gateway: &Gateway, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn eight_event_streams_share_one_http2_connection() {
     let node = event_node().await;
-    let (gateway, ca_file) = gateway_with_tls(node);
+    let (gateway, ca_file) = gateway_with_tls(node, "");
     let dir = gateway.dir.path().to_owned();
     let mut args: Vec<String> = ["--http2", "--parallel", "--parallel-max", "8"]
         .map(str::to_owned)
@@ -136,7 +138,7 @@ async fn eight_event_streams_share_one_http2_connection() {
 #[tokio::test]
 async fn the_gateways_answers_are_the_same_over_http2() {
     let node = event_node().await;
-    let (gateway, ca_file) = gateway_with_tls(node);
+    let (gateway, ca_file) = gateway_with_tls(node, "");
     for (path, status) in [("/agents/Nobody/x", 404), ("/elsewhere", 404)] {
         let h1 = get(gateway.address(), path, &[]).await;
         assert_eq!(h1.status, status, "{}", h1.body);
@@ -157,4 +159,40 @@ async fn the_gateways_answers_are_the_same_over_http2() {
         }
         assert_eq!(h2, h1, "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_without_a_length_is_bounded_over_http2_too() {
+    // The node reads and never answers: the gateway's 413 is the only answer there can be.
+    let (node, _accepting) = serve(|mut stream| async move {
+        let mut sink = [0u8; 4096];
+        while matches!(
+            tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await,
+            Ok(n) if n > 0
+        ) {}
+    })
+    .await;
+    let limits = "\n[limits]\nmax_request_body_bytes = 16\n";
+    let (gateway, ca_file) = gateway_with_tls(node, limits);
+    // `-T -`: an upload from standard input, of a length curl cannot know, so none is sent.
+    let mut upload = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2", "--cacert"])
+        .arg(&ca_file)
+        .args([
+            "--resolve",
+            &format!("{NAME}:{}:127.0.0.1", gateway.tls.port()),
+        ])
+        .args(["-w", "\n%{http_version} %{http_code}", "-T", "-"])
+        .arg(url(&gateway, "/agents/CoderAgent/upload"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    let mut stdin = upload.stdin.take().expect("curl's input");
+    std::io::Write::write_all(&mut stdin, &[b'x'; 40]).expect("body written");
+    drop(stdin);
+    let output = upload.wait_with_output().expect("curl ends");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.ends_with("\n2 413"), "{text}");
+    assert!(text.contains("request_body_too_large"), "{text}");
 }
