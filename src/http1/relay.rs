@@ -36,7 +36,9 @@ pub(super) async fn forward(
     if reused && relayed.as_ref().is_err_and(|e| may_retry(e, session)) {
         // A pooled connection the node closed as it was taken: sent again, as Pingora's proxy
         // does, on a new connection rather than another pooled one that may be as stale.
-        debug_retry(&relayed);
+        if let Err(e) = &relayed {
+            log::debug!("reused upstream connection failed, retrying on a new one: {e}");
+        }
         let request = upstream_request(gateway, session, exchange)?;
         let fresh = upstreams.fresh.new_stream(&peer).await;
         let fresh = fresh.map_err(|e| e.into_up())?;
@@ -85,12 +87,6 @@ fn may_retry(e: &Error, session: &mut ServerSession) -> bool {
         && session.response_written().is_none()
         && session.body_bytes_read() == 0
         && session.is_body_done()
-}
-
-fn debug_retry(relayed: &Result<bool>) {
-    if let Err(e) = relayed {
-        log::debug!("reused upstream connection failed, retrying on a new one: {e}");
-    }
 }
 
 /// Writes the request upstream and relays until the response is complete. Returns whether

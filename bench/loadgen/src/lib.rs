@@ -102,7 +102,11 @@ fn parse_request(buf: &[u8], echo: bool) -> io::Result<Option<HeadInfo>> {
                 close: false,
                 body: 0,
                 stats: echo && req.path == Some(STATS_PATH),
-                events: if echo { None } else { sse::events_request(req.method, req.path) },
+                events: if echo {
+                    None
+                } else {
+                    sse::events_request(req.method, req.path)
+                },
             };
             let mut upgrade_ws = false;
             let mut connection_upgrade = false;
@@ -125,7 +129,10 @@ fn parse_request(buf: &[u8], echo: bool) -> io::Result<Option<HeadInfo>> {
             Ok(Some(info))
         }
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(None),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bad request head")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad request head",
+        )),
     }
 }
 
@@ -356,6 +363,69 @@ pub const CLIENT_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// Clients must mask; any fixed key is as good as another for a benchmark.
 pub const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
+/// A response head as a client reads it: the status and the header lines.
+pub struct ResponseHead {
+    pub status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl ResponseHead {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Connects to `addr`, sends `request` (a whole head) and reads the response head; returns
+/// the stream, the head and the bytes read past it.
+pub async fn request_head(
+    addr: SocketAddr,
+    request: &str,
+) -> io::Result<(TcpStream, ResponseHead, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the response head",
+            ));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let head = ResponseHead {
+                    status: resp.code.unwrap_or(0),
+                    headers: resp
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                buf.drain(..len);
+                return Ok((stream, head, buf));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(4096);
+                }
+            }
+            _ => return Err(io::Error::other("bad response head")),
+        }
+    }
+}
+
 impl WsClient {
     /// Connects and upgrades; fails unless the answer is a 101 with the right accept key.
     pub async fn connect(addr: SocketAddr, host: &str, path: &str) -> io::Result<WsClient> {
@@ -370,52 +440,24 @@ impl WsClient {
         path: &str,
         extra: &str,
     ) -> io::Result<WsClient> {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {CLIENT_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
-        stream.write_all(request.as_bytes()).await?;
-        let mut buf = Vec::with_capacity(1024);
-        loop {
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed during the handshake",
-                ));
-            }
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    if resp.code != Some(101) {
-                        return Err(io::Error::other(format!(
-                            "handshake answered {}",
-                            resp.code.unwrap_or(0)
-                        )));
-                    }
-                    let accepted = resp.headers.iter().any(|h| {
-                        h.name.eq_ignore_ascii_case("sec-websocket-accept")
-                            && h.value == CLIENT_ACCEPT.as_bytes()
-                    });
-                    if !accepted {
-                        return Err(io::Error::other("wrong Sec-WebSocket-Accept"));
-                    }
-                    buf.drain(..len);
-                    return Ok(WsClient {
-                        stream,
-                        buf,
-                        start: 0,
-                    });
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
-                    if buf.capacity() - buf.len() < 256 {
-                        buf.reserve(1024);
-                    }
-                }
-                _ => return Err(io::Error::other("bad handshake answer")),
-            }
+        let (stream, head, buf) = request_head(addr, &request).await?;
+        if head.status != 101 {
+            return Err(io::Error::other(format!(
+                "handshake answered {}",
+                head.status
+            )));
         }
+        if head.header("sec-websocket-accept") != Some(CLIENT_ACCEPT) {
+            return Err(io::Error::other("wrong Sec-WebSocket-Accept"));
+        }
+        Ok(WsClient {
+            stream,
+            buf,
+            start: 0,
+        })
     }
 
     /// Reads the next frame; returns its opcode and the payload's range in [`Self::payload`].
@@ -440,7 +482,10 @@ impl WsClient {
                 self.buf.reserve(4096);
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "socket closed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "socket closed",
+                ));
             }
         }
     }
@@ -477,7 +522,13 @@ impl WsClient {
     /// Sends a Close (1000) and waits briefly for the answer.
     pub async fn close(mut self) {
         let mut frame = Vec::with_capacity(8);
-        push_frame(&mut frame, 0x88, &1000u16.to_be_bytes(), None, Some(CLIENT_MASK));
+        push_frame(
+            &mut frame,
+            0x88,
+            &1000u16.to_be_bytes(),
+            None,
+            Some(CLIENT_MASK),
+        );
         if self.stream.write_all(&frame).await.is_ok() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
                 while let Ok((op, _)) = self.read_frame().await {

@@ -221,59 +221,27 @@ pub async fn open_stream(
     host: &str,
     path: &str,
 ) -> io::Result<(TcpStream, StreamHead, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
     );
-    s.write_all(request.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(4096);
-    loop {
-        if s.read_buf(&mut buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed before the response head",
-            ));
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                if resp.code != Some(200) {
-                    return Err(io::Error::other(format!(
-                        "answered {}",
-                        resp.code.unwrap_or(0)
-                    )));
-                }
-                let header = |name: &str| {
-                    resp.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
-                };
-                let ctype = header("content-type").unwrap_or_default();
-                if !ctype.starts_with("text/event-stream") {
-                    return Err(io::Error::other(format!(
-                        "content-type {ctype:?}, not text/event-stream"
-                    )));
-                }
-                if let Some(cl) = header("content-length") {
-                    return Err(io::Error::other(format!(
-                        "a Content-Length ({cl}) on an event stream"
-                    )));
-                }
-                let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
-                buf.drain(..len);
-                return Ok((s, StreamHead { chunked }, buf));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < crate::MAX_HEAD => {
-                if buf.capacity() - buf.len() < 512 {
-                    buf.reserve(4096);
-                }
-            }
-            _ => return Err(io::Error::other("bad response head")),
-        }
+    let (stream, head, buf) = crate::request_head(addr, &request).await?;
+    if head.status != 200 {
+        return Err(io::Error::other(format!("answered {}", head.status)));
     }
+    let header = |name: &str| head.header(name).map(str::to_ascii_lowercase);
+    let ctype = header("content-type").unwrap_or_default();
+    if !ctype.starts_with("text/event-stream") {
+        return Err(io::Error::other(format!(
+            "content-type {ctype:?}, not text/event-stream"
+        )));
+    }
+    if let Some(cl) = header("content-length") {
+        return Err(io::Error::other(format!(
+            "a Content-Length ({cl}) on an event stream"
+        )));
+    }
+    let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    Ok((stream, StreamHead { chunked }, buf))
 }
 
 /// Reads a stream's body until it fails or ends, calling `on_read(events, bytes)` after each
